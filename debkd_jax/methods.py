@@ -1,0 +1,197 @@
+"""A method is a config: the named presets of every method, and the one function that turns a method config
+into (target transforms, loss function).
+
+A method config is a flat `ml_collections.ConfigDict` with the fields of `DEFAULTS`. `loss` picks the loss
+(`ce`, `kd`, `debkd`, `btkd`, `dkd`), `transforms` the teacher-logit transforms applied before targets and
+regions are built (`knowledge_infusion`, `rectify`, in order), `hint_weight > 0` adds FitNets hints (FKD), and
+`weight_schedule` puts BTKD's `cos^2` schedule on the distillation weight of any loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from debkd_jax import losses, targets
+
+LOSSES = ("ce", "kd", "debkd", "btkd", "dkd")
+SCHEDULES = ("constant", "cos2")
+
+DEFAULTS = dict(
+    loss="debkd",
+    transforms=("knowledge_infusion",),
+    ki_mode="pooled",
+    rectify_mode="swap",
+    temperature=4.0,
+    num_regions=12,
+    beta=0.2,  # DeBKD: weight of the de-biased term; DKD: weight of NCKD
+    alpha=0.9,  # KD: weight of the soft term; DKD: weight of TCKD
+    lam=0.5,  # BTKD: weight of CE
+    scale_by_t2=True,
+    hint_weight=0.0,  # FKD: gamma of sum_l MSE over the hint taps (runs the teacher online)
+    weight_schedule="constant",  # "cos2": multiply the distillation weight by b(e) = cos^2(pi/2 e/E)
+    warmup_epochs=0,  # DKD: linear warm-up of the distillation term over this many epochs
+    online_targets=False,  # build targets inside the step from the teacher run on the (augmented) batch
+)
+
+
+def method(**overrides) -> ml_collections.ConfigDict:
+    """A method config: `DEFAULTS` with `overrides`; unknown fields are an error."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown method field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
+    return ml_collections.ConfigDict({**DEFAULTS, **overrides})
+
+
+# The papers' methods and their combinations (SPEC sections 1-3 and DeBKD's Table 3 ablation).
+PRESETS: dict[str, dict] = {
+    "CE": dict(loss="ce", transforms=()),
+    "KD": dict(loss="kd", transforms=()),
+    "KD+KI": dict(loss="kd", transforms=("knowledge_infusion",)),
+    "FKD": dict(loss="kd", transforms=(), hint_weight=1.0),
+    "FKD+KI": dict(loss="kd", transforms=("knowledge_infusion",), hint_weight=1.0),
+    "DeBKD": dict(loss="debkd", transforms=("knowledge_infusion",)),
+    "DeBKD-noKI": dict(loss="debkd", transforms=()),
+    "BTKD-swap": dict(loss="btkd", transforms=("rectify",), rectify_mode="swap", weight_schedule="cos2"),
+    "BTKD-released": dict(
+        loss="btkd", transforms=("rectify",), rectify_mode="released", weight_schedule="cos2"
+    ),
+    "DeBKD+BTKD": dict(loss="debkd", transforms=("rectify",), rectify_mode="swap"),
+    "DeBKD-cos2": dict(loss="debkd", transforms=("knowledge_infusion",), weight_schedule="cos2"),
+    "DKD": dict(loss="dkd", transforms=(), alpha=1.0, beta=8.0, warmup_epochs=20),
+}
+
+
+def preset(name: str, **overrides) -> ml_collections.ConfigDict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(PRESETS)}.")
+    return method(**{**PRESETS[name], **overrides})
+
+
+def ordered(method_cfgs) -> list[tuple[str, Any]]:
+    """(name, config) pairs in the order of `PRESETS` (ConfigDict sorts its keys), other names after."""
+    rank = {name: i for i, name in enumerate(PRESETS)}
+    return sorted(method_cfgs.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+
+
+def validate(name: str, cfg) -> None:
+    """Checks one method config; raises ValueError naming the method, the field and the valid values."""
+    unknown = sorted(set(cfg.keys()) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
+
+    def bad(field, why):
+        return ValueError(f"method {name!r}: {field}={cfg[field]!r} {why}.")
+
+    if cfg.loss not in LOSSES:
+        raise bad("loss", f"is not one of {LOSSES}")
+    for t in _as_tuple(cfg.transforms):
+        if t not in targets.TRANSFORMS:
+            raise bad("transforms", f"has {t!r}, not one of {targets.TRANSFORMS}")
+    if cfg.ki_mode not in targets.INFUSION_MODES:
+        raise bad("ki_mode", f"is not one of {targets.INFUSION_MODES}")
+    if cfg.rectify_mode not in targets.RECTIFY_MODES:
+        raise bad("rectify_mode", f"is not one of {targets.RECTIFY_MODES}")
+    if cfg.weight_schedule not in SCHEDULES:
+        raise bad("weight_schedule", f"is not one of {SCHEDULES}")
+    if not cfg.temperature > 0:
+        raise bad("temperature", "must be > 0")
+    if not (int(cfg.num_regions) == cfg.num_regions and cfg.num_regions >= 1):
+        raise bad("num_regions", "must be an integer >= 1")
+    for field in ("beta", "hint_weight", "warmup_epochs"):
+        if cfg[field] < 0:
+            raise bad(field, "must be >= 0")
+    for field in ("alpha", "lam"):
+        if not 0 <= cfg[field] <= 1:
+            raise bad(field, "must lie in [0, 1]")
+
+
+def _as_tuple(transforms) -> tuple[str, ...]:
+    if isinstance(transforms, str):
+        return tuple(t.strip() for t in transforms.split(",") if t.strip())
+    return tuple(transforms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a train step needs from a method: static switches and the loss of a batch."""
+
+    transforms: tuple[str, ...]
+    needs_teacher_online: bool
+    uses_hints: bool
+    loss_fn: Callable  # (logits, labels, rows: Targets, hint_loss, epoch) -> scalar; epoch may be traced
+
+
+def objective(cfg, num_epochs: int) -> Objective:
+    """Turns a method config into its `Objective`. `epoch` (float, traced) drives the schedules."""
+    kind, t = cfg.loss, cfg.temperature
+
+    def schedule(epoch):
+        if cfg.weight_schedule == "cos2":
+            return losses.dynamic_weight(epoch, num_epochs)
+        return jnp.float32(1.0)
+
+    def loss_fn(logits, labels, rows: targets.Targets, hints, epoch):
+        w = schedule(epoch)
+        if kind == "ce":
+            loss = jnp.mean(losses.cross_entropy(logits, labels))
+        elif kind == "kd":
+            loss = losses.kd_loss(logits, rows.logits, labels, alpha=cfg.alpha * w, temperature=t)
+        elif kind == "debkd":
+            loss = losses.debkd_loss(
+                logits,
+                labels,
+                rows.lo,
+                rows.hi,
+                beta=cfg.beta * w,
+                temperature=t,
+                scale_by_t2=cfg.scale_by_t2,
+            )
+        elif kind == "btkd":
+            # BTKD's own schedule is b(e) on the easy/hard split; without "cos2" the split stays at b = 1/2.
+            b = w if cfg.weight_schedule == "cos2" else jnp.float32(0.5)
+            rectified = "rectify" in _as_tuple(cfg.transforms)
+            loss = losses.btkd_loss(
+                logits,
+                rows.logits,
+                labels,
+                easy_weight=b,
+                lam=cfg.lam,
+                temperature=t,
+                rectify=None if rectified else cfg.rectify_mode,
+                teacher_correct=rows.correct,
+            )
+        else:
+            warm = jnp.minimum(epoch / cfg.warmup_epochs, 1.0) if cfg.warmup_epochs else 1.0
+            loss = losses.dkd_loss(
+                logits, rows.logits, labels, alpha=cfg.alpha, beta=cfg.beta, temperature=t, warmup=warm * w
+            )
+        if cfg.hint_weight:
+            loss = loss + cfg.hint_weight * hints
+        return loss
+
+    uses_hints = bool(cfg.hint_weight)
+    return Objective(
+        transforms=_as_tuple(cfg.transforms),
+        needs_teacher_online=uses_hints or cfg.online_targets,
+        uses_hints=uses_hints,
+        loss_fn=loss_fn,
+    )
+
+
+def build_targets(cfg, teacher_logits, labels, infusion=None) -> targets.Targets:
+    """The method's `Targets` for a set of teacher logits (host side, validated)."""
+    return targets.build_targets(
+        teacher_logits,
+        labels,
+        transforms=_as_tuple(cfg.transforms),
+        ki_mode=cfg.ki_mode,
+        rectify_mode=cfg.rectify_mode,
+        temperature=cfg.temperature,
+        num_regions=int(cfg.num_regions),
+        infusion=infusion,
+    )
