@@ -2,6 +2,7 @@
 
 Both must be set before JAX initialises its backends, so they live here, at import time of the test session.
 """
+
 import os
 
 os.environ["XLA_FLAGS"] = (
