@@ -46,7 +46,7 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.data.use_dataset_test_split = False
     config.data.augment = False  # random crop (pad 4) + flip on device
 
-    config.teacher = train_config("resnet8x4", num_epochs=15)
+    config.teacher = train_config("resnet8x4", num_epochs=6)
     config.teacher.checkpoint = ""  # a finished run's teacher/ folder to reuse instead of training
     config.student = train_config("resnet8", num_epochs=15)
 
