@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp, xlogy
@@ -20,16 +19,28 @@ from debkd_jax import targets as targets_lib
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
 
 
-def _check_batch(student_logits, labels=None, *others) -> None:
-    chex.assert_rank(student_logits, 2)
+def _check_batch(student_logits, labels=None, **others) -> None:
+    """Shape and dtype checks that name the argument; shapes are static, so they also run under jit."""
+    shape = jnp.shape(student_logits)
+    if len(shape) != 2:
+        raise ValueError(f"student_logits must have shape (B, k), got {shape}.")
     if labels is not None:
-        chex.assert_shape(labels, student_logits.shape[:1])
-    for other in others:
-        chex.assert_equal_shape([student_logits, other])
+        if jnp.shape(labels) != shape[:1]:
+            raise ValueError(f"labels must have shape (B,) = ({shape[0]},), got {jnp.shape(labels)}.")
+        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            raise ValueError(f"labels must be integers in [0, {shape[1]}), got dtype {jnp.result_type(labels)}.")
+    for name, other in others.items():
+        if jnp.shape(other) != shape:
+            raise ValueError(f"{name} must have the shape of student_logits {shape}, got {jnp.shape(other)}.")
 
 
 def cross_entropy(logits, labels) -> jax.Array:
     """`CE(s, y) = -log softmax(s)[y]` per sample. (B, k), (B,) -> (B,)."""
+    if jnp.shape(labels) != jnp.shape(logits)[:-1]:
+        raise ValueError(f"labels must have shape {jnp.shape(logits)[:-1]} to match logits {jnp.shape(logits)}, "
+                         f"got {jnp.shape(labels)}.")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
     log_p = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     return -jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
 
@@ -52,6 +63,8 @@ def box_projection(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
     (B, k) x3 -> (B, k). Requires `sum lo <= 1 <= sum hi` per row, which `debiased_regions` guarantees.
     """
     p, lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (p, lo, hi))
+    if not p.shape == lo.shape == hi.shape or p.ndim < 1:
+        raise ValueError(f"p, lo and hi must have one shape (..., k), got {p.shape}, {lo.shape}, {hi.shape}.")
     k = p.shape[-1]
     if k == 2:
         lower = jnp.maximum(lo[..., 0], 1.0 - hi[..., 1])
@@ -108,12 +121,15 @@ def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
     Its gradient w.r.t. `s` is `(p - t) / T`: it pulls `p` to the nearest point of the region.
     (B, k) x3 -> (B,).
     """
+    _check_batch(student_logits, lo=lo, hi=hi)
     log_p = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
     p = jax.lax.stop_gradient(jnp.exp(log_p))
     inside = jnp.all((p >= lo) & (p <= hi), axis=-1)
     t = jnp.where(inside[..., None], p, box_projection(p, lo, hi))
     kl = jnp.sum(xlogy(t, t) - t * log_p, axis=-1)
-    return jnp.where(inside, 0.0, jnp.maximum(kl, 0.0))
+    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient (p - t) / T.
+    kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
+    return jnp.where(inside, 0.0, kl)
 
 
 def debkd_loss(
@@ -122,7 +138,7 @@ def debkd_loss(
     """DeBKD loss (paper eq. 6 with SPEC 1.3's surrogate for eq. 5):
     `mean_i [beta * T^2 * KL(t_i || p_i) + CE(s_i, y_i)]`. (B, k), (B,), (B, k), (B, k) -> scalar.
     """
-    _check_batch(student_logits, labels, lo, hi)
+    _check_batch(student_logits, labels, lo=lo, hi=hi)
     scale = temperature**2 if scale_by_t2 else 1.0
     per_sample = beta * scale * debiased_kl(student_logits, lo, hi, temperature=temperature)
     return jnp.mean(per_sample + cross_entropy(student_logits, labels))
@@ -134,7 +150,7 @@ def region_hit_rate(student_logits, labels, lo, hi, *, temperature=4.0) -> jax.A
     The top region is closed (`p_y = 1` counts when `hi_y = 1`), matching the region index
     `clip(floor(p * n), 0, n - 1)`. (B, k), (B,), (B, k), (B, k) -> scalar in [0, 1].
     """
-    _check_batch(student_logits, labels, lo, hi)
+    _check_batch(student_logits, labels, lo=lo, hi=hi)
     return jnp.mean(region_hits(student_logits, labels, lo, hi, temperature=temperature))
 
 
@@ -150,7 +166,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, alpha=0.9, temperature=4.
     """Hinton et al. (2015): `mean_i [alpha * T^2 * KL(softmax(z/T) || softmax(s/T)) + (1 - alpha) * CE]`.
     (B, k), (B, k), (B,) -> scalar.
     """
-    _check_batch(student_logits, labels, teacher_logits)
+    _check_batch(student_logits, labels, teacher_logits=teacher_logits)
     kl = soft_kl(teacher_logits, student_logits, temperature=temperature)
     return jnp.mean(alpha * temperature**2 * kl + (1.0 - alpha) * cross_entropy(student_logits, labels))
 
@@ -185,7 +201,7 @@ def dkd_loss(
     distributions over the non-target classes, each renormalized. `warmup` (e.g. `min(epoch / 20, 1)`) may be
     traced. (B, k), (B, k), (B,) -> scalar.
     """
-    _check_batch(student_logits, labels, teacher_logits)
+    _check_batch(student_logits, labels, teacher_logits=teacher_logits)
     k = student_logits.shape[-1]
     gt = jax.nn.one_hot(labels, k, dtype=bool)
     not_gt = (~gt).astype(jnp.float32)
@@ -225,12 +241,14 @@ def btkd_loss(
     caller rectified already and passes the raw-logit `teacher_correct` mask). An empty subset contributes 0.
     (B, k), (B, k), (B,) -> scalar.
     """
-    _check_batch(student_logits, labels, teacher_logits)
+    _check_batch(student_logits, labels, teacher_logits=teacher_logits)
     correct = (
         targets_lib.teacher_correct(teacher_logits, labels)
         if teacher_correct is None
         else jnp.asarray(teacher_correct, bool)
     )
+    if rectify is not None and rectify not in targets_lib.RECTIFY_MODES:
+        raise ValueError(f"rectify={rectify!r} is not one of {targets_lib.RECTIFY_MODES} or None.")
     hard_logits = (
         teacher_logits if rectify is None else targets_lib.rectify_logits(teacher_logits, labels, rectify)
     )

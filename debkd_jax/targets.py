@@ -69,6 +69,7 @@ def _check_temperature(temperature) -> None:
 
 def teacher_correct(teacher_logits, labels) -> jax.Array:
     """`argmax_j Z_ij == y_i` on the raw logits. (N, k), (N,) -> bool (N,)."""
+    check_logits_and_labels(teacher_logits, labels)
     return jnp.argmax(teacher_logits, axis=-1) == labels
 
 
@@ -103,7 +104,7 @@ def infusion_table(teacher_logits, labels, mode: str = "pooled") -> jax.Array:
         return pooled
     per_label = (onehot * w[:, None]).T  # (k, N)
     counts = per_label.sum(axis=-1, keepdims=True)
-    means = (per_label @ z) / jnp.maximum(counts, 1.0)
+    means = jnp.matmul(per_label, z, precision=jax.lax.Precision.HIGHEST) / jnp.maximum(counts, 1.0)
     return jnp.where(counts > 0, means, pooled)
 
 
