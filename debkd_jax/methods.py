@@ -4,19 +4,33 @@ into (target transforms, loss function).
 A method config is a flat `ml_collections.ConfigDict` with the fields of `DEFAULTS`. `loss` picks the loss
 (`ce`, `kd`, `debkd`, `btkd`, `dkd`), `transforms` the teacher-logit transforms applied before targets and
 regions are built (`knowledge_infusion`, `rectify`, in order), `hint_weight > 0` adds FitNets hints (FKD), and
-`weight_schedule` puts BTKD's `cos^2` schedule on the distillation weight of any loss.
+`weight_schedule` puts BTKD's `cos^2` schedule on the distillation weight of any loss. docs/methods.md gives
+every preset's formula and the choices made where the papers are silent.
+
+Schedules use the integer epoch `e = floor(step / steps_per_epoch)`, counted from 0:
+- `cos2`: `b(e) = cos^2(pi/2 * e / E)` (SPEC 3). It is BTKD's easy/hard split `b`; on any other loss it
+  multiplies the distillation weight (KD's `alpha`, DeBKD's `beta`, DKD's `alpha` and `beta`). BTKD without it
+  keeps `b = 1/2`.
+- DKD's warm-up: the distillation term is multiplied by `min((e + 1) / warmup_epochs, 1)`, as mdistiller's
+  `min(epoch / warmup, 1)` with its epochs counted from 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from debkd_jax import losses, targets
+
+log = logging.getLogger("debkd_jax")
 
 LOSSES = ("ce", "kd", "debkd", "btkd", "dkd")
 SCHEDULES = ("constant", "cos2")
@@ -89,9 +103,18 @@ def validate(name: str, cfg) -> None:
 
     if cfg.loss not in LOSSES:
         raise bad("loss", f"is not one of {LOSSES}")
-    for t in _as_tuple(cfg.transforms):
+    transforms = _as_tuple(cfg.transforms)
+    for t in transforms:
         if t not in targets.TRANSFORMS:
             raise bad("transforms", f"has {t!r}, not one of {targets.TRANSFORMS}")
+    if len(set(transforms)) != len(transforms):
+        raise bad("transforms", "names a transform twice")
+    for field in ("temperature", "num_regions", "beta", "alpha", "lam", "hint_weight", "warmup_epochs"):
+        if isinstance(cfg[field], bool) or not isinstance(cfg[field], (int, float)):
+            raise bad(field, "must be a number")
+    for field in ("scale_by_t2", "online_targets"):
+        if not isinstance(cfg[field], bool):
+            raise bad(field, "must be True or False")
     if cfg.ki_mode not in targets.INFUSION_MODES:
         raise bad("ki_mode", f"is not one of {targets.INFUSION_MODES}")
     if cfg.rectify_mode not in targets.RECTIFY_MODES:
@@ -126,17 +149,34 @@ class Objective:
     loss_fn: Callable  # (logits, labels, rows: Targets, hint_loss, epoch) -> scalar; epoch may be traced
 
 
-def objective(cfg, num_epochs: int) -> Objective:
-    """Turns a method config into its `Objective`. `epoch` (float, traced) drives the schedules."""
-    kind, t = cfg.loss, cfg.temperature
+def schedule_weight(cfg, epoch, num_epochs: int):
+    """The `weight_schedule` factor at (fractional, possibly traced) `epoch`: `b(floor(epoch))` or 1."""
+    if cfg.weight_schedule == "cos2":
+        return losses.dynamic_weight(jnp.floor(epoch), num_epochs)
+    return jnp.float32(1.0)
 
-    def schedule(epoch):
-        if cfg.weight_schedule == "cos2":
-            return losses.dynamic_weight(epoch, num_epochs)
+
+def warmup_weight(cfg, epoch):
+    """DKD's warm-up factor at (fractional, possibly traced) `epoch`: `min((floor(epoch) + 1) / W, 1)`."""
+    if not cfg.warmup_epochs:
         return jnp.float32(1.0)
+    return jnp.minimum((jnp.floor(epoch) + 1.0) / cfg.warmup_epochs, 1.0)
+
+
+def objective(cfg, num_epochs: int) -> Objective:
+    """Turns a method config into its `Objective`. `epoch` (float: step / steps_per_epoch, traced) drives the
+    schedules, which act on the integer epoch (module docstring)."""
+    kind, t = cfg.loss, cfg.temperature
+    if kind == "dkd" and cfg.warmup_epochs > num_epochs:
+        log.warning(
+            "DKD: warmup_epochs=%s > num_epochs=%s: its distillation term ramps to %.2f of full weight only.",
+            cfg.warmup_epochs,
+            num_epochs,
+            num_epochs / cfg.warmup_epochs,
+        )
 
     def loss_fn(logits, labels, rows: targets.Targets, hints, epoch):
-        w = schedule(epoch)
+        w = schedule_weight(cfg, epoch, num_epochs)
         if kind == "ce":
             loss = jnp.mean(losses.cross_entropy(logits, labels))
         elif kind == "kd":
@@ -166,9 +206,14 @@ def objective(cfg, num_epochs: int) -> Objective:
                 teacher_correct=rows.correct,
             )
         else:
-            warm = jnp.minimum(epoch / cfg.warmup_epochs, 1.0) if cfg.warmup_epochs else 1.0
             loss = losses.dkd_loss(
-                logits, rows.logits, labels, alpha=cfg.alpha, beta=cfg.beta, temperature=t, warmup=warm * w
+                logits,
+                rows.logits,
+                labels,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                temperature=t,
+                warmup=warmup_weight(cfg, epoch) * w,
             )
         if cfg.hint_weight:
             loss = loss + cfg.hint_weight * hints
@@ -184,14 +229,43 @@ def objective(cfg, num_epochs: int) -> Objective:
 
 
 def build_targets(cfg, teacher_logits, labels, infusion=None) -> targets.Targets:
-    """The method's `Targets` for a set of teacher logits (host side, validated)."""
+    """The method's `Targets` for a set of teacher logits: `targets.build_targets` with the config's options.
+
+    On host arrays the inputs are validated here (clear errors, e.g. knowledge infusion with no
+    teacher-correct sample) and the transforms run as one compiled call rather than op by op; on traced arrays
+    (online targets, inside the jitted step) it is the pure composition itself. (N, k), (N,) -> N rows.
+    """
+    transforms = _as_tuple(cfg.transforms)
+    kw = dict(transforms=transforms, ki_mode=cfg.ki_mode, rectify_mode=cfg.rectify_mode)
+    numeric = dict(temperature=cfg.temperature, num_regions=int(cfg.num_regions))
+    traced = any(isinstance(a, jax.core.Tracer) for a in (teacher_logits, labels, infusion))
+    ki_first = transforms[:1] == ("knowledge_infusion",)
+    if traced or ("knowledge_infusion" in transforms and infusion is None and not ki_first):
+        return targets.build_targets(teacher_logits, labels, infusion=infusion, **kw, **numeric)
+    targets.check_logits_and_labels(teacher_logits, labels)
+    if ki_first and infusion is None and not np.any(np.argmax(teacher_logits, -1) == np.asarray(labels)):
+        targets.infusion_table(teacher_logits, labels, cfg.ki_mode)  # raises its message: no correct sample
+    return _build_targets_jit(
+        teacher_logits,
+        jnp.asarray(labels, jnp.int32),
+        infusion,
+        numeric["temperature"],
+        numeric["num_regions"],
+        **kw,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("transforms", "ki_mode", "rectify_mode"))
+def _build_targets_jit(
+    teacher_logits, labels, infusion, temperature, num_regions, *, transforms, ki_mode, rectify_mode
+):
     return targets.build_targets(
         teacher_logits,
         labels,
-        transforms=_as_tuple(cfg.transforms),
-        ki_mode=cfg.ki_mode,
-        rectify_mode=cfg.rectify_mode,
-        temperature=cfg.temperature,
-        num_regions=int(cfg.num_regions),
+        transforms=transforms,
+        ki_mode=ki_mode,
+        rectify_mode=rectify_mode,
+        temperature=temperature,
+        num_regions=num_regions,
         infusion=infusion,
     )
