@@ -33,7 +33,10 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.seeds = 1  # students are trained for seeds seed, seed+1, ...; results give mean and std
     config.dtype = "float32"  # compute dtype: "bfloat16" on TPU/GPU
     config.progress = True
-    config.overwrite = False  # retrain students whose finished result.json is already in the workdir
+    # True: retrain students already in the workdir and replace a teacher trained with other settings; the old
+    # folders are renamed <folder>.<time>, never deleted. False: reuse finished work, resume interrupted work,
+    # refuse a folder whose settings differ (docs/reliability.md).
+    config.overwrite = False
     config.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
 
     config.data = ml_collections.ConfigDict()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import io
 import json
 import os
 import sys
@@ -16,12 +16,19 @@ TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "agreement", "region_h
 
 
 def progress(iterable: Iterable, *, desc: str | None = None, disable: bool = False, **kw):
-    """A tqdm bar on stderr (plain iteration when disabled)."""
+    """A tqdm bar on stderr (plain iteration when disabled), as wide as the terminal. A terminal that reports
+    no size (a pseudo-terminal never sized, as under `script` or some CI runners) and a pipe get 100 columns:
+    tqdm would otherwise draw empty lines there."""
     if disable:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True, **kw)
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        size = os.terminal_size((0, 0))
+    shape = {"dynamic_ncols": True} if min(size) > 0 else {"ncols": 100, "nrows": 20}
+    return tqdm(iterable, desc=desc, file=sys.stderr, leave=True, **shape, **kw)
 
 
 class MetricWriter:
@@ -33,7 +40,9 @@ class MetricWriter:
         self._tb_dir = os.path.join(run_dir, "tensorboard")
         self._tb = None
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, extra_scalars: dict | None = None) -> None:
+        """`record` goes to metrics.jsonl and TensorBoard; `extra_scalars` (wall-clock times, which differ
+        from run to run) to TensorBoard only, so that metrics.jsonl is identical for identical runs."""
         # Re-running an epoch after a resume replaces its line: rewrite the file without later epochs first.
         lines = []
         if os.path.exists(self._jsonl):
@@ -50,7 +59,7 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(self._tb_dir)
-        for key, value in record.items():
+        for key, value in {**record, **(extra_scalars or {})}.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, record["epoch"])
         self._tb.flush()
@@ -82,6 +91,10 @@ def summarize(config, dataset, teacher_meta: dict, teacher_test: dict, runs: Seq
             "source": dataset.source,
             "class_names": list(dataset.class_names),
             "sizes": {s: int(len(getattr(dataset, f"{s}_labels"))) for s in ("train", "val", "test")},
+            "class_counts": {
+                s: np.bincount(getattr(dataset, f"{s}_labels"), minlength=dataset.num_classes).tolist()
+                for s in ("train", "val", "test")
+            },
             "skipped_files": len(dataset.skipped),
         },
         "teacher": {
@@ -110,7 +123,9 @@ def results_table(results: dict) -> str:
     t = results["teacher"]
     lines.append(
         "| "
-        + " | ".join([t["model"], "teacher", *[_cell(t["test"][m]) if m in t["test"] else "" for m in TABLE_METRICS]])
+        + " | ".join(
+            [t["model"], "teacher", *[_cell(t["test"][m]) if m in t["test"] else "" for m in TABLE_METRICS]]
+        )
         + " |"
     )
     for name, row in results["methods"].items():
@@ -139,29 +154,34 @@ def plot_val_accuracy(results: dict, path: str) -> None:
             ax.fill_between(np.arange(1, n + 1), mean - std, mean + std, alpha=0.2)
     teacher_curve = results["teacher"].get("val_accuracy") or []
     if teacher_curve:
-        ax.axhline(max(teacher_curve) * 100, color="black", linestyle="--", linewidth=1, label="teacher (best)")
+        ax.axhline(
+            max(teacher_curve) * 100, color="black", linestyle="--", linewidth=1, label="teacher (best)"
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{results['student_model']} students on {results['dataset']['source']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    workdir_lib.atomic_write_bytes(path, buf.getvalue())
 
 
 def write_results(workdir: str, results: dict, basename: str = "results") -> None:
-    """results.json, results.md and the plot; an older, different results file is kept with a timestamp."""
+    """results.json, results.md and the plot. Results are never overwritten: an older, different results.json
+    is kept, with its results.md and plot, as results.<time>.json/.md and val_accuracy.<time>.png; identical
+    results (a re-run that reused every finished run) leave the files as they are."""
     json_path = os.path.join(workdir, f"{basename}.json")
+    plot_path = os.path.join(workdir, "val_accuracy.png")
     old = workdir_lib.read_json(json_path)
-    if old is not None and old != json.loads(json.dumps(results, default=workdir_lib._json_default)):
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for ext in ("json", "md"):
-            src = os.path.join(workdir, f"{basename}.{ext}")
-            if os.path.exists(src):
-                os.replace(src, os.path.join(workdir, f"{basename}.{stamp}.{ext}"))
+    if old is not None and old == json.loads(json.dumps(results, default=workdir_lib._json_default)):
+        if os.path.exists(os.path.join(workdir, f"{basename}.md")) and os.path.exists(plot_path):
+            return
+    elif os.path.exists(json_path):
+        for src in (json_path, os.path.join(workdir, f"{basename}.md"), plot_path):
+            workdir_lib.keep_aside(src)
     workdir_lib.write_json(json_path, results)
     table = results_table(results)
     d = results["dataset"]
@@ -172,4 +192,4 @@ def write_results(workdir: str, results: dict, basename: str = "results") -> Non
         f"{table}\n\n![validation accuracy](val_accuracy.png)\n"
     )
     workdir_lib.atomic_write_bytes(os.path.join(workdir, f"{basename}.md"), md.encode())
-    plot_val_accuracy(results, os.path.join(workdir, "val_accuracy.png"))
+    plot_val_accuracy(results, plot_path)

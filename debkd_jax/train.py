@@ -8,11 +8,14 @@ batch (XLA reduces across devices). Metrics accumulate on device and reach the h
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import errno
 import functools
 import hashlib
-import json
+import io
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -80,8 +84,22 @@ def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: nn.Module) -> Callable:
+    """One jitted `model.init` per distinct model (Linen modules compare by their fields), so that the teacher
+    and students of one architecture, or repeated fits, compile it once."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
 def init_state(rng, model: nn.Module, tx, image_shape) -> TrainState:
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros((1, *image_shape)))
+    # Initialisation runs once: compiling it unoptimised takes ~1 s instead of ~6 s (XLA's CPU backend is slow
+    # to optimise the random-number code); the run stays deterministic.
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        variables = jax.block_until_ready(_jitted_init(model)(rng, jnp.zeros((1, *image_shape))))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
     )
@@ -129,8 +147,9 @@ def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
             t_logits, t_blocks = spec.teacher.apply(teacher_vars, x, train=False)
             teacher_feats = tuple(jax.lax.stop_gradient(t_blocks[i]) for i in spec.teacher_taps)
             if spec.method_cfg.online_targets:
-                online = methods.build_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
-                rows = online.replace(correct=rows.correct)
+                # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's easy/hard
+                # split matches the rows that were rectified or infused; KI's table is the precomputed one.
+                rows = methods.build_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
         epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch
 
         def loss_fn(params):
@@ -142,7 +161,9 @@ def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        finite = jnp.isfinite(loss)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
         acc = {
             "loss_sum": acc["loss_sum"] + jnp.where(finite, loss, 0.0) * labels.shape[0],
             "correct": acc["correct"] + jnp.sum(jnp.argmax(logits, -1) == labels),
@@ -170,7 +191,12 @@ def make_predict_fn(model: nn.Module, dtype) -> Callable:
 def predict_logits(
     predict: Callable, variables, images: np.ndarray, batch_size: int, mesh: Mesh, progress: str | None = None
 ) -> np.ndarray:
-    """Logits of every image, in order: batches padded to a multiple of the mesh size. -> (N, k) float32."""
+    """Logits of every image, in order: batches padded to a multiple of the mesh size. -> (N, k) float32.
+
+    Every process passes the same `images` (the whole split) and gets all the logits back: with several
+    processes each device takes its rows from its host's identical copy and the sharded result is gathered
+    with `multihost_utils.process_allgather` (`jax.device_get` cannot read shards held by other hosts).
+    """
     n = len(images)
     ndev = mesh.devices.size
     batch_size = max(ndev, batch_size - batch_size % ndev)
@@ -182,9 +208,14 @@ def predict_logits(
         pad = (-len(chunk)) % ndev
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        batch = jax.device_put(chunk, sharding)
+        # Each device takes its rows of the (identical on every process) host chunk: valid on several hosts.
+        batch = jax.make_array_from_callback(chunk.shape, sharding, lambda index, chunk=chunk: chunk[index])
         logits = predict(variables, batch)[0]
-        out.append(np.asarray(jax.device_get(logits))[: len(chunk) - pad])
+        if jax.process_count() > 1:
+            host = multihost_utils.process_allgather(logits, tiled=True)
+        else:
+            host = jax.device_get(logits)
+        out.append(np.asarray(host)[: len(chunk) - pad])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -242,97 +273,170 @@ def fit(
     best_variables = _host_copy(_variables(state))
 
     ckpt = workdir_lib.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
-    latest = ckpt.latest_step()
-    if latest is not None:
-        restored = ckpt.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state),
-                best_variables=ocp.args.StandardRestore(best_variables),
-                history=ocp.args.JsonRestore(),
-            ),
-        )
-        state = jax.device_put(restored["state"], replicated)
-        best_variables = _host_copy(restored["best_variables"])
-        history = list(restored["history"]["epochs"])
-        best = restored["history"]["best"]
-        log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
+    writer = None
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            restored = ckpt.restore(
+                latest,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state),
+                    best_variables=ocp.args.StandardRestore(best_variables),
+                    history=ocp.args.JsonRestore(),
+                ),
+            )
+            state = jax.device_put(restored["state"], replicated)
+            best_variables = _host_copy(restored["best_variables"])
+            history = list(restored["history"]["epochs"])
+            best = restored["history"]["best"]
+            log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
 
-    step_fn = make_train_step(spec, mesh, seed)
-    predict = make_predict_fn(spec.model, spec.dtype)
-    batch_sharding = NamedSharding(mesh, P("data"))
-    writer = report.MetricWriter(run_dir) if jax.process_index() == 0 else None
-    if teacher_vars is not None:
-        teacher_vars = jax.device_put(teacher_vars, replicated)
-    if infusion is not None:
-        infusion = jax.device_put(jnp.asarray(infusion), replicated)
-    host_targets = jax.tree.map(np.asarray, train_targets)
+        step_fn = make_train_step(spec, mesh, seed)
+        predict = make_predict_fn(spec.model, spec.dtype)
+        batch_sharding = NamedSharding(mesh, P("data"))
+        writer = report.MetricWriter(run_dir) if jax.process_index() == 0 else None
+        if teacher_vars is not None:
+            teacher_vars = jax.device_put(teacher_vars, replicated)
+        if infusion is not None:
+            infusion = jax.device_put(jnp.asarray(infusion), replicated)
+        host_targets = jax.tree.map(np.asarray, train_targets)
 
-    start_epoch = len(history)
-    epochs = report.progress(
-        range(start_epoch, train_cfg.num_epochs),
-        desc=f"{name}",
-        total=train_cfg.num_epochs,
-        initial=start_epoch,
-        disable=not show_progress,
-        unit="epoch",
-    )
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        acc = jax.device_put(zero_metrics(), replicated)
-        order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
-        local = _process_local(order)
-        for idx in local:
-            batch = data_lib.make_global_batch(
-                {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
-            )
-            batch["rows"] = jax.tree.map(
-                lambda a, idx=idx: jax.make_array_from_process_local_data(batch_sharding, a[idx]),
-                host_targets,
-            )
-            state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
-        acc = jax.device_get(acc)
-        if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:
-            raise NonFiniteLoss(
-                f"{name}: the loss became NaN/Inf at step {int(acc['first_nonfinite_step'])} "
-                f"(epoch {epoch}); training stopped. The last good checkpoint (epoch {len(history)}) is kept "
-                f"in {run_dir}. Lower the learning rate (now {train_cfg.learning_rate}) or check the data."
-            )
-        val_logits = predict_logits(
-            predict, _variables(state), dataset.val_images, train_cfg.eval_batch_size, mesh
+        start_epoch = len(history)
+        epochs = report.progress(
+            range(start_epoch, train_cfg.num_epochs),
+            desc=f"{name}",
+            total=train_cfg.num_epochs,
+            initial=start_epoch,
+            disable=not show_progress,
+            unit="epoch",
         )
-        val_acc = float(np.mean(np.argmax(val_logits, -1) == dataset.val_labels))
-        record = {
-            "epoch": epoch + 1,
-            "step": int(jax.device_get(state.step)),
-            "train_loss": float(acc["loss_sum"] / max(acc["count"], 1)),
-            "train_accuracy": float(acc["correct"] / max(acc["count"], 1)),
-            "val_accuracy": val_acc,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        if val_acc > best["val_accuracy"]:
-            best = {"epoch": epoch + 1, "val_accuracy": val_acc}
-            best_variables = _host_copy(_variables(state))
-        ckpt.save(
-            epoch + 1,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                best_variables=ocp.args.StandardSave(best_variables),
-                history=ocp.args.JsonSave({"epochs": history, "best": best}),
-            ),
-        )
-        if writer is not None:
-            writer.write(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if hasattr(epochs, "set_postfix"):
-            epochs.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
-    ckpt.wait_until_finished()
-    ckpt.close()
-    if writer is not None:
-        writer.close()
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            acc = jax.device_put(zero_metrics(), replicated)
+            order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
+            local = _process_local(order)
+            for idx in local:
+                batch = data_lib.make_global_batch(
+                    {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
+                )
+                batch["rows"] = jax.tree.map(
+                    lambda a, idx=idx: jax.make_array_from_process_local_data(batch_sharding, a[idx]),
+                    host_targets,
+                )
+                state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
+            acc = jax.device_get(acc)
+            if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:
+                bad = int(acc["first_nonfinite_step"]) + 1
+                total = train_cfg.num_epochs * steps_per_epoch
+                if history:
+                    kept = (
+                        f"the last good checkpoint (epoch {len(history)}) is kept in {run_dir}/checkpoints. "
+                        f"Lower the learning rate (now {train_cfg.learning_rate}) or check the data, then "
+                        "re-run with --config.overwrite=True (the diverged run is set aside) or a new --workdir"
+                    )
+                else:
+                    kept = (
+                        f"nothing was saved yet. Lower the learning rate (now {train_cfg.learning_rate}) or "
+                        "check the data, then re-run"
+                    )
+                raise NonFiniteLoss(
+                    f"{name}: the loss or its gradient became NaN/Inf at step {bad} of {total} (epoch "
+                    f"{epoch + 1}); training stopped and {kept}."
+                )
+            val_logits = predict_logits(
+                predict, _variables(state), dataset.val_images, train_cfg.eval_batch_size, mesh
+            )
+            val_acc = float(np.mean(np.argmax(val_logits, -1) == dataset.val_labels))
+            # Only values that the config and seed decide: a resumed or repeated run writes the same records.
+            record = {
+                "epoch": epoch + 1,
+                "step": int(jax.device_get(state.step)),
+                "train_loss": float(acc["loss_sum"] / max(acc["count"], 1)),
+                "train_accuracy": float(acc["correct"] / max(acc["count"], 1)),
+                "val_accuracy": val_acc,
+            }
+            history.append(record)
+            if val_acc > best["val_accuracy"]:
+                best = {"epoch": epoch + 1, "val_accuracy": val_acc}
+                best_variables = _host_copy(_variables(state))
+            _save_checkpoint(
+                ckpt,
+                epoch + 1,
+                ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    best_variables=ocp.args.StandardSave(best_variables),
+                    history=ocp.args.JsonSave({"epochs": history, "best": best}),
+                ),
+                run_dir,
+            )
+            seconds = time.perf_counter() - t0
+            if writer is not None:
+                writer.write(record, extra_scalars={"seconds_per_epoch": seconds})
+            if on_epoch is not None:
+                on_epoch(record)
+            if hasattr(epochs, "set_postfix"):
+                epochs.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
+            else:
+                log.info(
+                    "%s: epoch %d/%d loss %.4f train_acc %.4f val_acc %.4f (%.1f s)",
+                    name,
+                    epoch + 1,
+                    train_cfg.num_epochs,
+                    record["train_loss"],
+                    record["train_accuracy"],
+                    val_acc,
+                    seconds,
+                )
+    finally:
+        # Also on an error or Ctrl-C: the last epoch's (asynchronous) checkpoint is committed before leaving.
+        try:
+            _wait_for_checkpoint(ckpt, run_dir)
+        finally:
+            ckpt.close()
+            if writer is not None:
+                writer.close()
     return FitResult(best_variables=best_variables, history=history, best_epoch=best["epoch"])
+
+
+def _save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args, run_dir: str) -> None:
+    try:
+        ckpt.save(step, args=args)
+    except (OSError, ValueError, RuntimeError) as e:
+        error = _checkpoint_error(e, run_dir)
+        if error is e:
+            raise
+        raise error from e
+
+
+def _wait_for_checkpoint(ckpt: ocp.CheckpointManager, run_dir: str) -> None:
+    try:
+        ckpt.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+        error = _checkpoint_error(e, run_dir)
+        if error is e:
+            raise
+        raise error from e
+
+
+_IO_FAILURES = {
+    errno.ENOSPC: ("No space left on device", "RESOURCE_EXHAUSTED"),
+    errno.EACCES: ("Permission denied",),
+    errno.EROFS: ("Read-only file system",),
+    errno.EDQUOT: ("Disk quota exceeded",),
+}
+
+
+def _checkpoint_error(error: Exception, run_dir: str) -> Exception:
+    """Orbax reports a failed write as OSError or, from tensorstore, as ValueError('RESOURCE_EXHAUSTED: ... No
+    space left on device'): those become a `UserError` naming the folder; anything else is re-raised as is."""
+    where = os.path.join(run_dir, "checkpoints")
+    if isinstance(error, OSError) and error.errno is not None:
+        return workdir_lib.disk_error(where, error)
+    text = str(error)
+    for code, needles in _IO_FAILURES.items():
+        if any(n in text for n in needles):
+            return workdir_lib.disk_error(where, OSError(code, os.strerror(code)))
+    return error
 
 
 def _process_local(order: np.ndarray) -> np.ndarray:
@@ -359,7 +463,19 @@ def _fingerprint(*arrays) -> str:
 
 
 def _load_data(config) -> data_lib.Dataset:
+    """The configured data set; its errors (missing folder, one class, too few images) are `UserError`s."""
     d = config.data
+    try:
+        return _load_dataset(config, d)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(f"data.source={d.source!r}: {e}") from e
+    except OSError as e:
+        raise UserError(f"data.source={d.source!r}: cannot read it ({e}).") from e
+
+
+def _load_dataset(config, d) -> data_lib.Dataset:
     dataset = data_lib.load_dataset(
         d.source,
         cache_dir=workdir_lib.expand(d.cache_dir) if d.cache_dir else None,
@@ -398,6 +514,12 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
     }
     final = os.path.join(run_dir, "final")
     source = workdir_lib.expand(config.teacher.checkpoint) if config.teacher.checkpoint else run_dir
+    if not config.teacher.checkpoint:
+        # The teacher trained here: refuse to resume or reuse one trained with other settings.
+        workdir_lib.claim_run_dir(
+            run_dir, _teacher_identity(config, meta), "a teacher", jax.process_index() == 0, config.overwrite
+        )
+        _sync_processes("claim " + run_dir)
     saved = workdir_lib.read_json(os.path.join(source, "teacher.json"))
     if saved is not None:
         workdir_lib.check_teacher_matches(saved, meta, source)
@@ -413,7 +535,9 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         )
     objective = methods.objective(methods.preset("CE"), config.teacher.num_epochs)
     steps = len(dataset.train_labels) // config.teacher.batch_size
-    spec = _step_spec(config.teacher, dataset.num_classes, config.dtype, objective, steps, config.data.augment)
+    spec = _step_spec(
+        config.teacher, dataset.num_classes, config.dtype, objective, steps, config.data.augment
+    )
     dummy = _dummy_targets(len(dataset.train_labels), dataset.num_classes)
     result = fit(
         name="teacher",
@@ -431,10 +555,41 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         "batch_stats": result.best_variables["batch_stats"]["backbone"],
     }
     meta.update(best_epoch=result.best_epoch, history=result.history)
+    # Every process takes part in an orbax save (it synchronises them); process 0 writes the JSON files.
+    workdir_lib.save_variables(final, variables)
     if jax.process_index() == 0:
-        workdir_lib.save_variables(final, variables)
         workdir_lib.write_json(os.path.join(run_dir, "teacher.json"), meta)
     return variables, meta
+
+
+def _training_fields(train_cfg) -> dict:
+    """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint)."""
+    skip = ("eval_batch_size", "checkpoint")
+    return {k: v for k, v in train_cfg.to_dict().items() if k not in skip}
+
+
+def _teacher_identity(config, meta: dict) -> dict:
+    return {
+        "teacher": _training_fields(config.teacher),
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "augment": config.data.augment,
+        "data": meta["data"],
+        "class_names": meta["class_names"],
+        "image_size": meta["image_size"],
+    }
+
+
+def _student_identity(config, method_cfg, seed: int, dataset, t_logits) -> dict:
+    return {
+        "method": method_cfg.to_dict(),
+        "student": _training_fields(config.student),
+        "seed": seed,
+        "dtype": config.dtype,
+        "augment": config.data.augment,
+        "data": _fingerprint(dataset.train_images, dataset.train_labels),
+        "teacher_logits": _fingerprint(t_logits["train"], t_logits["val"], t_logits["test"]),
+    }
 
 
 def _dummy_targets(n: int, k: int) -> targets_lib.Targets:
@@ -442,15 +597,18 @@ def _dummy_targets(n: int, k: int) -> targets_lib.Targets:
     return targets_lib.Targets(logits=z, lo=z, hi=z + 1.0, correct=np.ones((n,), bool))
 
 
-def teacher_logits(config, teacher_vars, meta, dataset, teacher_dir: str, mesh: Mesh) -> dict[str, np.ndarray]:
+def teacher_logits(
+    config, teacher_vars, meta, dataset, teacher_dir: str, mesh: Mesh
+) -> dict[str, np.ndarray]:
     """The teacher's eval-mode logits on every split, cached beside its checkpoint (keyed to it and the data)."""
     key = _fingerprint(
         *jax.tree.leaves(jax.tree.map(np.asarray, teacher_vars)), dataset.train_images, dataset.test_images
     )
     path = os.path.join(teacher_dir, "logits.npz")
     cached = workdir_lib.read_npz(path)
-    if cached is not None and str(cached.get("key")) == key:
-        return {s: cached[s] for s in ("train", "val", "test")}
+    splits = ("train", "val", "test")
+    if cached is not None and str(cached.get("key")) == key and all(s in cached for s in splits):
+        return {s: cached[s] for s in splits}
     model = models.get_model(meta["model"], dataset.num_classes, config.dtype)
     predict = make_predict_fn(model, jnp.dtype(config.dtype))
     out = {
@@ -472,10 +630,24 @@ def teacher_logits(config, teacher_vars, meta, dataset, teacher_dir: str, mesh: 
 def train_student(
     config, method_name: str, method_cfg, seed: int, dataset, teacher, t_logits, mesh: Mesh, run_dir: str
 ) -> dict:
-    """Trains one student with one method and seed; returns its test metrics and history."""
+    """Trains one student with one method and seed; returns its test metrics and history.
+
+    A finished run in `run_dir` (result.json) with the same settings is reused, an interrupted one resumes
+    from its last checkpoint; a folder started with other settings is refused (`workdir_lib.claim_run_dir`).
+    With `config.overwrite`, an existing folder is set aside (renamed `<run_dir>.<time>`) and the student
+    retrained.
+    """
+    writer = jax.process_index() == 0
+    identity = _student_identity(config, method_cfg, seed, dataset, t_logits)
+    if config.overwrite and os.path.isdir(run_dir):
+        if writer:
+            moved = workdir_lib.keep_aside(run_dir)
+            log.info("%s (seed %d): overwrite=True, the previous run is kept in %s", method_name, seed, moved)
+    workdir_lib.claim_run_dir(run_dir, identity, f"a {method_name} student (seed {seed})", writer)
+    _sync_processes("claim " + run_dir)
     done = workdir_lib.read_json(os.path.join(run_dir, "result.json"))
-    if done is not None and not config.overwrite:
-        log.info("%s: finished before, reusing %s", method_name, run_dir)
+    if done is not None:
+        log.info("%s (seed %d): finished before, reusing %s", method_name, seed, run_dir)
         return done
     teacher_vars, teacher_meta = teacher
     scfg = config.student
@@ -553,8 +725,10 @@ def train_student(
         "test": test,
         "history": result.history,
     }
+    workdir_lib.save_variables(
+        os.path.join(run_dir, "final"), student_vars
+    )  # every process: orbax syncs them
     if jax.process_index() == 0:
-        workdir_lib.save_variables(os.path.join(run_dir, "final"), student_vars)
         workdir_lib.write_json(
             os.path.join(run_dir, "model.json"),
             {
@@ -569,52 +743,100 @@ def train_student(
     return out
 
 
+def initialize_distributed(config) -> None:
+    """With `config.distributed`, `jax.distributed.initialize()` (once, before anything touches the devices):
+    several processes (hosts) then form one job; each feeds its share of every batch, process 0 writes."""
+    if not config.get("distributed", False) or jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:
+        raise UserError(
+            f"distributed=True but jax.distributed.initialize() failed: {str(e).splitlines()[0][:300]}. It "
+            "needs a multi-process launch (a Cloud TPU pod slice, SLURM, or JAX_COORDINATOR_ADDRESS / "
+            "JAX_NUM_PROCESSES / JAX_PROCESS_ID set for each process); on one machine leave distributed=False."
+        ) from e
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def validate_config(config) -> None:
-    """Checks the whole config up front, with messages naming the field and the valid values."""
+    """Checks the whole config up front, with messages naming the field and the valid values.
+
+    Raises `UserError` (the CLI prints it and exits with status 2). With `config.distributed` it first calls
+    `jax.distributed.initialize()`, since the batch-size check needs the global device count.
+    """
     if not config.methods:
         raise UserError("config.methods is empty: name at least one method, e.g. 'DeBKD'.")
     for name, mcfg in config.methods.items():
-        methods.validate(name, mcfg)
+        try:
+            methods.validate(name, mcfg)
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from e
+    initialize_distributed(config)
     for part in ("teacher", "student"):
         c = config[part]
         if c.model not in models.MODELS:
             raise UserError(f"{part}.model={c.model!r} is not one of {sorted(models.MODELS)}.")
         for field in ("num_epochs", "batch_size", "eval_batch_size"):
-            if not (isinstance(c[field], int) and c[field] >= 1):
+            if not (_is_int(c[field]) and c[field] >= 1):
                 raise UserError(f"{part}.{field}={c[field]!r} must be an integer >= 1.")
-        if c.learning_rate <= 0 or c.weight_decay < 0 or not 0 <= c.momentum < 1:
-            raise UserError(
-                f"{part}: need learning_rate > 0, weight_decay >= 0 and 0 <= momentum < 1, got "
-                f"{c.learning_rate}, {c.weight_decay}, {c.momentum}."
-            )
+        for field, ok, want in (
+            ("learning_rate", lambda v: v > 0, "> 0"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("warmup_epochs", lambda v: v >= 0, ">= 0"),
+        ):
+            if not (_is_number(c[field]) and ok(c[field])):
+                raise UserError(f"{part}.{field}={c[field]!r} must be a finite number {want}.")
         ndev = jax.device_count()
         if c.batch_size % ndev:
             raise UserError(
                 f"{part}.batch_size={c.batch_size} is not divisible by the {ndev} devices; "
                 f"use a multiple of {ndev}."
             )
-    if config.seeds < 1:
-        raise UserError(f"seeds={config.seeds} must be >= 1.")
+    if not isinstance(config.teacher.get("checkpoint", ""), str):
+        raise UserError(f"teacher.checkpoint={config.teacher.checkpoint!r} must be a path (a string).")
+    if not (_is_int(config.seeds) and config.seeds >= 1):
+        raise UserError(f"seeds={config.seeds!r} must be an integer >= 1.")
+    if not (_is_int(config.seed) and config.seed >= 0):
+        raise UserError(f"seed={config.seed!r} must be an integer >= 0.")
     if config.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype={config.dtype!r} is not one of ('float32', 'bfloat16', 'float16').")
+    d = config.data
+    if not (isinstance(d.source, str) and d.source):
+        raise UserError(f"data.source={d.source!r} must be 'digits', 'folder:PATH' or 'tfds:NAME'.")
+    if not (_is_int(d.image_size) and d.image_size >= 1):
+        raise UserError(f"data.image_size={d.image_size!r} must be an integer >= 1.")
+    if not (_is_int(d.max_per_class) and (d.max_per_class == 0 or d.max_per_class >= 3)):
+        raise UserError(
+            f"data.max_per_class={d.max_per_class!r} must be 0 (all images) or an integer >= 3 (one image "
+            "per class for each of train, val and test)."
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results.
 
-    Writes into `workdir`: teacher/ (checkpoint, logits), students/<method>-seed<s>/ (checkpoints, metrics
-    JSON lines, TensorBoard events, result.json), and results.json, results.md, val_accuracy.png.
+    Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz),
+    students/<method>-seed<s>/ (checkpoints, final model, run.json, metrics.jsonl, TensorBoard events,
+    result.json), results.json, results.md, val_accuracy.png, and skipped_files.csv when images were
+    unreadable. Re-running the same command resumes an interrupted run and reuses finished parts; see
+    docs/reliability.md.
     """
     validate_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
     workdir = workdir_lib.expand(workdir)
-    with workdir_lib.Workdir(workdir, writer=jax.process_index() == 0) as wd:
+    writer = jax.process_index() == 0
+    with workdir_lib.Workdir(workdir, writer=writer) as wd:
         wd.write_config(config)
         mesh = create_mesh()
         dataset = _load_data(config)
-        if dataset.skipped:
-            data_lib.write_skipped_report(dataset, os.path.join(workdir, "skipped_files.csv"))
         log.info(
             "data: %s, %d classes %s, train/val/test = %d/%d/%d",
             dataset.source,
@@ -624,6 +846,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             len(dataset.val_labels),
             len(dataset.test_labels),
         )
+        if dataset.skipped:
+            skipped_csv = os.path.join(workdir, "skipped_files.csv")
+            if writer:
+                write_skipped_csv(dataset.skipped, skipped_csv)
+            log.warning(
+                "data: skipped %d unreadable file(s), listed in %s", len(dataset.skipped), skipped_csv
+            )
         teacher_dir = os.path.join(workdir, "teacher")
         teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
         t_logits = teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
@@ -634,7 +863,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for method_name, method_cfg in methods.ordered(config.methods):
             for s in range(config.seeds):
                 seed = config.seed + s
-                run_dir = os.path.join(workdir, "students", f"{workdir_lib.safe_name(method_name)}-seed{seed}")
+                run_dir = os.path.join(
+                    workdir, "students", f"{workdir_lib.safe_name(method_name)}-seed{seed}"
+                )
                 runs.append(
                     train_student(
                         config,
@@ -649,6 +880,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                 )
         results = report.summarize(config, dataset, teacher_meta, teacher_test, runs)
-        if jax.process_index() == 0:
+        if writer:
             report.write_results(workdir, results)
         return results
+
+
+def write_skipped_csv(skipped, path: str) -> None:
+    """`path,reason` rows, one per unreadable file, written atomically."""
+    buf = io.StringIO()
+    out = csv.writer(buf)
+    out.writerow(["path", "reason"])
+    out.writerows(skipped)
+    workdir_lib.atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -7,12 +7,15 @@ run killed at any moment leaves either the old file or the new one, never half o
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import json
 import os
 import re
+import socket
 import tempfile
+import zipfile
 from typing import Any
 
 import jax
@@ -31,7 +34,7 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
-def _disk_error(path: str, error: OSError) -> UserError:
+def disk_error(path: str, error: OSError) -> UserError:
     if error.errno == errno.ENOSPC:
         why = "the disk is full; free space or choose another --workdir"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -41,11 +44,39 @@ def _disk_error(path: str, error: OSError) -> UserError:
     return UserError(f"cannot write {path}: {why}. Files already written there are untouched.")
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def keep_aside(path: str) -> str | None:
+    """Renames an existing file or folder to `<stem>.<timestamp><ext>` so a new one can take its place;
+    returns the new name (None if `path` did not exist). Never deletes anything."""
+    if not os.path.lexists(path):
+        return None
+    stem, ext = os.path.splitext(path) if os.path.isfile(path) else (path, "")
+    stamp = timestamp()
+    target, n = f"{stem}.{stamp}{ext}", 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{stem}.{stamp}-{n}{ext}"
+    try:
+        os.replace(path, target)
+    except OSError as e:
+        raise disk_error(target, e) from e
+    return target
+
+
 def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Writes `payload` to a hidden temporary file beside `path` (`.<name>.XXXX.tmp`), fsyncs it and renames
+    it over `path`. On any error the temporary file is removed and `path` is untouched; a kill leaves at worst
+    the temporary file, which `Workdir` removes on the next start."""
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
@@ -57,11 +88,13 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
                 os.unlink(tmp)
             raise
     except OSError as e:
-        raise _disk_error(path, e) from e
+        raise disk_error(path, e) from e
 
 
 def write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
+    )
 
 
 def _json_default(obj):
@@ -92,10 +125,11 @@ def write_npz(path: str, **arrays) -> None:
 
 
 def read_npz(path: str) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz file, or None when it is missing, truncated or otherwise unreadable."""
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
 
 
@@ -118,8 +152,14 @@ def restore_variables(path: str):
     path = expand(path)
     if not os.path.isdir(path):
         raise UserError(f"no saved model at {path}.")
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(
+            f"cannot read the saved model at {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it is damaged or not a model saved by debkd_jax."
+        ) from e
 
 
 def check_teacher_matches(saved: dict, wanted: dict, where: str) -> None:
@@ -136,10 +176,86 @@ def check_teacher_matches(saved: dict, wanted: dict, where: str) -> None:
                 f"run needs {wanted.get(field)!r}. Set teacher.model / data to match it, point "
                 "teacher.checkpoint elsewhere, or use a new --workdir to train a new teacher."
             )
+    if "data" in saved and "data" in wanted and saved["data"] != wanted["data"]:
+        raise UserError(
+            f"the teacher in {where} was trained on another training set than this run's (data fingerprint "
+            f"{saved['data']} vs {wanted['data']}: a different data source, max_per_class or split seed), so "
+            "some of this run's validation or test images may be among its training images. Use the data "
+            "config it was trained with, point teacher.checkpoint elsewhere, or use a new --workdir."
+        )
+
+
+def claim_run_dir(
+    run_dir: str, identity: dict, what: str, writer: bool = True, replace: bool = False
+) -> None:
+    """Records what decides a run's result in `run_dir/run.json` and refuses to resume or reuse a run folder
+    whose checkpoints or results come from different settings. With `replace`, such a folder is set aside
+    (renamed `<run_dir>.<time>`, never deleted) and the run starts afresh. A folder with nothing saved yet
+    (say a run that diverged in its first epoch) simply takes the new settings."""
+    path = os.path.join(run_dir, "run.json")
+    identity = json.loads(json.dumps(identity, default=_json_default))
+    saved = read_json(path)
+    if saved is not None and saved != identity and _holds_work(run_dir):
+        if not replace:
+            old, new = _flatten(saved), _flatten(identity)
+            changes = [
+                f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k, "(none)") != new.get(k, "(none)")
+            ]
+            raise UserError(
+                f"{run_dir} holds {what} started with other settings ({'; '.join(changes)[:600]}). Its "
+                "checkpoints and results are kept: use a new --workdir for the new settings, or pass "
+                "--config.overwrite=True to set the old folder aside (renamed with a timestamp) and start "
+                "again."
+            )
+        if writer:
+            keep_aside(run_dir)
+    if saved != identity and writer:
+        write_json(path, identity)
+
+
+def _holds_work(run_dir: str) -> bool:
+    """Whether a run folder holds a committed checkpoint, a final model or a result."""
+    if any(os.path.exists(os.path.join(run_dir, f)) for f in ("result.json", "teacher.json", "final")):
+        return True
+    ckpts = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts))
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def remove_stale_temporaries(root: str) -> list[str]:
+    """Deletes the `.NAME.XXXX.tmp` files that `atomic_write_bytes` leaves when a run is killed mid-write.
+    Only call it while holding the workdir lock."""
+    removed = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("checkpoints", "final", "tensorboard")]
+        for name in files:
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+    return removed
 
 
 class Workdir:
-    """Creates and locks the run folder. A second run on the same folder refuses instead of corrupting it."""
+    """Creates and locks the run folder. A second run on the same folder refuses instead of corrupting it.
+
+    Only the writer (process 0 of a multi-process job) takes the lock: the other processes of the same job
+    read the same folder (a filesystem shared by all hosts) and must not be refused by their own job's lock.
+    The lock is an `fcntl.flock` on `.lock`: the kernel releases it when its process dies, even by SIGKILL, so
+    a killed run never leaves a stale lock. Once locked, temporary files left by a killed run are removed.
+    """
 
     def __init__(self, path: str, writer: bool = True):
         self.path = path
@@ -149,14 +265,16 @@ class Workdir:
     def __enter__(self) -> Workdir:
         try:
             os.makedirs(self.path, exist_ok=True)
-            probe = os.path.join(self.path, ".write_probe")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.unlink(probe)
+            if self.writer:
+                probe = os.path.join(self.path, f".write_probe.{os.getpid()}")
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.unlink(probe)
+                self._lock = open(os.path.join(self.path, ".lock"), "a+")
         except OSError as e:
-            raise _disk_error(self.path, e) from e
-        lock_path = os.path.join(self.path, ".lock")
-        self._lock = open(lock_path, "a+")
+            raise disk_error(self.path, e) from e
+        if not self.writer:
+            return self
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -170,13 +288,21 @@ class Workdir:
             ) from None
         self._lock.seek(0)
         self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()}")
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         self._lock.flush()
+        remove_stale_temporaries(self.path)
         return self
 
     def write_config(self, config) -> None:
-        if self.writer:
-            atomic_write_bytes(os.path.join(self.path, "config.json"), config.to_json_best_effort(indent=2).encode())
+        """config.json: the latest run's config; an older, different one is kept as config.<time>.json."""
+        if not self.writer:
+            return
+        path = os.path.join(self.path, "config.json")
+        payload = config.to_json_best_effort(indent=2).encode()
+        old = read_json(path)
+        if old is not None and old != json.loads(payload):
+            keep_aside(path)
+        atomic_write_bytes(path, payload)
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:

@@ -1,0 +1,367 @@
+"""The real command line, end to end, in subprocesses: a run on real Dogs vs Cats photos, resume after SIGKILL
+(from outside mid-training, inside a checkpoint commit and inside the teacher-logits write), re-runs, and the
+error messages for bad flags and config values.
+
+Every subprocess runs `python -m debkd_jax.main` (or a driver that installs a kill hook and then calls
+`debkd_jax.main.run()`) on one CPU device, with XLA's optimisations off and a persistent compilation cache
+shared by the module's runs, so that each compiles only what the previous ones did not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEBKD = str(REPO / "configs" / "debkd.py")
+
+# A slice of the real photos that the tiny models learn from in a few epochs (measured: 58-60% test accuracy
+# for the teacher and both students on 400 test images, chance 50%), in 30-50 s on 2 shared CPU cores.
+E2E_FLAGS = (
+    "--config.data.max_per_class=1000",
+    "--config.teacher.num_epochs=3",
+    "--config.student.num_epochs=3",
+    "--config.teacher.learning_rate=0.2",
+    "--config.student.learning_rate=0.2",
+)
+
+
+def cli_env(cache_dir: pathlib.Path, devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def cli_args(workdir, data_cache, *flags, config=DEBKD + ":smoke") -> list[str]:
+    return [f"--config={config}", f"--workdir={workdir}", f"--config.data.cache_dir={data_cache}", *flags]
+
+
+def run_cli(args, env, *, driver: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, driver] if driver else [sys.executable, "-m", "debkd_jax.main"]
+    return subprocess.run(
+        cmd + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, one `error: ...` message naming `needles`, no Python traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+# Installs one kill point, then runs the CLI. The kill is a real SIGKILL of the process, at a chosen moment:
+#   logits      inside the teacher-logits cache write (the data written, before the rename that commits it)
+#   checkpoint  inside orbax's commit of KD's epoch-1 checkpoint (all files written, before the rename)
+DRIVER = textwrap.dedent(
+    """
+    import os, re, signal, sys
+
+    where = os.environ["DEBKD_TEST_KILL_AT"]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "logits":
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if os.path.basename(os.fspath(dst)) == "logits.npz":
+                die()
+            return real_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace
+    elif where == "checkpoint":
+        real_rename = os.rename
+
+        def rename(src, dst, *args, **kwargs):
+            if re.search(r"students/KD-seed0/checkpoints/1$", os.fspath(dst)):
+                die()
+            return real_rename(src, dst, *args, **kwargs)
+
+        os.rename = rename
+    else:
+        raise SystemExit(f"unknown kill point {where}")
+
+    from debkd_jax import main
+
+    sys.argv = ["debkd_jax.main", *sys.argv[1:]]
+    main.run()
+    """
+)
+
+
+def shared_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """One folder per test session for the compilation and data caches of every CLI subprocess."""
+    path = tmp_path_factory.getbasetemp() / "debkd_cli_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return shared_cache_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(cache_dir, dogs_vs_cats_dir, tmp_path_factory):
+    """One uninterrupted run of the real CLI on 2,000 real Dogs vs Cats photos, with progress bars."""
+    workdir = tmp_path_factory.mktemp("e2e") / "run"
+    args = cli_args(
+        workdir,
+        cache_dir / "data",
+        f"--config.data.source=folder:{dogs_vs_cats_dir}",
+        *E2E_FLAGS,
+        "--config.progress=True",
+    )
+    t0 = time.perf_counter()
+    proc = run_cli(args, cli_env(cache_dir))
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return {"workdir": workdir, "proc": proc, "args": args, "seconds": seconds}
+
+
+@pytest.mark.slow
+def test_end_to_end_on_real_photos_writes_everything_and_learns(e2e_run):
+    workdir, proc = e2e_run["workdir"], e2e_run["proc"]
+    for name in ("config.json", "results.json", "results.md", "val_accuracy.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    assert (workdir / "val_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((workdir / "config.json").read_text())["data"]["max_per_class"] == 1000
+
+    results = json.loads((workdir / "results.json").read_text())
+    d = results["dataset"]
+    assert d["class_names"] == ["cat", "dog"] and d["skipped_files"] == 0
+    assert d["sizes"] == {"train": 1400, "val": 200, "test": 400}
+    assert d["class_counts"] == {"train": [700, 700], "val": [100, 100], "test": [200, 200]}
+    assert set(results["methods"]) == {"KD", "DeBKD"}
+
+    # The teacher: checkpoint, final model, metadata, cached logits for every split.
+    teacher = workdir / "teacher"
+    assert (teacher / "checkpoints" / "3").is_dir() and (teacher / "final").is_dir()
+    meta = json.loads((teacher / "teacher.json").read_text())
+    assert [e["epoch"] for e in meta["history"]] == [1, 2, 3]
+    import numpy as np
+
+    with np.load(teacher / "logits.npz") as z:
+        assert z["train"].shape == (1400, 2) and z["val"].shape == (200, 2) and z["test"].shape == (400, 2)
+    assert not list(workdir.rglob(".*.tmp")), "a temporary file was left behind"
+
+    for method in ("KD", "DeBKD"):
+        run = workdir / "students" / f"{method}-seed0"
+        records = read_jsonl(run / "metrics.jsonl")
+        assert [r["epoch"] for r in records] == [1, 2, 3]
+        assert [r["step"] for r in records] == [43, 86, 129]  # 1400 // 32 steps per epoch
+        events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+        assert events and b"val_accuracy" in events[0].read_bytes()
+        assert (run / "checkpoints" / "3" / "state").is_dir() and (run / "final").is_dir()
+        result = json.loads((run / "result.json").read_text())
+        assert result["history"] == records
+        test = result["test"]
+        # Learned something: 400 test photos, chance is 50% (one standard error is 2.5 points).
+        assert test["accuracy"] > 0.55, (method, test)
+        assert (
+            records[-1]["train_loss"] < records[0]["train_loss"]
+            and max(r["val_accuracy"] for r in records) > 0.55
+        )
+        row = results["methods"][method]["test"]["accuracy"]
+        assert row["mean"] == test["accuracy"] and row["n"] == 1
+    assert results["teacher"]["test"]["accuracy"] > 0.55
+
+    # What the person at the terminal sees: the table on stdout, a progress bar per phase on stderr.
+    assert "| resnet_tiny | DeBKD |" in proc.stdout and "results.md" in proc.stdout
+    for bar in ("decoding", "teacher", "teacher logits (train)", "KD (seed 0)", "DeBKD (seed 0)"):
+        assert bar in proc.stderr, bar
+    assert "3/3" in proc.stderr and "val_acc=" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    print(f"end-to-end CLI run: {e2e_run['seconds']:.1f} s")
+
+
+def _same_outputs(a: pathlib.Path, b: pathlib.Path) -> None:
+    """The files that hold results are identical: results, per-epoch histories, metrics, teacher logits."""
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
+    assert ra == rb
+    ta, tb = (json.loads((p / "teacher" / "teacher.json").read_text()) for p in (a, b))
+    assert ta == tb
+    for method in ("KD", "DeBKD"):
+        run_a, run_b = a / "students" / f"{method}-seed0", b / "students" / f"{method}-seed0"
+        assert (run_a / "metrics.jsonl").read_text() == (run_b / "metrics.jsonl").read_text(), method
+        assert json.loads((run_a / "result.json").read_text()) == json.loads(
+            (run_b / "result.json").read_text()
+        )
+    import numpy as np
+
+    with np.load(a / "teacher" / "logits.npz") as za, np.load(b / "teacher" / "logits.npz") as zb:
+        for split in ("train", "val", "test"):
+            np.testing.assert_array_equal(za[split], zb[split])
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_results(e2e_run, cache_dir, tmp_path):
+    """Three SIGKILLs -- inside the teacher-logits write, inside a checkpoint commit, and from outside right
+    after a checkpoint appeared mid-training -- then a plain re-run: every result file is identical to the
+    uninterrupted run's (same config and seed)."""
+    workdir = tmp_path / "run"
+    args = [a.replace(str(e2e_run["workdir"]), str(workdir)) for a in e2e_run["args"]]
+    args = [a for a in args if a != "--config.progress=True"]
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = cli_env(cache_dir)
+
+    # 1. Killed while writing teacher/logits.npz: the teacher is finished, the cache file never appears.
+    proc = run_cli(args, {**env, "DEBKD_TEST_KILL_AT": "logits"}, driver=str(driver))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (workdir / "teacher" / "teacher.json").exists()
+    assert not (workdir / "teacher" / "logits.npz").exists()
+    assert list((workdir / "teacher").glob(".logits.npz.*.tmp")), "expected the partial write's temp file"
+
+    # 2. Killed inside the commit of KD's first checkpoint: only orbax's temporary folder is there.
+    proc = run_cli(args, {**env, "DEBKD_TEST_KILL_AT": "checkpoint"}, driver=str(driver))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (workdir / "teacher" / "logits.npz").exists()
+    assert not list((workdir / "teacher").glob(".logits.npz.*.tmp")), "the stale temp file was not removed"
+    ckpts = workdir / "students" / "KD-seed0" / "checkpoints"
+    assert not (ckpts / "1").exists() and [p.name for p in ckpts.iterdir() if "tmp" in p.name]
+
+    # 3. Killed from outside as soon as a checkpoint is committed, in the middle of training KD.
+    cmd = [sys.executable, "-m", "debkd_jax.main", *args]
+    child = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (ckpts / "1").is_dir() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        out, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, err[-3000:]
+    assert not (workdir / "students" / "KD-seed0" / "result.json").exists(), "KD finished before the kill"
+    assert not (workdir / "results.json").exists()
+
+    # 4. The same command again: resumes and finishes; the outputs equal the uninterrupted run's.
+    proc = run_cli(args, env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "resumed from the checkpoint of epoch" in proc.stderr
+    _same_outputs(e2e_run["workdir"], workdir)
+    assert not list(workdir.rglob(".*.tmp")) and not list(ckpts.glob("*tmp*"))
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(e2e_run["workdir"], workdir)
+    args = [a.replace(str(e2e_run["workdir"]), str(workdir)) for a in e2e_run["args"]]
+    args = [a for a in args if a != "--config.progress=True"]
+    before = {
+        p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")
+    }
+    result_mtime = (workdir / "students" / "KD-seed0" / "result.json").stat().st_mtime_ns
+
+    proc = run_cli(args, cli_env(cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teacher: reusing" in proc.stderr and proc.stderr.count("finished before, reusing") == 2
+    assert (workdir / "students" / "KD-seed0" / "result.json").stat().st_mtime_ns == result_mtime
+    for path, payload in before.items():
+        if path.name != "config.json":  # the config of this run (progress=False); the old one is kept aside
+            assert path.read_bytes() == payload, path
+    assert not list(workdir.glob("results.*.json")), "identical results must not be backed up"
+    assert [p.name for p in workdir.glob("config.*.json")], "the previous, different config.json was dropped"
+
+    # A changed method setting is refused for the finished student instead of silently reusing it.
+    proc = run_cli([*args, "--config.methods.DeBKD.beta=0.5"], cli_env(cache_dir))
+    assert_clean_error(proc, "DeBKD-seed0", "other settings", "method.beta: 0.2 -> 0.5", "overwrite")
+    assert json.loads((workdir / "results.json").read_text()) == json.loads(
+        (e2e_run["workdir"] / "results.json").read_text()
+    )
+
+
+def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, tmp_path):
+    teacher = e2e_run["workdir"] / "teacher"
+    args = [
+        *[a for a in e2e_run["args"] if not a.startswith("--workdir")],
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.teacher.checkpoint={teacher}",
+        "--config.teacher.model=resnet8",
+    ]
+    proc = run_cli(args, cli_env(cache_dir))
+    assert_clean_error(proc, "architecture", "'resnet_tiny'", "'resnet8'")
+
+
+@pytest.mark.parametrize(
+    "flag, needles",
+    [
+        ("--config.nosuch=1", ["--config.nosuch=1", "no field 'nosuch'", "seeds"]),
+        ("--config.methods.Nope.beta=1", ["no field 'Nope'", "DeBKD, KD"]),
+        ("--config.teacher.num_epochs=1.5", ["num_epochs=1.5", "takes an int"]),
+        ("--config.methods.DeBKD.num_regions=0", ["num_regions=0", ">= 1"]),
+    ],
+)
+def test_bad_flags_and_values_give_one_clear_error(flag, needles, cache_dir, tmp_path):
+    proc = run_cli(cli_args(tmp_path / "run", cache_dir / "data", flag), cli_env(cache_dir))
+    assert_clean_error(proc, *needles)
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize(
+    "config, needles",
+    [
+        ("configs/nosuch.py", ["no config file", "nosuch.py"]),
+        ("configs/methods.py:bogus", ["get_config() failed", "unknown config argument 'bogus'"]),
+    ],
+)
+def test_bad_config_file_gives_one_clear_error(config, needles, cache_dir, tmp_path):
+    proc = run_cli(cli_args(tmp_path / "run", cache_dir / "data", config=config), cli_env(cache_dir))
+    assert_clean_error(proc, *needles)
+
+
+def test_batch_size_not_divisible_by_devices(cache_dir, tmp_path):
+    args = cli_args(tmp_path / "run", cache_dir / "data", "--config.student.batch_size=12")
+    proc = run_cli(args, cli_env(cache_dir, devices=8))
+    assert_clean_error(proc, "student.batch_size=12", "8 devices")
+
+
+def test_second_run_on_a_busy_workdir_is_refused(cache_dir, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running job holds
+        proc = run_cli(cli_args(workdir, cache_dir / "data"), cli_env(cache_dir))
+    assert_clean_error(proc, "in use by a running job", str(workdir))
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
+
+
+def test_unwritable_workdir(cache_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_cli(cli_args(blocker / "run", cache_dir / "data"), cli_env(cache_dir))
+    assert_clean_error(proc, "cannot write", str(blocker / "run"))
+    assert blocker.read_text() == "not a folder"

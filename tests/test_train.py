@@ -1,0 +1,248 @@
+"""The training loop in-process, on the 8 fake CPU devices of conftest.py: configs load and validate, bad
+values are refused with clear messages, one device and eight give the same training, runs are deterministic by
+seed, evaluation keeps the order of the images, and the progress bar shows what runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from debkd_jax import config_lib, data, methods, train
+from debkd_jax.errors import UserError
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+    """XLA's optimisations off for this module's compiles (seconds instead of tens of seconds on 2 cores)."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def load_config_module(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smoke_config() -> ml_collections.ConfigDict:
+    return config_lib.smoke(config_lib.base_config(("KD", "DeBKD")))
+
+
+def synthetic_dataset(n_train=64, n_val=16, n_test=16, k=2, seed=0) -> data.Dataset:
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = np.arange(n, dtype=np.int32) % k
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        images[..., 0] = np.where(labels[:, None, None] == 1, images[..., 0] // 2 + 128, images[..., 0] // 2)
+        return images, labels
+
+    (tri, trl), (vai, val), (tei, tel) = split(n_train), split(n_val), split(n_test)
+    return data.Dataset(
+        tri, trl, vai, val, tei, tel, class_names=tuple(f"c{i}" for i in range(k)), source="mock"
+    )
+
+
+def teacher_spec(dataset, epochs=2, batch_size=16, model="resnet_tiny"):
+    cfg = config_lib.train_config(model, num_epochs=epochs, batch_size=batch_size)
+    objective = methods.objective(methods.preset("CE"), epochs)
+    steps = len(dataset.train_labels) // batch_size
+    spec = train._step_spec(cfg, dataset.num_classes, "float32", objective, steps, augment=True)
+    return cfg, spec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs.
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_loads_and_validates(path):
+    module = load_config_module(path)
+    assert module.__doc__ and "python -m debkd_jax" in module.__doc__, "the docstring gives the command"
+    for arg in (None, "smoke"):
+        config = module.get_config(arg) if arg else module.get_config()
+        train.validate_config(config)
+        assert config.methods and config.teacher.model and config.student.model
+    smoke = module.get_config("smoke")
+    assert smoke.teacher.num_epochs <= 2 and smoke.data.max_per_class and not smoke.progress
+
+
+def _set(path: str, value):
+    def change(config):
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        with node.ignore_type():
+            node[leaf] = value
+
+    return change
+
+
+def _clear_methods(config):
+    config.methods = ml_collections.ConfigDict()
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        (_set("methods.DeBKD.num_regions", 0), ["'DeBKD'", "num_regions=0", ">= 1"]),
+        (_set("methods.DeBKD.num_regions", 2.5), ["num_regions=2.5", "integer"]),
+        (_set("methods.DeBKD.temperature", 0.0), ["temperature=0.0", "> 0"]),
+        (_set("methods.KD.temperature", -1.0), ["'KD'", "temperature=-1.0"]),
+        (_set("methods.DeBKD.beta", -0.1), ["beta=-0.1", ">= 0"]),
+        (_set("methods.KD.alpha", 1.5), ["alpha=1.5", "[0, 1]"]),
+        (_set("methods.KD.loss", "nosuch"), ["loss='nosuch'", "debkd"]),
+        (_set("student.batch_size", 12), ["student.batch_size=12", "8 devices", "multiple of 8"]),
+        (_set("teacher.num_epochs", 0), ["teacher.num_epochs=0", ">= 1"]),
+        (_set("teacher.num_epochs", 1.5), ["teacher.num_epochs=1.5", "integer"]),
+        (_set("student.learning_rate", 0.0), ["student.learning_rate=0.0", "> 0"]),
+        (_set("student.learning_rate", float("nan")), ["student.learning_rate=nan", "finite"]),
+        (_set("student.momentum", 1.0), ["momentum=1.0", "[0, 1)"]),
+        (_set("teacher.model", "resnet9"), ["teacher.model='resnet9'", "resnet8"]),
+        (_set("data.max_per_class", 2), ["max_per_class=2", ">= 3"]),
+        (_set("seeds", 0), ["seeds=0", ">= 1"]),
+        (_set("seed", -1), ["seed=-1", ">= 0"]),
+        (_set("dtype", "int8"), ["dtype='int8'", "bfloat16"]),
+        (_clear_methods, ["methods is empty"]),
+    ],
+)
+def test_validate_config_refuses_bad_values(change, needles):
+    config = smoke_config()
+    change(config)
+    with pytest.raises(UserError) as info:
+        train.validate_config(config)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+def test_distributed_without_a_cluster_is_a_clear_error(monkeypatch):
+    config = smoke_config()
+    config.distributed = True
+
+    def no_cluster():
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(UserError, match="distributed=True but jax.distributed.initialize"):
+        train.validate_config(config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices, determinism, evaluation.
+
+
+def _train_steps(mesh, dataset, n_steps=3, seed=0):
+    cfg, spec = teacher_spec(dataset)
+    state = train.init_state(jax.random.key(seed), spec.model, train.make_optimizer(cfg, 4), (32, 32, 3))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = jax.device_put(state, replicated)
+    acc = jax.device_put(train.zero_metrics(), replicated)
+    step = train.make_train_step(spec, mesh, seed)
+    targets = train._dummy_targets(len(dataset.train_labels), dataset.num_classes)
+    order = data.batch_indices(len(dataset.train_labels), cfg.batch_size, seed=seed, epoch=0)
+    for idx in order[:n_steps]:
+        batch = data.make_global_batch(
+            {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
+        )
+        batch["rows"] = jax.tree.map(lambda a, idx=idx: jax.device_put(a[idx], batch_sharding), targets)
+        state, acc = step(state, acc, batch, None, None)
+    return jax.device_get(state.params), jax.device_get(state.batch_stats), jax.device_get(acc)
+
+
+def test_train_step_is_the_same_on_one_and_on_eight_devices():
+    """The batch split over 8 devices (BatchNorm statistics and gradients reduced across them) trains exactly
+    as on one device, up to float reassociation; with augmentation on, so the random crops agree too."""
+    assert jax.device_count() == 8
+    dataset = synthetic_dataset()
+    one = _train_steps(train.create_mesh(jax.devices()[:1]), dataset)
+    eight = _train_steps(train.create_mesh(), dataset)
+    flat_one, flat_eight = jax.tree.leaves(one[:2]), jax.tree.leaves(eight[:2])
+    for a, b in zip(flat_one, flat_eight, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    assert int(one[2]["count"]) == int(eight[2]["count"]) == 48
+    np.testing.assert_allclose(one[2]["loss_sum"], eight[2]["loss_sum"], rtol=1e-5)
+    # The steps did change the parameters (the comparison is not between two untouched inits).
+    init = train.init_state(
+        jax.random.key(0),
+        teacher_spec(dataset)[1].model,
+        train.make_optimizer(teacher_spec(dataset)[0], 4),
+        (32, 32, 3),
+    )
+    params_one = jax.tree.leaves(one[0])
+    assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(init.params), params_one, strict=True))
+
+
+def _fit(dataset, run_dir, seed, show_progress=False):
+    cfg, spec = teacher_spec(dataset)
+    mesh = train.create_mesh()
+    targets = train._dummy_targets(len(dataset.train_labels), dataset.num_classes)
+    return train.fit(
+        name="teacher",
+        spec=spec,
+        train_cfg=cfg,
+        dataset=dataset,
+        train_targets=targets,
+        run_dir=str(run_dir),
+        mesh=mesh,
+        seed=seed,
+        show_progress=show_progress,
+    )
+
+
+def test_fit_is_deterministic_and_the_seed_changes_order_and_init(tmp_path, capsys):
+    dataset = synthetic_dataset()
+    a = _fit(dataset, tmp_path / "a", seed=0)
+    b = _fit(dataset, tmp_path / "b", seed=0, show_progress=True)
+    assert a.history == b.history
+    for x, y in zip(jax.tree.leaves(a.best_variables), jax.tree.leaves(b.best_variables), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (tmp_path / "b" / "metrics.jsonl").read_bytes()
+    # Another seed: another data order and another initialisation.
+    assert not np.array_equal(
+        data.batch_indices(64, 16, seed=0, epoch=0), data.batch_indices(64, 16, seed=1, epoch=0)
+    )
+    assert not np.array_equal(
+        data.batch_indices(64, 16, seed=0, epoch=0), data.batch_indices(64, 16, seed=0, epoch=1)
+    )
+    cfg, spec = teacher_spec(dataset)
+    inits = [
+        train.init_state(jax.random.key(s), spec.model, train.make_optimizer(cfg, 4), (32, 32, 3)).params
+        for s in (0, 1)
+    ]
+    assert not all(
+        np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(inits[0]), jax.tree.leaves(inits[1]), strict=True)
+    )
+    # The progress bar of the second fit: one bar per model, epochs counted, loss and val accuracy shown.
+    err = capsys.readouterr().err
+    assert "teacher: 100%" in err and "2/2" in err and "val_acc=" in err and "epoch" in err
+
+
+def test_predict_logits_keeps_order_with_padding_on_eight_devices():
+    """37 images in batches of 16 over 8 devices (the last batch padded) give the logits of one unpadded batch
+    on one device, in order."""
+    dataset = synthetic_dataset(n_train=37)
+    _, spec = teacher_spec(dataset)
+    variables = train._jitted_init(spec.model)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    predict = train.make_predict_fn(spec.model, jnp.float32)
+    got = train.predict_logits(predict, variables, dataset.train_images, 16, train.create_mesh())
+    want = train.predict_logits(
+        predict, variables, dataset.train_images, 64, train.create_mesh(jax.devices()[:1])
+    )
+    assert got.shape == want.shape == (37, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
