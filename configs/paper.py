@@ -2,12 +2,13 @@
 32x32 images, 70/10/20 split, 3 seeds; the methods of its Table 1 (KD, FKD, DeBKD) and Table 3 (each with and
 without knowledge infusion: KD+KI, FKD+KI, DeBKD-noKI). The argument picks the dataset and the student:
 
-    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet18 --workdir=runs/paper/dogs
-    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet8 --workdir=runs/paper/dogs
+    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet18 --workdir=runs/paper/dogs-resnet18
+    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet8 --workdir=runs/paper/dogs-resnet8 \
+        --config.teacher.checkpoint=runs/paper/dogs-resnet18/teacher
     python -m debkd_jax.main --config=configs/paper.py:digits,resnet8,smoke --workdir=/tmp/paper  # minutes
 
-Both students of a dataset share one workdir, hence one teacher (trained by the first command, reused by the
-second). Datasets (`folder:` paths relative to where you run the command, the repository root; set your own
+One workdir per student, one teacher per dataset: the first command trains the ResNet-50 teacher, the second
+reuses it through `teacher.checkpoint`. Datasets (`folder:` paths relative to where you run the command, the repository root; set your own
 with `--config.data.source=folder:PATH`):
 
     dogs_vs_cats       folder:../shared/data/dogs_vs_cats_32   (Kaggle Dogs vs Cats, 25,000 images)
@@ -20,11 +21,15 @@ paper's Table 2) and configs/sweep_beta.py (section 4.4.2) -- is hours of GPU ti
 36 students per dataset, 100 epochs each, and FKD runs the teacher in every student step. On one GPU:
 
     for d in dogs_vs_cats chihuahua_muffin car_bike; do
+      t=runs/paper/$d-resnet18/teacher
       for s in resnet18 resnet8; do
-        python -m debkd_jax.main --config=configs/paper.py:$d,$s --workdir=runs/paper/$d
-        python -m debkd_jax.sweep --config=configs/sweep_regions.py:$d,$s --workdir=runs/paper/$d
+        python -m debkd_jax.main --config=configs/paper.py:$d,$s --workdir=runs/paper/$d-$s \
+            --config.teacher.checkpoint=$t
+        python -m debkd_jax.sweep --config=configs/sweep_regions.py:$d,$s --workdir=runs/paper/$d-$s \
+            --config.teacher.checkpoint=$t
       done
-      python -m debkd_jax.sweep --config=configs/sweep_beta.py:$d,resnet8 --workdir=runs/paper/$d
+      python -m debkd_jax.sweep --config=configs/sweep_beta.py:$d,resnet8 --workdir=runs/paper/$d-resnet8 \
+          --config.teacher.checkpoint=$t
     done
 
 (add `--config.dtype=bfloat16` for speed). The paper gives no optimizer, schedule or augmentation: SGD

@@ -181,9 +181,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Teacher (once) -> cached logits -> one student per point and seed -> table, JSON and plot. Returns the
     results dict written to `sweep-<name>-<student>.json`."""
     points = sweep_points(config)
-    train.validate_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    train.validate_config(config)  # also initialises jax.distributed when config.distributed
     workdir = workdir_lib.expand(workdir)
     basename = _basename(config)
     sweep_dir = os.path.join(workdir, "sweeps", basename[len("sweep-") :])
@@ -196,7 +194,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh = train.create_mesh()
         dataset = train._load_data(config)
         if dataset.skipped and writer:
-            data_lib.write_skipped_report(dataset, os.path.join(sweep_dir, "skipped_files.csv"))
+            train.write_skipped_csv(dataset.skipped, os.path.join(sweep_dir, "skipped_files.csv"))
         log.info(
             "sweep %s: %s over %s = %s on %s, %d point(s) x %d seed(s)",
             config.sweep.name,

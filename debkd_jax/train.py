@@ -514,7 +514,9 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
     }
     final = os.path.join(run_dir, "final")
     source = workdir_lib.expand(config.teacher.checkpoint) if config.teacher.checkpoint else run_dir
-    if not config.teacher.checkpoint:
+    # teacher.checkpoint naming this run's own teacher folder means "train it here, or reuse it".
+    trains_here = source == workdir_lib.expand(run_dir)
+    if trains_here:
         # The teacher trained here: refuse to resume or reuse one trained with other settings.
         workdir_lib.claim_run_dir(
             run_dir, _teacher_identity(config, meta), "a teacher", jax.process_index() == 0, config.overwrite
@@ -528,7 +530,7 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         if source != run_dir:
             os.makedirs(run_dir, exist_ok=True)
         return variables, saved
-    if config.teacher.checkpoint:
+    if not trains_here:
         raise UserError(
             f"teacher.checkpoint={config.teacher.checkpoint!r} holds no finished teacher (no teacher.json); "
             "point it at the 'teacher' folder of a finished run, or leave it empty to train one."
