@@ -28,7 +28,7 @@ def progress(iterable: Iterable, *, desc: str | None = None, disable: bool = Fal
     except (OSError, ValueError, AttributeError):
         size = os.terminal_size((0, 0))
     shape = {"dynamic_ncols": True} if min(size) > 0 else {"ncols": 100, "nrows": 20}
-    return tqdm(iterable, desc=desc, file=sys.stderr, leave=True, **shape, **kw)
+    return tqdm(iterable, desc=desc, file=sys.stderr, **{"leave": True, **shape, **kw})
 
 
 class MetricWriter:

@@ -315,7 +315,15 @@ def fit(
             acc = jax.device_put(zero_metrics(), replicated)
             order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
             local = _process_local(order)
-            for idx in local:
+            steps = report.progress(
+                local,
+                desc=f"  epoch {epoch + 1}",
+                total=len(local),
+                leave=False,
+                disable=not show_progress or len(local) < 20,
+                unit="step",
+            )
+            for idx in steps:
                 batch = data_lib.make_global_batch(
                     {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
                 )
