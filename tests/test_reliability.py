@@ -143,13 +143,16 @@ def test_full_disk_stops_cleanly_and_keeps_what_was_written(cache_dir, tmp_path)
             cli_args(workdir, cache_dir / "data", config=TEACHER_SMOKE), cli_env(cache_dir), timeout=240
         )
         assert proc.returncode == 2, proc.stderr[-4000:]
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and "the disk is full" in errors[0], proc.stderr[-4000:]
+        # Orbax's and tensorstore's threads also write to stderr at exit and can share a line with ours.
+        errors = [line[line.index("error: ") :] for line in proc.stderr.splitlines() if "error: " in line]
+        # Which write meets the full disk depends on timing; each names the disk or the file it could not write.
+        assert len(errors) == 1, errors or proc.stderr[-4000:]
+        assert any(w in errors[0] for w in ("the disk is full", "No space left", "cannot write")), errors
         # What was written before is intact: valid JSON, and every committed checkpoint restores.
         json.loads((workdir / "config.json").read_text())
-        for path in workdir.rglob("metrics.jsonl"):
+        for path in list(workdir.rglob("metrics.jsonl")):
             [json.loads(line) for line in path.read_text().splitlines()]
-        for ckpts in workdir.rglob("checkpoints"):
+        for ckpts in list(workdir.rglob("checkpoints")):
             with workdir_lib.checkpoint_manager(str(ckpts)) as manager:
                 for step in manager.all_steps():
                     restored = manager.restore(step, args=ocp.args.Composite(history=ocp.args.JsonRestore()))
