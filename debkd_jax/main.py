@@ -156,13 +156,9 @@ def main(argv) -> int:
         )
     absl_logging.set_verbosity(absl_logging.WARNING)
     absl_logging.get_absl_handler().addFilter(_OneLineLibraryErrors())
-    ours = logging.getLogger("debkd_jax")
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    ours.addHandler(handler)
     from debkd_jax import report, train
+
+    report.log_to_stderr()
     from debkd_jax.errors import UserError
 
     try:

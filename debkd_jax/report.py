@@ -31,6 +31,19 @@ def progress(iterable: Iterable, *, desc: str | None = None, disable: bool = Fal
     return tqdm(iterable, desc=desc, file=sys.stderr, **{"leave": True, **shape, **kw})
 
 
+def log_to_stderr() -> None:
+    """The CLIs' logging: this package's INFO messages on stderr, bare, once."""
+    import logging
+
+    ours = logging.getLogger("debkd_jax")
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+
+
 class MetricWriter:
     """Appends one JSON line per record to `metrics.jsonl` and writes the same scalars as TensorBoard events."""
 

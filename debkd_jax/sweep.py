@@ -36,7 +36,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from debkd_jax import data as data_lib
 from debkd_jax import methods, metrics, report, train, workdir_lib
 from debkd_jax.errors import UserError
 
@@ -390,12 +389,7 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    ours = logging.getLogger("debkd_jax")
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    ours.addHandler(handler)
+    report.log_to_stderr()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         results = run_sweep(config, workdir)
