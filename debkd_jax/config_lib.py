@@ -32,6 +32,10 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.seed = 0
     config.seeds = 1  # students are trained for seeds seed, seed+1, ...; results give mean and std
     config.dtype = "float32"  # compute dtype: "bfloat16" on TPU/GPU
+    # How the convs' gradients are computed, same values: "materialized" (conv VJP through a fusion barrier,
+    # faster on XLA:CPU), "xla" (plain; right for GPU/TPU), "auto" (materialized when training on CPU). Not
+    # part of a run's settings (run.json): changing it resumes and reuses runs as they are.
+    config.conv_backward = "auto"
     config.progress = True
     # True: retrain students already in the workdir and replace a teacher trained with other settings; the old
     # folders are renamed <folder>.<time>, never deleted. False: reuse finished work, resume interrupted work,

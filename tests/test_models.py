@@ -310,3 +310,85 @@ def test_count_params_on_arrays():
     assert models.count_params(params) == closed_form_param_count("resnet_tiny", 10) == 1454
     assert models.count_params({"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4)]}) == 10
     assert isinstance(models.MODELS["resnet50"](num_classes=2), nn.Module)
+
+
+def _value_and_grads(model, variables, x):
+    """Jitted train-mode loss over logits and every block output, its gradients w.r.t. params and input, and
+    the BatchNorm updates."""
+
+    def loss(params, x):
+        (logits, blocks), updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                                x, train=True, mutable=["batch_stats"])
+        value = jnp.sum(jnp.sin(logits)) + sum(jnp.mean(b * jnp.cos(b)) for b in blocks)
+        return value, updates
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True], ids=["basic", "bottleneck"])
+def test_materialized_conv_backward_gives_the_same_values_and_gradients(bottleneck):
+    """conv_backward="materialized" (the conv VJP through a fusion barrier) changes neither the variables nor
+    the values nor the gradients w.r.t. params and input, under jit."""
+    if bottleneck:
+        make = functools.partial(models.ResNet, stage_sizes=(1, 1), block_cls=models.Bottleneck,
+                                 num_classes=3, stem_width=4, widths=(2, 4), strides=(1, 2))
+        xla, materialized = make(), make(conv_backward="materialized")
+    else:
+        xla = models.get_model("resnet_tiny", 3)
+        materialized = models.get_model("resnet_tiny", 3, conv_backward="materialized")
+    assert xla.conv_backward == "xla" and materialized.conv_backward == "materialized"
+    assert abstract_variables(xla, hw=8) == abstract_variables(materialized, hw=8)
+    variables, x = random_variables(xla), images(batch=4, hw=8)
+    (value, updates), (g_params, g_x) = _value_and_grads(xla, variables, x)
+    (value_m, updates_m), (g_params_m, g_x_m) = _value_and_grads(materialized, variables, x)
+    np.testing.assert_allclose(value_m, value, rtol=1e-5, atol=1e-5)
+    assert jnp.abs(g_x).max() > 0
+    np.testing.assert_allclose(g_x_m, g_x, rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(g_params_m) == jax.tree.structure(g_params)
+    for a, b in zip(jax.tree.leaves(g_params_m) + jax.tree.leaves(updates_m),
+                    jax.tree.leaves(g_params) + jax.tree.leaves(updates), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # The materialized backward does hold the barrier (one identity cond per conv); the plain one none.
+    def grad_jaxpr(model):
+        return str(jax.make_jaxpr(lambda p: _value_and_grads(model, {**variables, "params": p}, x)[1])(
+            variables["params"]))
+    n_convs = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+                  if "conv" in jax.tree_util.keystr(path))
+    assert grad_jaxpr(materialized).count("cond[") == n_convs
+    assert "cond[" not in grad_jaxpr(xla)
+
+
+def test_materialized_hint_regressor_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+    regs = [models.HintRegressor(features=5, conv_backward=c) for c in ("xla", "materialized")]
+    variables = regs[0].init(jax.random.key(1), x, target_hw=(4, 4), train=False)
+
+    def grads(reg):
+        def loss(params, x):
+            out, _ = reg.apply({**variables, "params": params}, x, target_hw=(4, 4), train=True,
+                               mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(out))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+
+    for a, b in zip(jax.tree.leaves(grads(regs[1])), jax.tree.leaves(grads(regs[0])), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_barrier_is_the_identity():
+    for x in (jnp.arange(6.0).reshape(2, 3) - 2.0, jnp.array([jnp.nan, -0.0, jnp.inf]),
+              jnp.ones((2, 2), jnp.bfloat16)):
+        y = jax.jit(models.fusion_barrier)(x)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32))
+        assert np.array_equal(np.signbit(np.asarray(y, np.float32)), np.signbit(np.asarray(x, np.float32)))
+
+
+def test_unknown_conv_backward_is_refused():
+    for bad in ("auto", "lax", "", None):
+        with pytest.raises(ValueError, match=r"conv_backward must be one of \('xla', 'materialized'\)"):
+            models.get_model("resnet_tiny", 2, conv_backward=bad)
+    model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_classes=2, stem_width=4,
+                          widths=(4,), strides=(1,), conv_backward="fast")
+    with pytest.raises(ValueError, match="conv_backward.*'fast'"):
+        abstract_variables(model, hw=8)

@@ -55,11 +55,13 @@ def synthetic_dataset(n_train=64, n_val=16, n_test=16, k=2, seed=0) -> data.Data
     )
 
 
-def teacher_spec(dataset, epochs=2, batch_size=16, model="resnet_tiny"):
+def teacher_spec(dataset, epochs=2, batch_size=16, model="resnet_tiny", conv_backward="xla"):
     cfg = config_lib.train_config(model, num_epochs=epochs, batch_size=batch_size)
     objective = methods.objective(methods.preset("CE"), epochs)
     steps = len(dataset.train_labels) // batch_size
-    spec = train._step_spec(cfg, dataset.num_classes, "float32", objective, steps, augment=True)
+    spec = train._step_spec(
+        cfg, dataset.num_classes, "float32", objective, steps, augment=True, conv_backward=conv_backward
+    )
     return cfg, spec
 
 
@@ -116,6 +118,7 @@ def _clear_methods(config):
         (_set("seeds", 0), ["seeds=0", ">= 1"]),
         (_set("seed", -1), ["seed=-1", ">= 0"]),
         (_set("dtype", "int8"), ["dtype='int8'", "bfloat16"]),
+        (_set("conv_backward", "fast"), ["conv_backward='fast'", "'auto', 'xla', 'materialized'"]),
         (_clear_methods, ["methods is empty"]),
     ],
 )
@@ -145,8 +148,8 @@ def test_distributed_without_a_cluster_is_a_clear_error(monkeypatch):
 # Devices, determinism, evaluation.
 
 
-def _train_steps(mesh, dataset, n_steps=3, seed=0):
-    cfg, spec = teacher_spec(dataset)
+def _train_steps(mesh, dataset, n_steps=3, seed=0, conv_backward="xla"):
+    cfg, spec = teacher_spec(dataset, conv_backward=conv_backward)
     state = train.init_state(jax.random.key(seed), spec.model, train.make_optimizer(cfg, 4), (32, 32, 3))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -185,6 +188,110 @@ def test_train_step_is_the_same_on_one_and_on_eight_devices():
     )
     params_one = jax.tree.leaves(one[0])
     assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(init.params), params_one, strict=True))
+
+
+def test_materialized_conv_backward_trains_as_the_plain_one_on_eight_devices():
+    """The conv VJP through a fusion barrier (the default on CPU) gives the plain conv's training, with the
+    batch sharded over 8 devices."""
+    dataset = synthetic_dataset()
+    plain = _train_steps(train.create_mesh(), dataset)
+    materialized = _train_steps(train.create_mesh(), dataset, conv_backward="materialized")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(materialized), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_backward_auto_is_materialized_on_cpu_only():
+    import types
+
+    mesh = train.create_mesh()
+    assert {d.platform for d in mesh.devices.flat} == {"cpu"}
+    assert config_lib.base_config().conv_backward == "auto"
+    assert train.resolve_conv_backward("auto", mesh) == "materialized"
+    fake_gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")] * 2))
+    assert train.resolve_conv_backward("auto", fake_gpu) == "xla"
+    for setting in ("xla", "materialized"):
+        assert train.resolve_conv_backward(setting, mesh) == train.resolve_conv_backward(setting, fake_gpu)
+        assert train.resolve_conv_backward(setting, mesh) == setting
+    with pytest.raises(UserError, match="conv_backward='lax'"):
+        train.resolve_conv_backward("lax", mesh)
+
+
+def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_path, monkeypatch):
+    """train_teacher / train_student build their models with the resolved conv_backward; the setting is not in
+    run.json, so changing it resumes and reuses runs instead of refusing them."""
+    dataset = synthetic_dataset(k=2)
+    mesh = train.create_mesh()
+    specs = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(*, spec, **kw):
+        specs.append(spec)
+        raise Stop
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    config = smoke_config()
+    for setting, want in (("auto", "materialized"), ("xla", "xla")):
+        config.conv_backward = setting
+        with pytest.raises(Stop):
+            train.train_teacher(config, dataset, str(tmp_path / setting / "teacher"), mesh)
+        assert specs[-1].model.backbone.conv_backward == want
+        rng = np.random.default_rng(0)
+        t_logits = {
+            s: rng.normal(size=(16 if s != "train" else 64, 2)).astype(np.float32)
+            for s in ("train", "val", "test")
+        }
+        with pytest.raises(Stop):
+            train.train_student(
+                config,
+                "KD",
+                config.methods.KD,
+                0,
+                dataset,
+                (None, {"model": "resnet_tiny"}),
+                t_logits,
+                mesh,
+                str(tmp_path / setting / "student"),
+            )
+        assert specs[-1].model.backbone.conv_backward == want
+    # Same run settings whatever conv_backward says.
+    other = smoke_config()
+    other.conv_backward = "xla"
+    meta = {"data": "x", "class_names": ["a", "b"], "image_size": 32}
+    assert train._teacher_identity(smoke_config(), meta) == train._teacher_identity(other, meta)
+    logits = {s: np.zeros((4, 2), np.float32) for s in ("train", "val", "test")}
+    assert train._student_identity(smoke_config(), config.methods.KD, 0, dataset, logits) == (
+        train._student_identity(other, config.methods.KD, 0, dataset, logits)
+    )
+
+
+def test_student_hint_regressors_follow_the_backbones_conv_backward():
+    from debkd_jax import models
+
+    x = jnp.zeros((2, 8, 8, 3))
+    for setting in ("xla", "materialized"):
+        student = train.Student(
+            models.get_model("resnet_tiny", 2, conv_backward=setting),
+            taps=(0, 1),
+            hint_shapes=((8, 8, 6), (4, 4, 6)),
+        )
+        variables = jax.jit(lambda x, s=student: s.init(jax.random.key(0), x, train=False))(x)
+
+        def loss(params, student=student, variables=variables):
+            (logits, hints), _ = student.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(logits) + sum(jnp.sum(h) for h in hints)
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+        kernels = [
+            jax.tree_util.keystr(p)
+            for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+            if p[-1].key == "kernel" and "conv" in jax.tree_util.keystr(p)
+        ]
+        assert any("hint_1" in k for k in kernels)
+        assert jaxpr.count("cond[") == (len(kernels) if setting == "materialized" else 0)
 
 
 def _fit(dataset, run_dir, seed, show_progress=False):
