@@ -7,7 +7,8 @@
 
 Sections (keys of benchmarks.json):
   train_step   student train step, images/s: this project's `train.make_train_step` (CE and DeBKD objectives,
-               targets precomputed) vs the PyTorch peer (third_party/torch_peer: SGD momentum, channels_last)
+               targets precomputed; its default conv backward and the plain XLA one) vs the PyTorch peer
+               (third_party/torch_peer: SGD momentum, channels_last)
   epoch        one distillation epoch, ResNet-50 teacher -> ResNet-8 student: DeBKD with precomputed
                targets vs KD with the teacher run online every step, in JAX and in the peer
   overhead     DeBKD step vs cross-entropy step of the same student
@@ -16,7 +17,8 @@ Sections (keys of benchmarks.json):
   memory       peak resident memory of the main job (a subprocess), step time vs batch size
   inference    exported (BatchNorm-folded) and in-process students and teachers: images/s, latency, size
   loss         `debkd_loss` with its gradient vs softmax cross entropy with its gradient, (1024, k)
-  levers       what was tried to speed the step up: XLA flags and thread settings (subprocesses), bfloat16
+  levers       what was tried to speed the step up: XLA flags and thread settings (subprocesses), bfloat16 and
+               the conv backward (in process)
 
 Timing: every comparison is interleaved (A, B, C, then B, C, A, ...) for several rounds in this one
 process, each sample the mean of a few calls that wait for their result; the tables give the median over
@@ -60,7 +62,7 @@ class Mode:
     train_models: tuple[str, ...]
     all_variants: tuple[
         str, ...
-    ]  # models that also get the DeBKD + proposed-conv row in the train-step table
+    ]  # models that also get the DeBKD + plain-XLA-conv row in the train-step table
     batch: int
     rounds: int
     steps: dict  # model -> calls per round in the train-step comparison
@@ -320,89 +322,6 @@ def synthetic_teacher_logits(n: int, k: int, seed: int = 0, accuracy_margin: flo
     return labels, logits
 
 
-def fusion_barrier(x):
-    """`x`, materialized: an identity `lax.cond` on a runtime predicate. XLA does not fuse across a
-    conditional, so a consumer reads this one buffer instead of recomputing `x` from its producers.
-    (`lax.optimization_barrier` does not do this on CPU: XLA's CPU pipeline removes barriers before
-    fusion.)"""
-    flat = x.reshape(-1)[:1]
-    pred = jnp.all(flat == flat)  # False only for NaN; both branches return x exactly
-    # Two different branches: JAX would forward an operand that every branch returns unchanged, dropping the
-    # cond.
-    return jax.lax.cond(pred, lambda v: v, lambda v: v * 1.0, x)
-
-
-def conv_general_dilated_materialized(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
-    """Drop-in for `lax.conv_general_dilated` (`nn.Conv(..., conv_general_dilated=this)`), same values and
-    gradients, faster backward on XLA:CPU.
-
-    XLA computes a convolution's weight gradient as a convolution of the transposed input (batch as the
-    contracted feature dimension). Left alone it fuses the producers of the input -- BatchNorm, ReLU, the
-    residual add -- into that transpose and recomputes them at a strided access pattern, which made the
-    transposes ~40% of the ResNet-8 train step. Here the backward pass reads the input through
-    `fusion_barrier`, so the transpose copies one materialized buffer.
-    """
-    conv = functools.partial(
-        jax.lax.conv_general_dilated,
-        window_strides=window_strides,
-        padding=padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-
-    @jax.custom_vjp
-    def f(x, w):
-        return conv(x, w)
-
-    def fwd(x, w):
-        return conv(x, w), (x, w)
-
-    def bwd(residuals, g):
-        x, w = residuals
-        return jax.vjp(conv, fusion_barrier(x), w)[1](g)
-
-    f.defvjp(fwd, bwd)
-    return f(lhs, rhs)
-
-
-def materialized_conv_interceptor(next_fun, args, kwargs, context):
-    """Runs every bias-free `nn.Conv` of a model through `conv_general_dilated_materialized`: what the
-    proposed one-line change to models.py (`conv_general_dilated=...` in `conv3x3`/`conv1x1`) does, without
-    editing it."""
-    import flax.linen as nn
-    from flax.linen.dtypes import promote_dtype
-
-    module = context.module
-    if (
-        context.method_name != "__call__"
-        or type(module) is not nn.Conv
-        or module.use_bias
-        or module.feature_group_count != 1
-        or not module.has_variable("params", "kernel")
-    ):
-        return next_fun(*args, **kwargs)
-    x, kernel = promote_dtype(args[0], module.get_variable("params", "kernel"), dtype=module.dtype)
-    padding = module.padding if isinstance(module.padding, str) else [tuple(p) for p in module.padding]
-    return conv_general_dilated_materialized(
-        x, kernel, tuple(module.strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
 class JaxStep:
     """One `train.make_train_step` step of a student on one fixed synthetic batch; calling it runs a step."""
 
@@ -416,16 +335,15 @@ class JaxStep:
         dtype: str = "float32",
         teacher_name: str | None = None,
         seed: int = 0,
-        conv: str = "lax",
+        conv_backward: str = "auto",
         **method_overrides,
     ):
-        """conv: "lax" (the models as they are) or "materialized" (`materialized_conv_interceptor` active
-        while the step is traced)."""
+        """conv_backward: as `config.conv_backward` ("auto": the project's default, "materialized" on CPU;
+        "xla": the plain `lax.conv_general_dilated` backward); `self.conv_backward` is the resolved value."""
         from debkd_jax import methods, models, train
 
-        self.conv = conv
-
         mesh = train.create_mesh()
+        self.conv_backward = train.resolve_conv_backward(conv_backward, mesh)
         method_cfg = methods.preset(method, **method_overrides)
         objective = methods.objective(method_cfg, 15)
         labels, t_logits = synthetic_teacher_logits(batch, num_classes, seed)
@@ -433,10 +351,10 @@ class JaxStep:
         kw = {}
         self.teacher_vars = None
         if objective.needs_teacher_online:
-            teacher = models.get_model(teacher_name, num_classes, dtype)
+            teacher = models.get_model(teacher_name, num_classes, dtype, self.conv_backward)
             kw["teacher"] = teacher
             self.teacher_vars = init_variables(teacher, seed + 1)
-        backbone = models.get_model(model_name, num_classes, dtype)
+        backbone = models.get_model(model_name, num_classes, dtype, self.conv_backward)
         self.spec = train.StepSpec(
             model=train.Student(backbone),
             objective=objective,
@@ -474,26 +392,15 @@ class JaxStep:
         )
         self.images = batch
         t0 = time.perf_counter()
-        with self._tracing():
-            self()
+        self()
         self.compile_s = time.perf_counter() - t0
-
-    def _tracing(self):
-        import contextlib
-
-        import flax.linen as nn
-
-        if self.conv == "materialized":
-            return nn.intercept_methods(materialized_conv_interceptor)
-        return contextlib.nullcontext()
 
     def __call__(self):
         self.state, self.acc = self.step(self.state, self.acc, self.batch, self.teacher_vars, None)
         _block(self.acc)
 
     def lowered(self):
-        with self._tracing():
-            return self.step.lower(self.state, self.acc, self.batch, self.teacher_vars, None)
+        return self.step.lower(self.state, self.acc, self.batch, self.teacher_vars, None)
 
 
 _STEPS: dict = {}
@@ -600,10 +507,10 @@ def section_train_step(mode: Mode, peer, log) -> dict:
         fns = {
             "jax_ce": get_step(name, "CE", batch=mode.batch),
             "jax_debkd": get_step(name, "DeBKD", batch=mode.batch),
-            "jax_ce_materialized": get_step(name, "CE", batch=mode.batch, conv="materialized"),
+            "jax_ce_xla_conv": get_step(name, "CE", batch=mode.batch, conv_backward="xla"),
         }
-        if name in mode.all_variants:  # the DeBKD + proposed conv row; skipped for slow models in quick mode
-            fns["jax_debkd_materialized"] = get_step(name, "DeBKD", batch=mode.batch, conv="materialized")
+        if name in mode.all_variants:  # the DeBKD + plain XLA conv row; skipped for slow models in quick mode
+            fns["jax_debkd_xla_conv"] = get_step(name, "DeBKD", batch=mode.batch, conv_backward="xla")
         compile_s = {k: f.compile_s for k, f in fns.items()}
         if peer[0] is not None:
             fns["torch_ce"] = peer_step(peer[0], name, mode.batch)
@@ -616,10 +523,12 @@ def section_train_step(mode: Mode, peer, log) -> dict:
             row["speedup_vs_torch"] = {
                 k: paired_ratio(samples["torch_ce"], samples[k]) for k in fns if k.startswith("jax_")
             }
-        row["materialized_speedup"] = {"ce": paired_ratio(samples["jax_ce"], samples["jax_ce_materialized"])}
-        if "jax_debkd_materialized" in samples:
-            row["materialized_speedup"]["debkd"] = paired_ratio(
-                samples["jax_debkd"], samples["jax_debkd_materialized"]
+        # The default step (config.conv_backward="auto", resolved here) over the plain XLA conv backward.
+        row["conv_backward"] = fns["jax_ce"].conv_backward
+        row["speedup_over_xla_conv"] = {"ce": paired_ratio(samples["jax_ce_xla_conv"], samples["jax_ce"])}
+        if "jax_debkd_xla_conv" in samples:
+            row["speedup_over_xla_conv"]["debkd"] = paired_ratio(
+                samples["jax_debkd_xla_conv"], samples["jax_debkd"]
             )
         out["models"][name] = row
     return out
@@ -937,15 +846,29 @@ def loss_inputs(batch: int, k: int, case: str, seed: int = 0):
     )
 
 
+def debkd_loss_autodiff(student_logits, labels, lo, hi, *, beta=0.2, temperature=4.0):
+    """`losses.debkd_loss` written plainly, through autodiff (the formulation before the fused one, and the one
+    `losses` keeps for k = 2): the reference row of the loss table."""
+    from debkd_jax import losses
+
+    s = jnp.asarray(student_logits, jnp.float32)
+    kl = losses._debiased_kl_autodiff(s, jnp.asarray(lo), jnp.asarray(hi), temperature)
+    return jnp.mean(beta * temperature**2 * kl + losses.cross_entropy(s, labels))
+
+
 def section_loss(mode: Mode, peer, log) -> dict:
+    import optax
+
     from debkd_jax import losses
 
     out = {"batch": mode.loss_batch, "rows": []}
     ce = jax.jit(jax.value_and_grad(lambda s, y: jnp.mean(losses.cross_entropy(s, y))))
+    optax_ce = jax.jit(
+        jax.value_and_grad(lambda s, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, y)))
+    )
     debkd = jax.jit(jax.value_and_grad(lambda s, y, lo, hi: losses.debkd_loss(s, y, lo, hi)))
+    autodiff = jax.jit(jax.value_and_grad(lambda s, y, lo, hi: debkd_loss_autodiff(s, y, lo, hi)))
     project = jax.jit(losses.box_projection)
-    fast = jax.jit(jax.value_and_grad(lambda s, y, lo, hi: debkd_loss_fast(s, y, lo, hi)))
-    project_fast = jax.jit(box_projection_fast)
     for k in mode.loss_ks:
         for case in ("realistic", "worst"):
             log(f"loss: k={k}, {case}")
@@ -953,14 +876,14 @@ def section_loss(mode: Mode, peer, log) -> dict:
             p = jax.nn.softmax(s / 4.0)
             fns = {
                 "ce": functools.partial(_call, ce, s, y),
+                "optax_ce": functools.partial(_call, optax_ce, s, y),
                 "debkd": functools.partial(_call, debkd, s, y, lo, hi),
+                "debkd_autodiff": functools.partial(_call, autodiff, s, y, lo, hi),
                 "box_projection": functools.partial(_call, project, p, lo, hi),
-                "debkd_fast": functools.partial(_call, fast, s, y, lo, hi),
-                "box_projection_fast": functools.partial(_call, project_fast, p, lo, hi),
             }
             samples = interleaved(fns, rounds=max(3, mode.rounds), calls=mode.loss_calls)
             inside = float(jnp.mean(jnp.all((p >= lo) & (p <= hi), axis=-1)))
-            (v_ref, g_ref), (v_fast, g_fast) = debkd(s, y, lo, hi), fast(s, y, lo, hi)
+            (v_fused, g_fused), (v_plain, g_plain) = debkd(s, y, lo, hi), autodiff(s, y, lo, hi)
             out["rows"].append(
                 {
                     "k": k,
@@ -969,11 +892,11 @@ def section_loss(mode: Mode, peer, log) -> dict:
                     "newton_iterations": newton_iterations(p, lo, hi),
                     "us": {name: 1e6 * float(np.median(v)) for name, v in samples.items()},
                     "debkd_over_ce": paired_ratio(samples["debkd"], samples["ce"]),
-                    "debkd_fast_over_ce": paired_ratio(samples["debkd_fast"], samples["ce"]),
-                    "fast_max_abs_diff": {
-                        "loss": float(jnp.abs(v_ref - v_fast)),
-                        "grad": float(jnp.max(jnp.abs(g_ref - g_fast))),
-                        "projection": float(jnp.max(jnp.abs(project(p, lo, hi) - project_fast(p, lo, hi)))),
+                    "debkd_over_optax_ce": paired_ratio(samples["debkd"], samples["optax_ce"]),
+                    "autodiff_over_ce": paired_ratio(samples["debkd_autodiff"], samples["ce"]),
+                    "fused_vs_autodiff_max_abs_diff": {
+                        "loss": float(jnp.abs(v_fused - v_plain)),
+                        "grad": float(jnp.max(jnp.abs(g_fused - g_plain))),
                     },
                 }
             )
@@ -1017,80 +940,6 @@ def newton_iterations(p, lo, hi) -> int:
         tau, free, piece = new_tau, new_free, new_piece
         steps += 1
     return steps
-
-
-def box_projection_fast(p, lo, hi, *, newton_steps: int = 2, max_iter: int = 100):
-    """Proposed replacement of `losses.box_projection`: the same exact root of
-    `f(tau) = sum_j clip(p_j - tau, lo_j, hi_j) - 1`, computed as `newton_steps` unrolled Newton steps from
-    `tau = 0` (straight-line code that XLA fuses into one reduction per step), then `losses.box_projection`'s
-    safeguarded loop only if some row is not exact yet (`lax.cond`, so the loop costs nothing when it is not
-    needed). A Newton step that stays on its linear piece (same counts at `lo` and at `hi`) has landed exactly
-    on the root; on training data one or two steps get there.
-    """
-    from debkd_jax import losses
-
-    p, lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (p, lo, hi))
-    k = p.shape[-1]
-    if k == 2:
-        return losses.box_projection(p, lo, hi)
-    eps = float(jnp.finfo(jnp.float32).eps)
-
-    def evaluate(tau):
-        x = p - tau[..., None]
-        excess = jnp.sum(jnp.clip(x, lo, hi), axis=-1) - 1.0
-        up = (excess < 0)[..., None]
-        free = jnp.sum(jnp.where(up, (x >= lo) & (x < hi), (x > lo) & (x <= hi)), axis=-1)
-        piece = jnp.sum(x <= lo, axis=-1) * (k + 1) + jnp.sum(x >= hi, axis=-1)
-        return excess, free, piece
-
-    tau = jnp.zeros(p.shape[:-1], p.dtype)
-    excess, free, piece = evaluate(tau)
-    done = jnp.abs(excess) <= eps
-    for _ in range(newton_steps):
-        step = (free > 0) & ~done
-        tau = jnp.where(step, tau + excess / jnp.maximum(free, 1), tau)
-        excess, free, new_piece = evaluate(tau)
-        done = done | (step & (new_piece == piece)) | (jnp.abs(excess) <= eps)
-        piece = new_piece
-    t = jnp.clip(p - tau[..., None], lo, hi)
-    return jax.lax.cond(jnp.all(done), lambda: t, lambda: losses.box_projection(p, lo, hi, max_iter=max_iter))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _debiased_kl_fast(student_logits, lo, hi, temperature):
-    return _debiased_kl_fwd(student_logits, lo, hi, temperature)[0]
-
-
-def _debiased_kl_fwd(student_logits, lo, hi, temperature):
-    from jax.scipy.special import xlogy
-
-    log_p = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
-    p = jnp.exp(log_p)
-    inside = jnp.all((p >= lo) & (p <= hi), axis=-1)
-    t = jnp.where(inside[..., None], p, box_projection_fast(p, lo, hi))
-    kl = jnp.sum(xlogy(t, t) - t * log_p, axis=-1)
-    positive = ~inside & (kl > 0)
-    return jnp.where(positive, kl, 0.0), (p, t, positive)
-
-
-def _debiased_kl_bwd(temperature, residuals, g):
-    p, t, positive = residuals
-    # d KL(t || softmax(s / T)) / ds = (p - t) / T for a fixed t with sum t = 1.
-    grad = jnp.where(positive, g, 0.0)[..., None] * (p - t) / temperature
-    return grad, None, None
-
-
-_debiased_kl_fast.defvjp(_debiased_kl_fwd, _debiased_kl_bwd)
-
-
-def debkd_loss_fast(student_logits, labels, lo, hi, *, beta=0.2, temperature=4.0):
-    """`losses.debkd_loss` with `box_projection_fast` and the de-biased term's gradient `(p - t) / T` written
-    out (a custom VJP) instead of differentiated through the softmax: the proposed formulation."""
-    from debkd_jax import losses
-
-    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
-    kl = _debiased_kl_fast(student_logits, lo, hi, temperature)
-    return jnp.mean(beta * temperature**2 * kl + losses.cross_entropy(student_logits, labels))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1141,15 +990,18 @@ def section_levers(mode: Mode, peer, log) -> dict:
     if mode.name == "smoke":
         out["in_process"]["bfloat16"] = {"skipped": "smoke mode"}
         return out
-    log("levers: bfloat16 compute dtype and the proposed conv VJP (in process, interleaved)")
+    log("levers: bfloat16 compute dtype and the plain XLA conv backward (in process, interleaved)")
     fns = {
         "float32": get_step(name, "CE", batch=mode.batch),
         "bfloat16": get_step(name, "CE", batch=mode.batch, dtype="bfloat16"),
-        "float32 + conv VJP": get_step(name, "CE", batch=mode.batch, conv="materialized"),
-        "bfloat16 + conv VJP": get_step(name, "CE", batch=mode.batch, dtype="bfloat16", conv="materialized"),
+        "float32, plain XLA conv": get_step(name, "CE", batch=mode.batch, conv_backward="xla"),
+        "bfloat16, plain XLA conv": get_step(
+            name, "CE", batch=mode.batch, dtype="bfloat16", conv_backward="xla"
+        ),
     }
     samples = interleaved(fns, rounds=mode.rounds, calls=mode.steps.get(name, 1))
     out["in_process"] = {
+        "conv_backward": fns["float32"].conv_backward,
         "rows": {k: summary(v, mode.batch) for k, v in samples.items()},
         "speedup": {k: paired_ratio(samples["float32"], v) for k, v in samples.items()},
     }
@@ -1183,14 +1035,14 @@ into that transpose and recomputes them at a strided access pattern; those trans
 What helped:
 
 - **A convolution VJP that reads its saved input through a fusion barrier**
-  (`conv_general_dilated_materialized`,
-  an identity `lax.cond`): transposes 106 -> 22 ms, elementwise 34 -> 46 ms (the materializing copies), wall
-  274 -> 227 ms per step. Paired, interleaved runs: **1.15x** on the quiet machine (8 rounds x 4 steps),
-  1.19-1.41x wall and 1.25-1.36x CPU time under load. Same values and gradients (a `custom_vjp` around the
-  same
-  `lax.conv_general_dilated`). Proposed for models.py: `nn.Conv(..., conv_general_dilated=...)` in `conv3x3`
-  and `conv1x1`. In the quick benchmark on a quiet machine (the tables above, 2026-11-22): 1.22x ResNet-8 CE,
-  1.09x ResNet-8 DeBKD, 1.24x ResNet-18 CE, 1.11x in the levers table; 0.9-1.1x in runs under heavy load.
+  (`models.conv_general_dilated_materialized`, an identity `lax.cond`): transposes 106 -> 22 ms, elementwise
+  34 -> 46 ms (the materializing copies), wall 274 -> 227 ms per step. Paired, interleaved runs: **1.15x** on
+  the quiet machine (8 rounds x 4 steps), 1.19-1.41x wall and 1.25-1.36x CPU time under load. Same values and
+  gradients (a `custom_vjp` around the same `lax.conv_general_dilated`). In the quick benchmark on a quiet
+  machine (2026-11-22): 1.22x ResNet-8 CE, 1.09x ResNet-8 DeBKD, 1.24x ResNet-18 CE, 1.11x in the levers
+  table; 0.9-1.1x in runs under heavy load. Applied by default on CPU: `config.conv_backward="auto"` gives
+  every conv of the trained models `conv_backward="materialized"` when the devices are CPUs, and the plain
+  XLA conv (`"xla"`) on GPU/TPU, where the `lax.cond`'s predicate would cost a device-to-host sync.
 - **bfloat16 compute** (`config.dtype="bfloat16"`; YNNPACK uses the CPU's AVX512-BF16): 1.08-1.23x, on top of
   the conv VJP too; changes the numerics, so it stays a config choice.
 
@@ -1266,8 +1118,8 @@ def render(results: dict) -> str:
         labels = {
             "jax_ce": "JAX CE (`train.make_train_step`)",
             "jax_debkd": "JAX DeBKD, targets precomputed",
-            "jax_ce_materialized": "JAX CE + proposed conv VJP",
-            "jax_debkd_materialized": "JAX DeBKD + proposed conv VJP",
+            "jax_ce_xla_conv": "JAX CE, plain XLA conv backward",
+            "jax_debkd_xla_conv": "JAX DeBKD, plain XLA conv backward",
             "torch_ce": "PyTorch peer CE",
         }
         rows = []
@@ -1289,12 +1141,18 @@ def render(results: dict) -> str:
         lines += _table(["model", "step", "img/s (best)", "vs PyTorch"], rows)
         lines += [""]
         for name, row in r["models"].items():
-            m = row["materialized_speedup"]
+            m = row["speedup_over_xla_conv"]
             debkd = f" and {m['debkd']:.2f}x (DeBKD)" if "debkd" in m else ""
             lines += [
-                f"- {name}: the proposed conv VJP (`bench.conv_general_dilated_materialized`) speeds the "
-                f"project's step up **{m['ce']:.2f}x** (CE){debkd}, same values and gradients."
+                f"- {name}: the project's default conv backward (`config.conv_backward='auto'`, here "
+                f"`{row['conv_backward']}`) vs the plain XLA conv backward (`'xla'`): **{m['ce']:.2f}x** "
+                f"(CE){debkd}, same values and gradients."
             ]
+        lines += [
+            "",
+            "JAX rows without a conv note use the default: on CPU the conv VJP through a fusion barrier "
+            "(`models.conv_general_dilated_materialized`), the plain XLA conv on GPU/TPU.",
+        ]
         lines += [
             "",
             "PyTorch: `third_party/torch_peer` eager, SGD momentum, channels_last. Target: >= 1.0x the "
@@ -1485,14 +1343,15 @@ def render(results: dict) -> str:
                 "k",
                 "case",
                 "inside region",
-                "Newton iters",
+                "Newton steps",
                 "CE us",
+                "optax CE us",
                 "DeBKD us",
                 "DeBKD / CE",
+                "DeBKD / optax CE",
+                "autodiff DeBKD / CE",
                 "projection us",
-                "proposed DeBKD us",
-                "proposed / CE",
-                "max |diff|",
+                "max |fused - autodiff|",
             ],
             [
                 [
@@ -1501,25 +1360,27 @@ def render(results: dict) -> str:
                     f"{100 * v['share_inside_region']:.0f}%",
                     v["newton_iterations"],
                     _fmt(v["us"]["ce"]),
+                    _fmt(v["us"]["optax_ce"]),
                     _fmt(v["us"]["debkd"]),
                     f"**{v['debkd_over_ce']:.2f}x**",
+                    f"{v['debkd_over_optax_ce']:.2f}x",
+                    f"{v['autodiff_over_ce']:.2f}x",
                     _fmt(v["us"]["box_projection"]),
-                    _fmt(v["us"]["debkd_fast"]),
-                    f"{v['debkd_fast_over_ce']:.2f}x",
-                    f"{max(v['fast_max_abs_diff'].values()):.1e}",
+                    f"{max(v['fused_vs_autodiff_max_abs_diff'].values()):.1e}",
                 ]
                 for v in r["rows"]
             ],
         )
         lines += [
             "",
-            "Target: DeBKD / CE <= 2x. realistic: regions of teacher-like logits after knowledge "
-            "infusion (n=12, T=4), student = teacher logits + noise (most samples just outside their "
-            "region); worst: student logits of scale 10 unrelated to the regions. Proposed: "
-            "`bench.debkd_loss_fast` "
-            "= `bench.box_projection_fast` (two unrolled Newton steps, the loop only as a `lax.cond` "
-            "fallback) + the de-biased term's gradient `(p - t) / T` as a custom VJP; max |diff| is against "
-            "`losses.debkd_loss` (loss, gradient, projection).",
+            "Target: DeBKD / CE <= 2x, CE being `losses.cross_entropy` (optax's formulation: logsumexp minus "
+            "the gathered label logit; optax's own function is the next column). realistic: regions of "
+            "teacher-like logits after knowledge infusion (n=12, T=4), student = teacher logits + noise (most "
+            "samples inside, the rest just outside their region); worst: student logits of scale 10 unrelated "
+            "to the regions. `losses.debkd_loss` is fused for k > 2 (one forward, the gradient "
+            "`(beta T^2 (p - t) / T + softmax(s) - onehot) / B` written out, the cross entropy's `exp` "
+            "reused as `exp(s / T) ** T`) and plain autodiff for k = 2; 'autodiff DeBKD' is "
+            "`bench.debkd_loss_autodiff`, the plain formulation at every k.",
             "",
         ]
     r = results.get("levers")
@@ -1556,7 +1417,9 @@ def render(results: dict) -> str:
             lines += [
                 "",
                 "bfloat16: `config.dtype='bfloat16'` (compute in bfloat16, parameters float32); it "
-                "changes the numerics, so it stays a choice, not a default on CPU.",
+                "changes the numerics, so it stays a choice, not a default on CPU. float32 and bfloat16 rows "
+                f"use the default conv backward (here `{ip.get('conv_backward', 'n/a')}`); 'plain XLA conv': "
+                "`config.conv_backward='xla'`.",
                 "",
             ]
     if results["meta"]["mode"] != "smoke":

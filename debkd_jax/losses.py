@@ -8,10 +8,12 @@ the numeric ones may be traced (a per-epoch schedule does not recompile). See SP
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp, xlogy
 
 from debkd_jax import targets as targets_lib
@@ -35,14 +37,18 @@ def _check_batch(student_logits, labels=None, **others) -> None:
 
 
 def cross_entropy(logits, labels) -> jax.Array:
-    """`CE(s, y) = -log softmax(s)[y]` per sample. (B, k), (B,) -> (B,)."""
+    """`CE(s, y) = logsumexp(s) - s_y` per sample. (B, k), (B,) -> (B,).
+
+    Written as optax writes it: the label's logit is gathered from the input, so no (B, k) log-softmax is
+    materialized.
+    """
     if jnp.shape(labels) != jnp.shape(logits)[:-1]:
         raise ValueError(f"labels must have shape {jnp.shape(logits)[:-1]} to match logits {jnp.shape(logits)}, "
                          f"got {jnp.shape(labels)}.")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
-    log_p = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+    s = jnp.asarray(logits, jnp.float32)
+    return logsumexp(s, axis=-1) - jnp.take_along_axis(s, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
 
 
 def soft_kl(teacher_logits, student_logits, *, temperature=4.0) -> jax.Array:
@@ -52,66 +58,95 @@ def soft_kl(teacher_logits, student_logits, *, temperature=4.0) -> jax.Array:
     return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
 
 
-def box_projection(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
-    """Euclidean projection of `p` onto the box-simplex `{t : lo <= t <= hi, sum_j t_j = 1}`.
+def _count(mask) -> jax.Array:
+    """`sum(mask, -1)` as float32: XLA:CPU reduces floats with its fast library kernels, booleans and integers
+    with a slow generic loop. Exact up to 2^24 entries per row."""
+    return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=-1)
 
-    For k = 2 a clip of `t_0` into `[max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)]`. For k > 2,
-    `t_j = clip(p_j - tau, lo_j, hi_j)` with `tau` the root of the decreasing, piecewise-linear
-    `f(tau) = sum_j clip(p_j - tau, lo_j, hi_j) - 1`, found by Newton steps from `tau = 0` safeguarded by
-    bisection: Newton lands exactly on the root once it is on the root's linear piece, so a point already in the
-    box costs one evaluation and a typical one two or three. Not differentiated (the loss stops its gradient).
-    (B, k) x3 -> (B, k). Requires `sum lo <= 1 <= sum hi` per row, which `debiased_regions` guarantees.
+
+def _projection_shift(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
+    """The `tau` of `box_projection` for k > 2: the root of the decreasing, piecewise-linear
+    `f(tau) = sum_j clip(p_j - tau, lo_j, hi_j) - 1`. (..., k) x3 -> (...).
+
+    Newton steps from `tau = 0` safeguarded by bisection. A Newton step lands exactly on the root once it
+    starts on the root's linear piece, and "same piece" is exact to detect: the counts (#at lo, #at hi) are
+    monotone in tau, so two points with equal counts lie on one piece. A point already in the box costs one
+    evaluation, a typical one two. The first step is straight-line code; the loop runs only if some row needs
+    more (on training data, rarely).
     """
-    p, lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (p, lo, hi))
-    if not p.shape == lo.shape == hi.shape or p.ndim < 1:
-        raise ValueError(f"p, lo and hi must have one shape (..., k), got {p.shape}, {lo.shape}, {hi.shape}.")
-    k = p.shape[-1]
-    if k == 2:
-        lower = jnp.maximum(lo[..., 0], 1.0 - hi[..., 1])
-        upper = jnp.minimum(hi[..., 0], 1.0 - lo[..., 1])
-        t0 = jnp.clip(p[..., 0], lower, upper)
-        return jnp.stack([t0, 1.0 - t0], axis=-1)
 
     def evaluate(tau):
         x = p - tau[..., None]
         excess = jnp.sum(jnp.clip(x, lo, hi), axis=-1) - 1.0
         # The slope on the side the root lies: entries sitting on a bound become free when tau moves off it.
         moving_up = (excess < 0)[..., None]
-        free = jnp.where(moving_up, (x >= lo) & (x < hi), (x > lo) & (x <= hi))
-        # (#at lo, #at hi) is monotone in tau, so two points with equal counts lie on one linear piece.
-        piece = jnp.sum(x <= lo, axis=-1) * (k + 1) + jnp.sum(x >= hi, axis=-1)
-        return excess, jnp.sum(free, axis=-1), piece
+        free = _count(jnp.where(moving_up, (x >= lo) & (x < hi), (x > lo) & (x <= hi)))
+        return excess, free, (_count(x <= lo), _count(x >= hi))
 
-    def cond(state):
-        *_, done, step = state
-        return (step < max_iter) & ~jnp.all(done)
-
-    def body(state):
-        tau, left, right, excess, num_free, piece, done, step = state
+    def step(state):
+        tau, left, right, excess, free, piece, done, iteration = state
         left = jnp.where(excess > 0, tau, left)
         right = jnp.where(excess < 0, tau, right)
-        newton = tau + excess / jnp.maximum(num_free, 1)
-        use_newton = (num_free > 0) & (newton > left) & (newton < right)
+        newton = tau + excess / jnp.maximum(free, 1.0)
+        use_newton = (free > 0) & (newton > left) & (newton < right)
         new_tau = jnp.where(done, tau, jnp.where(use_newton, newton, 0.5 * (left + right)))
         new_excess, new_free, new_piece = evaluate(new_tau)
-        # A Newton step that stayed on its piece landed on the root of that piece: the exact root.
+        same_piece = (new_piece[0] == piece[0]) & (new_piece[1] == piece[1])
         new_done = (
             done
-            | (use_newton & (new_piece == piece))
+            | (use_newton & same_piece)
             | (jnp.abs(new_excess) <= _EPS32)
             | (right - left <= 4 * _EPS32 * (1.0 + jnp.abs(new_tau)))
         )
-        return new_tau, left, right, new_excess, new_free, new_piece, new_done, step + 1
+        return new_tau, left, right, new_excess, new_free, new_piece, new_done, iteration + 1
 
-    tau0 = jnp.zeros(p.shape[:-1], p.dtype)
-    left0 = jnp.min(p - hi, axis=-1)  # f(left0) = sum(hi) - 1 >= 0
-    right0 = jnp.max(p - lo, axis=-1)  # f(right0) = sum(lo) - 1 <= 0
-    excess0, free0, piece0 = evaluate(tau0)
-    done0 = jnp.abs(excess0) <= _EPS32
-    tau, *_ = jax.lax.while_loop(
-        cond, body, (tau0, left0, right0, excess0, free0, piece0, done0, jnp.int32(0))
-    )
+    tau = jnp.zeros(p.shape[:-1], p.dtype)
+    left = jnp.min(p - hi, axis=-1)  # f(left) = sum(hi) - 1 >= 0
+    right = jnp.max(p - lo, axis=-1)  # f(right) = sum(lo) - 1 <= 0
+    excess, free, piece = evaluate(tau)
+    state = step((tau, left, right, excess, free, piece, jnp.abs(excess) <= _EPS32, jnp.int32(0)))
+    state = jax.lax.while_loop(lambda s: (s[-1] < max_iter) & ~jnp.all(s[-2]), step, state)
+    return state[0]
+
+
+def box_projection(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
+    """Euclidean projection of `p` onto the box-simplex `{t : lo <= t <= hi, sum_j t_j = 1}`.
+
+    For k = 2 a clip of `t_0` into `[max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)]`. For k > 2,
+    `t_j = clip(p_j - tau, lo_j, hi_j)` with `tau` the root of `sum_j clip(p_j - tau, lo_j, hi_j) = 1`
+    (exact Newton steps, see `_projection_shift`). Not differentiated (the loss stops its gradient).
+    (..., k) x3 -> (..., k). Requires `sum lo <= 1 <= sum hi` per row, which `debiased_regions` guarantees.
+    """
+    p, lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (p, lo, hi))
+    if not p.shape == lo.shape == hi.shape or p.ndim < 1:
+        raise ValueError(f"p, lo and hi must have one shape (..., k), got {p.shape}, {lo.shape}, {hi.shape}.")
+    if p.shape[-1] == 2:
+        lower = jnp.maximum(lo[..., 0], 1.0 - hi[..., 1])
+        upper = jnp.minimum(hi[..., 0], 1.0 - lo[..., 1])
+        t0 = jnp.clip(p[..., 0], lower, upper)
+        return jnp.stack([t0, 1.0 - t0], axis=-1)
+    tau = _projection_shift(p, lo, hi, max_iter=max_iter)
     return jnp.clip(p - tau[..., None], lo, hi)
+
+
+def _debiased_parts(student_logits, lo, hi, temperature):
+    """Shared forward of the de-biased term: `(kl, p, t, outside, z, e)` with `z = s / T - max(s / T)`,
+    `e = exp(z)`, `p = e / sum(e)` and `kl` already clamped at 0 (rounding can leave a hair below 0 just
+    outside the region); `outside` marks the rows that get the gradient `(p - t) / T`."""
+    s = jnp.asarray(student_logits, jnp.float32)
+    lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (lo, hi))
+    x = s / temperature
+    z = x - jnp.max(x, axis=-1, keepdims=True)
+    e = jnp.exp(z)
+    norm = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / norm
+    log_p = z - jnp.log(norm)
+    outside = jnp.max(jnp.maximum(lo - p, p - hi), axis=-1) > 0
+    t = box_projection(p, lo, hi)
+    t = jnp.where(outside[..., None], t, p)
+    kl = jnp.sum(jnp.where(t > 0, t * (jnp.log(t) - log_p), 0.0), axis=-1)
+    kl = jnp.where(outside, jnp.maximum(kl, 0.0), 0.0)
+    return kl, p, t, outside, z, e
 
 
 def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
@@ -122,14 +157,53 @@ def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
     (B, k) x3 -> (B,).
     """
     _check_batch(student_logits, lo=lo, hi=hi)
-    log_p = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
+    s, lo, hi = (jnp.asarray(a, jnp.float32) for a in (student_logits, lo, hi))
+    if s.shape[-1] == 2:
+        return _debiased_kl_autodiff(s, lo, hi, temperature)
+    return _debiased_kl(s, lo, hi, jnp.asarray(temperature, jnp.float32))
+
+
+def _debiased_kl_autodiff(s, lo, hi, temperature):
+    """`debiased_kl` through autodiff, with fewer and smaller kernels: faster than the custom VJP for k = 2,
+    where every (B, 2) pass costs little more than its launch."""
+    log_p = jax.nn.log_softmax(s / temperature, axis=-1)
     p = jax.lax.stop_gradient(jnp.exp(log_p))
     inside = jnp.all((p >= lo) & (p <= hi), axis=-1)
     t = jnp.where(inside[..., None], p, box_projection(p, lo, hi))
     kl = jnp.sum(xlogy(t, t) - t * log_p, axis=-1)
-    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient (p - t) / T.
+    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient...
     kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
     return jnp.where(inside, 0.0, kl)
+
+
+@jax.custom_vjp
+def _debiased_kl(s, lo, hi, temperature):
+    return _debiased_parts(s, lo, hi, temperature)[0]
+
+
+def _debiased_kl_fwd(s, lo, hi, temperature):
+    kl, p, t, outside, _, _ = _debiased_parts(s, lo, hi, temperature)
+    return kl, (s, p, t, outside, kl, lo, hi, temperature)
+
+
+def _debiased_kl_bwd(residuals, g):
+    s, p, t, outside, kl, lo, hi, temperature = residuals
+    g = jnp.where(outside, g, 0.0)
+    # With t fixed: d KL / d s = (p - t) / T and d KL / d T = sum_j (t_j - p_j) s_j / T^2.
+    d_s = g[..., None] * (p - t) / temperature
+    d_t = jnp.sum(g * jnp.sum((t - p) * s, axis=-1)) / temperature**2
+    return d_s, jnp.zeros_like(lo), jnp.zeros_like(hi), d_t.astype(jnp.result_type(temperature))
+
+
+_debiased_kl.defvjp(_debiased_kl_fwd, _debiased_kl_bwd)
+
+
+def _static_integer(value) -> int | None:
+    """`value` as an int when it is a Python number equal to a small positive integer, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        if 1 <= value <= 16:
+            return int(value)
+    return None
 
 
 def debkd_loss(
@@ -137,11 +211,66 @@ def debkd_loss(
 ) -> jax.Array:
     """DeBKD loss (paper eq. 6 with SPEC 1.3's surrogate for eq. 5):
     `mean_i [beta * T^2 * KL(t_i || p_i) + CE(s_i, y_i)]`. (B, k), (B,), (B, k), (B, k) -> scalar.
+
+    For k > 2, one fused forward and a written-out gradient,
+    `(beta * T^2 * (p - t) / T + softmax(s) - onehot(y)) / B`: the de-biased term and the cross entropy share
+    one `exp` pass (for an integer `T`, `exp(s - max s)` is `exp(s / T - max s / T) ** T`). For k = 2, plain
+    autodiff (fewer kernels, faster there).
     """
     _check_batch(student_logits, labels, lo=lo, hi=hi)
-    scale = temperature**2 if scale_by_t2 else 1.0
-    per_sample = beta * scale * debiased_kl(student_logits, lo, hi, temperature=temperature)
-    return jnp.mean(per_sample + cross_entropy(student_logits, labels))
+    s, lo, hi = (jnp.asarray(a, jnp.float32) for a in (student_logits, lo, hi))
+    if s.shape[-1] == 2:  # tiny rows: autodiff's fewer kernels beat the fused form
+        scale = temperature**2 if scale_by_t2 else 1.0
+        per_sample = beta * scale * _debiased_kl_autodiff(s, lo, hi, temperature)
+        return jnp.mean(per_sample + cross_entropy(s, labels))
+    power = _static_integer(temperature)
+    return _debkd_loss(
+        s, jnp.asarray(labels), lo, hi, jnp.asarray(beta, jnp.float32), jnp.asarray(temperature, jnp.float32),
+        power, bool(scale_by_t2),
+    )
+
+
+def _debkd_forward(s, labels, lo, hi, beta, temperature, power, scale_by_t2):
+    kl, p, t, outside, z, e = _debiased_parts(s, lo, hi, temperature)
+    if power is not None:  # the cross entropy from the same exponentials: exp(s - max s) = exp(z) ** T
+        e_ce, z_ce = e**power, z * temperature
+    else:
+        z_ce = s - jnp.max(s, axis=-1, keepdims=True)
+        e_ce = jnp.exp(z_ce)
+    norm_ce = jnp.sum(e_ce, axis=-1, keepdims=True)
+    ce = jnp.log(norm_ce[..., 0]) - jnp.take_along_axis(z_ce, labels[..., None], axis=-1)[..., 0]
+    weight = beta * temperature**2 if scale_by_t2 else beta
+    loss = jnp.mean(weight * kl + ce)
+    return loss, (s, p, t, outside, kl, e_ce / norm_ce, lo, hi, labels, beta, temperature)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _debkd_loss(s, labels, lo, hi, beta, temperature, power, scale_by_t2):
+    return _debkd_forward(s, labels, lo, hi, beta, temperature, power, scale_by_t2)[0]
+
+
+def _debkd_loss_fwd(s, labels, lo, hi, beta, temperature, power, scale_by_t2):
+    return _debkd_forward(s, labels, lo, hi, beta, temperature, power, scale_by_t2)
+
+
+def _debkd_loss_bwd(power, scale_by_t2, residuals, g):
+    s, p, t, outside, kl, softmax_ce, lo, hi, labels, beta, temperature = residuals
+    batch, k = s.shape
+    scale = g / batch
+    weight = beta * temperature**2 if scale_by_t2 else beta
+    onehot = jnp.arange(k) == labels[..., None]
+    pull = jnp.where(outside[..., None], (weight / temperature) * (p - t), 0.0)
+    d_s = scale * (pull + softmax_ce - jnp.where(onehot, 1.0, 0.0))
+    d_beta = scale * jnp.sum(kl) * (temperature**2 if scale_by_t2 else 1.0)
+    # With t fixed: d KL / d T = sum_j (t_j - p_j) s_j / T^2; the T^2 factor adds 2 T KL.
+    d_kl_d_t = jnp.where(outside, jnp.sum((t - p) * s, axis=-1), 0.0) / temperature**2
+    d_weight_d_t = 2.0 * beta * temperature if scale_by_t2 else 0.0
+    d_temperature = scale * jnp.sum(weight * d_kl_d_t + d_weight_d_t * kl)
+    labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
+    return d_s, labels_cotangent, jnp.zeros_like(lo), jnp.zeros_like(hi), d_beta, d_temperature
+
+
+_debkd_loss.defvjp(_debkd_loss_fwd, _debkd_loss_bwd)
 
 
 def region_hit_rate(student_logits, labels, lo, hi, *, temperature=4.0) -> jax.Array:

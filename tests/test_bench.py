@@ -16,8 +16,9 @@ def test_smoke_mode_writes_markdown_and_json(tmp_path):
     assert meta["mode"] == "smoke" and {"load_before", "load_after", "noisy", "versions"} <= set(meta)
 
     (row,) = results["train_step"]["models"].values()
-    assert {"jax_ce", "jax_debkd", "jax_ce_materialized"} <= set(row)
-    assert row["materialized_speedup"]["ce"] > 0
+    assert {"jax_ce", "jax_debkd", "jax_ce_xla_conv"} <= set(row)
+    assert row["speedup_over_xla_conv"]["ce"] > 0
+    assert row["conv_backward"] == "materialized"  # the default on CPU, compared with the plain XLA conv
     assert row["jax_ce"]["images_per_s"] > 0
     if meta["peer_skipped"] is None:
         assert "torch_ce" in row and row["speedup_vs_torch"]["jax_ce"] > 0
@@ -37,13 +38,27 @@ def test_smoke_mode_writes_markdown_and_json(tmp_path):
     ks = {(r["k"], r["case"]) for r in results["loss"]["rows"]}
     assert ks == {(2, "realistic"), (2, "worst"), (10, "realistic"), (10, "worst")}
     for r in results["loss"]["rows"]:
-        assert r["debkd_over_ce"] > 0
-        assert max(r["fast_max_abs_diff"].values()) < 1e-5
+        assert r["debkd_over_ce"] > 0 and r["debkd_over_optax_ce"] > 0
+        assert max(r["fused_vs_autodiff_max_abs_diff"].values()) < 1e-5
     assert "bfloat16" in results["levers"]["in_process"]
 
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("## a.", "## b.", "## c.", "## d.", "## e.", "## f.", "## g."):
         assert heading in md
+    assert "plain XLA conv backward" in md and "proposed conv VJP" not in md
+
+
+def test_steps_use_the_models_conv_backward():
+    from debkd_jax import models
+
+    assert callable(models.conv_general_dilated_materialized)
+    assert not hasattr(bench, "conv_general_dilated_materialized")  # moved to models.py
+    default = bench.get_step("resnet_tiny", "CE", batch=8)
+    plain = bench.get_step("resnet_tiny", "CE", batch=8, conv_backward="xla")
+    assert (default.conv_backward, plain.conv_backward) == ("materialized", "xla")
+    assert default.spec.model.backbone.conv_backward == "materialized"
+    assert plain.spec.model.backbone.conv_backward == "xla"
+    default()  # the step runs
 
 
 def test_closed_form_flops_count_every_conv_and_dense():
@@ -62,18 +77,20 @@ def test_closed_form_flops_count_every_conv_and_dense():
     assert bench.training_flops_per_image(macs) == 2 * (3 * want - macs["first_layer"])
 
 
-def test_proposed_projection_is_exact(tmp_path):
+def test_fused_loss_equals_the_autodiff_formulation():
+    """The loss table compares `losses.debkd_loss` (fused for k > 2) with `bench.debkd_loss_autodiff`: the two
+    must agree in value and gradient on the benchmark's own inputs."""
     import jax
     import numpy as np
 
     from debkd_jax import losses
 
     for k, case in ((5, "realistic"), (100, "realistic"), (100, "worst")):
-        s, _, lo, hi = bench.loss_inputs(256, k, case)
-        p = jax.nn.softmax(s / 4.0)
-        np.testing.assert_allclose(
-            bench.box_projection_fast(p, lo, hi), losses.box_projection(p, lo, hi), atol=2e-7
-        )
+        s, y, lo, hi = bench.loss_inputs(256, k, case)
+        fused = jax.value_and_grad(lambda x: losses.debkd_loss(x, y, lo, hi))(s)
+        plain = jax.value_and_grad(lambda x: bench.debkd_loss_autodiff(x, y, lo, hi))(s)
+        np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5)
+        np.testing.assert_allclose(fused[1], plain[1], rtol=1e-4, atol=1e-8)
 
 
 def test_unknown_section_is_a_usage_error(capsys):
