@@ -846,16 +846,6 @@ def loss_inputs(batch: int, k: int, case: str, seed: int = 0):
     )
 
 
-def debkd_loss_autodiff(student_logits, labels, lo, hi, *, beta=0.2, temperature=4.0):
-    """`losses.debkd_loss` written plainly, through autodiff (the formulation before the fused one, and the one
-    `losses` keeps for k = 2): the reference row of the loss table."""
-    from debkd_jax import losses
-
-    s = jnp.asarray(student_logits, jnp.float32)
-    kl = losses._debiased_kl_autodiff(s, jnp.asarray(lo), jnp.asarray(hi), temperature)
-    return jnp.mean(beta * temperature**2 * kl + losses.cross_entropy(s, labels))
-
-
 def section_loss(mode: Mode, peer, log) -> dict:
     import optax
 
@@ -867,7 +857,9 @@ def section_loss(mode: Mode, peer, log) -> dict:
         jax.value_and_grad(lambda s, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, y)))
     )
     debkd = jax.jit(jax.value_and_grad(lambda s, y, lo, hi: losses.debkd_loss(s, y, lo, hi)))
-    autodiff = jax.jit(jax.value_and_grad(lambda s, y, lo, hi: debkd_loss_autodiff(s, y, lo, hi)))
+    autodiff = jax.jit(
+        jax.value_and_grad(lambda s, y, lo, hi: losses.debkd_loss_autodiff(s, y, lo, hi))
+    )
     project = jax.jit(losses.box_projection)
     for k in mode.loss_ks:
         for case in ("realistic", "worst"):
@@ -904,42 +896,12 @@ def section_loss(mode: Mode, peer, log) -> dict:
 
 
 def newton_iterations(p, lo, hi) -> int:
-    """How many while-loop iterations `losses.box_projection` runs on these rows (counted by re-running its
-    iteration on the host: the same Newton/bisection rule)."""
-    p, lo, hi = (np.asarray(a, np.float64) for a in (p, lo, hi))
+    """How many Newton/bisection steps `losses.box_projection` takes on these rows (0 for k = 2: a clip)."""
+    from debkd_jax import losses
+
     if p.shape[-1] == 2:
         return 0
-    eps = float(np.finfo(np.float32).eps)
-    tau = np.zeros(p.shape[0])
-    left, right = np.min(p - hi, -1), np.max(p - lo, -1)
-
-    def evaluate(tau):
-        x = p - tau[:, None]
-        excess = np.sum(np.clip(x, lo, hi), -1) - 1.0
-        up = (excess < 0)[:, None]
-        free = np.where(up, (x >= lo) & (x < hi), (x > lo) & (x <= hi)).sum(-1)
-        piece = (x <= lo).sum(-1) * (p.shape[-1] + 1) + (x >= hi).sum(-1)
-        return excess, free, piece
-
-    excess, free, piece = evaluate(tau)
-    done = np.abs(excess) <= eps
-    steps = 0
-    while not done.all() and steps < 100:
-        left = np.where(excess > 0, tau, left)
-        right = np.where(excess < 0, tau, right)
-        newton = tau + excess / np.maximum(free, 1)
-        use = (free > 0) & (newton > left) & (newton < right)
-        new_tau = np.where(done, tau, np.where(use, newton, 0.5 * (left + right)))
-        excess, new_free, new_piece = evaluate(new_tau)
-        done = (
-            done
-            | (use & (new_piece == piece))
-            | (np.abs(excess) <= eps)
-            | (right - left <= 4 * eps * (1 + np.abs(new_tau)))
-        )
-        tau, free, piece = new_tau, new_free, new_piece
-        steps += 1
-    return steps
+    return int(losses._projection_shift(*(jnp.asarray(a, jnp.float32) for a in (p, lo, hi)))[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1373,14 +1335,15 @@ def render(results: dict) -> str:
         )
         lines += [
             "",
-            "Target: DeBKD / CE <= 2x, CE being `losses.cross_entropy` (optax's formulation: logsumexp minus "
-            "the gathered label logit; optax's own function is the next column). realistic: regions of "
-            "teacher-like logits after knowledge infusion (n=12, T=4), student = teacher logits + noise (most "
-            "samples inside, the rest just outside their region); worst: student logits of scale 10 unrelated "
+            "Target: DeBKD / CE <= 2x, CE being `losses.cross_entropy` (optax's formulation: logsumexp "
+            "minus the gathered label logit; optax's own function is the next column). realistic: regions "
+            "of teacher-like logits after knowledge infusion (n=12, T=4), student = teacher logits + noise "
+            "(most samples inside, the rest just outside their region); worst: student logits of scale 10 "
+            "unrelated "
             "to the regions. `losses.debkd_loss` is fused for k > 2 (one forward, the gradient "
             "`(beta T^2 (p - t) / T + softmax(s) - onehot) / B` written out, the cross entropy's `exp` "
             "reused as `exp(s / T) ** T`) and plain autodiff for k = 2; 'autodiff DeBKD' is "
-            "`bench.debkd_loss_autodiff`, the plain formulation at every k.",
+            "`losses.debkd_loss_autodiff`, the plain formulation at every k.",
             "",
         ]
     r = results.get("levers")
