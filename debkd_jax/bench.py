@@ -857,9 +857,6 @@ def section_loss(mode: Mode, peer, log) -> dict:
         jax.value_and_grad(lambda s, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, y)))
     )
     debkd = jax.jit(jax.value_and_grad(lambda s, y, lo, hi: losses.debkd_loss(s, y, lo, hi)))
-    autodiff = jax.jit(
-        jax.value_and_grad(lambda s, y, lo, hi: losses.debkd_loss_autodiff(s, y, lo, hi))
-    )
     project = jax.jit(losses.box_projection)
     for k in mode.loss_ks:
         for case in ("realistic", "worst"):
@@ -870,12 +867,10 @@ def section_loss(mode: Mode, peer, log) -> dict:
                 "ce": functools.partial(_call, ce, s, y),
                 "optax_ce": functools.partial(_call, optax_ce, s, y),
                 "debkd": functools.partial(_call, debkd, s, y, lo, hi),
-                "debkd_autodiff": functools.partial(_call, autodiff, s, y, lo, hi),
                 "box_projection": functools.partial(_call, project, p, lo, hi),
             }
             samples = interleaved(fns, rounds=max(3, mode.rounds), calls=mode.loss_calls)
             inside = float(jnp.mean(jnp.all((p >= lo) & (p <= hi), axis=-1)))
-            (v_fused, g_fused), (v_plain, g_plain) = debkd(s, y, lo, hi), autodiff(s, y, lo, hi)
             out["rows"].append(
                 {
                     "k": k,
@@ -885,11 +880,6 @@ def section_loss(mode: Mode, peer, log) -> dict:
                     "us": {name: 1e6 * float(np.median(v)) for name, v in samples.items()},
                     "debkd_over_ce": paired_ratio(samples["debkd"], samples["ce"]),
                     "debkd_over_optax_ce": paired_ratio(samples["debkd"], samples["optax_ce"]),
-                    "autodiff_over_ce": paired_ratio(samples["debkd_autodiff"], samples["ce"]),
-                    "fused_vs_autodiff_max_abs_diff": {
-                        "loss": float(jnp.abs(v_fused - v_plain)),
-                        "grad": float(jnp.max(jnp.abs(g_fused - g_plain))),
-                    },
                 }
             )
     return out
@@ -1311,9 +1301,7 @@ def render(results: dict) -> str:
                 "DeBKD us",
                 "DeBKD / CE",
                 "DeBKD / optax CE",
-                "autodiff DeBKD / CE",
                 "projection us",
-                "max |fused - autodiff|",
             ],
             [
                 [
@@ -1326,9 +1314,7 @@ def render(results: dict) -> str:
                     _fmt(v["us"]["debkd"]),
                     f"**{v['debkd_over_ce']:.2f}x**",
                     f"{v['debkd_over_optax_ce']:.2f}x",
-                    f"{v['autodiff_over_ce']:.2f}x",
                     _fmt(v["us"]["box_projection"]),
-                    f"{max(v['fused_vs_autodiff_max_abs_diff'].values()):.1e}",
                 ]
                 for v in r["rows"]
             ],
@@ -1339,11 +1325,7 @@ def render(results: dict) -> str:
             "minus the gathered label logit; optax's own function is the next column). realistic: regions "
             "of teacher-like logits after knowledge infusion (n=12, T=4), student = teacher logits + noise "
             "(most samples inside, the rest just outside their region); worst: student logits of scale 10 "
-            "unrelated "
-            "to the regions. `losses.debkd_loss` is fused for k > 2 (one forward, the gradient "
-            "`(beta T^2 (p - t) / T + softmax(s) - onehot) / B` written out, the cross entropy's `exp` "
-            "reused as `exp(s / T) ** T`) and plain autodiff for k = 2; 'autodiff DeBKD' is "
-            "`losses.debkd_loss_autodiff`, the plain formulation at every k.",
+            "unrelated to the regions. Newton steps: those `losses.box_projection` ran on the batch.",
             "",
         ]
     r = results.get("levers")

@@ -8,12 +8,10 @@ the numeric ones may be traced (a per-epoch schedule does not recompile). See SP
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import logsumexp, xlogy
 
 from debkd_jax import targets as targets_lib
@@ -132,26 +130,6 @@ def box_projection(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
     return jnp.clip(p - tau[..., None], lo, hi)
 
 
-def _debiased_parts(student_logits, lo, hi, temperature):
-    """Shared forward of the de-biased term: `(kl, p, t, outside, z, e)` with `z = s / T - max(s / T)`,
-    `e = exp(z)`, `p = e / sum(e)` and `kl` already clamped at 0 (rounding can leave a hair below 0 just
-    outside the region); `outside` marks the rows that get the gradient `(p - t) / T`."""
-    s = jnp.asarray(student_logits, jnp.float32)
-    lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (lo, hi))
-    x = s / temperature
-    z = x - jnp.max(x, axis=-1, keepdims=True)
-    e = jnp.exp(z)
-    norm = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / norm
-    log_p = z - jnp.log(norm)
-    outside = jnp.max(jnp.maximum(lo - p, p - hi), axis=-1) > 0
-    t = box_projection(p, lo, hi)
-    t = jnp.where(outside[..., None], t, p)
-    kl = jnp.sum(jnp.where(t > 0, t * (jnp.log(t) - log_p), 0.0), axis=-1)
-    kl = jnp.where(outside, jnp.maximum(kl, 0.0), 0.0)
-    return kl, p, t, outside, z, e
-
-
 def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
     """DeBKD's de-biased term per sample, without T^2: `KL(t || p)`, `p = softmax(s / T)`,
     `t = stop_gradient(box_projection(p, lo, hi))`. Exactly 0, with zero gradient, when `lo <= p <= hi`.
@@ -160,61 +138,14 @@ def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
     (B, k) x3 -> (B,).
     """
     _check_batch(student_logits, lo=lo, hi=hi)
-    s, lo, hi = (jnp.asarray(a, jnp.float32) for a in (student_logits, lo, hi))
-    if s.shape[-1] == 2:
-        return _debiased_kl_autodiff(s, lo, hi, temperature)
-    return _debiased_kl(s, lo, hi, jnp.asarray(temperature, jnp.float32))
-
-
-def _debiased_kl_autodiff(s, lo, hi, temperature):
-    """`debiased_kl` through autodiff, with fewer and smaller kernels: faster than the custom VJP for k = 2,
-    where every (B, 2) pass costs little more than its launch."""
-    log_p = jax.nn.log_softmax(s / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
     p = jax.lax.stop_gradient(jnp.exp(log_p))
     inside = jnp.all((p >= lo) & (p <= hi), axis=-1)
     t = jnp.where(inside[..., None], p, box_projection(p, lo, hi))
     kl = jnp.sum(xlogy(t, t) - t * log_p, axis=-1)
-    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient.
+    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient (p - t) / T.
     kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
     return jnp.where(inside, 0.0, kl)
-
-
-@jax.custom_vjp
-def _debiased_kl(s, lo, hi, temperature):
-    return _debiased_parts(s, lo, hi, temperature)[0]
-
-
-def _debiased_kl_cotangents(g, s, p, t, outside, temperature):
-    """The de-biased term's cotangents for per-sample cotangents `g` (B,), t held fixed (it is stopped):
-    `d KL / d s = (p - t) / T` and `d KL / d T = sum_j (t_j - p_j) s_j / T^2`, both 0 inside the region.
-    -> ((B, k), scalar)."""
-    g = jnp.where(outside, g, 0.0)
-    d_s = g[..., None] * (p - t) / temperature
-    d_temperature = jnp.sum(g * jnp.sum((t - p) * s, axis=-1)) / temperature**2
-    return d_s, d_temperature
-
-
-def _debiased_kl_fwd(s, lo, hi, temperature):
-    kl, p, t, outside, _, _ = _debiased_parts(s, lo, hi, temperature)
-    return kl, (s, p, t, outside, temperature)
-
-
-def _debiased_kl_bwd(residuals, g):
-    s, p, t, outside, temperature = residuals
-    d_s, d_temperature = _debiased_kl_cotangents(g, s, p, t, outside, temperature)
-    no_bounds_gradient = jnp.zeros_like(p)  # lo and hi have p's shape and dtype; the projection is stopped
-    return d_s, no_bounds_gradient, no_bounds_gradient, d_temperature
-
-
-_debiased_kl.defvjp(_debiased_kl_fwd, _debiased_kl_bwd)
-
-
-def _static_integer(value) -> int | None:
-    """`value` as an int when it is a Python number equal to a small positive integer, else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
-        if 1 <= value <= 16:
-            return int(value)
-    return None
 
 
 def debkd_loss(
@@ -222,73 +153,11 @@ def debkd_loss(
 ) -> jax.Array:
     """DeBKD loss (paper eq. 6 with SPEC 1.3's surrogate for eq. 5):
     `mean_i [beta * T^2 * KL(t_i || p_i) + CE(s_i, y_i)]`. (B, k), (B,), (B, k), (B, k) -> scalar.
-
-    For k > 2, one fused forward and a written-out gradient,
-    `(beta * T^2 * (p - t) / T + softmax(s) - onehot(y)) / B`: the de-biased term and the cross entropy share
-    one `exp` pass (for an integer `T`, `exp(s - max s)` is `exp(s / T - max s / T) ** T`). For k = 2, plain
-    autodiff (fewer kernels, faster there).
     """
     _check_batch(student_logits, labels, lo=lo, hi=hi)
-    s, lo, hi = (jnp.asarray(a, jnp.float32) for a in (student_logits, lo, hi))
-    if s.shape[-1] == 2:  # tiny rows: autodiff's fewer kernels beat the fused form
-        return debkd_loss_autodiff(
-            s, labels, lo, hi, beta=beta, temperature=temperature, scale_by_t2=scale_by_t2
-        )
-    power = _static_integer(temperature)
-    return _debkd_loss(
-        s, jnp.asarray(labels), lo, hi, jnp.asarray(beta, jnp.float32), jnp.asarray(temperature, jnp.float32),
-        power, bool(scale_by_t2),
-    )
-
-
-def debkd_loss_autodiff(
-    student_logits, labels, lo, hi, *, beta=0.2, temperature=4.0, scale_by_t2: bool = True
-) -> jax.Array:
-    """`debkd_loss` written plainly and differentiated by autodiff: what `debkd_loss` runs for k = 2, and the
-    reference its fused form (k > 2) is tested and benchmarked against. Same arguments, same value."""
-    s, lo, hi = (jnp.asarray(a, jnp.float32) for a in (student_logits, lo, hi))
     scale = temperature**2 if scale_by_t2 else 1.0
-    per_sample = beta * scale * _debiased_kl_autodiff(s, lo, hi, temperature)
-    return jnp.mean(per_sample + cross_entropy(s, labels))
-
-
-def _debkd_forward(s, labels, lo, hi, beta, temperature, power, scale_by_t2):
-    kl, p, t, outside, z, e = _debiased_parts(s, lo, hi, temperature)
-    if power is not None:  # the cross entropy from the same exponentials: exp(s - max s) = exp(z) ** T
-        e_ce, z_ce = e**power, z * temperature
-    else:
-        z_ce = s - jnp.max(s, axis=-1, keepdims=True)
-        e_ce = jnp.exp(z_ce)
-    norm_ce = jnp.sum(e_ce, axis=-1, keepdims=True)
-    ce = jnp.log(norm_ce[..., 0]) - jnp.take_along_axis(z_ce, labels[..., None], axis=-1)[..., 0]
-    weight = beta * temperature**2 if scale_by_t2 else beta
-    loss = jnp.mean(weight * kl + ce)
-    return loss, (s, p, t, outside, kl, e_ce / norm_ce, labels, beta, temperature)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _debkd_loss(s, labels, lo, hi, beta, temperature, power, scale_by_t2):
-    return _debkd_forward(s, labels, lo, hi, beta, temperature, power, scale_by_t2)[0]
-
-
-def _debkd_loss_bwd(power, scale_by_t2, residuals, g):
-    s, p, t, outside, kl, softmax_ce, labels, beta, temperature = residuals
-    batch, k = s.shape
-    scale = g / batch
-    weight = beta * temperature**2 if scale_by_t2 else beta
-    per_sample = jnp.full(kl.shape, weight * scale)
-    d_s_kl, d_t_kl = _debiased_kl_cotangents(per_sample, s, p, t, outside, temperature)
-    onehot = jnp.arange(k) == labels[..., None]
-    d_s = d_s_kl + scale * (softmax_ce - jnp.where(onehot, 1.0, 0.0))
-    d_beta = scale * jnp.sum(kl) * (temperature**2 if scale_by_t2 else 1.0)
-    d_weight_d_t = 2.0 * beta * temperature if scale_by_t2 else 0.0  # the T^2 factor
-    d_temperature = d_t_kl + scale * d_weight_d_t * jnp.sum(kl)
-    labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
-    no_bounds_gradient = jnp.zeros_like(p)
-    return d_s, labels_cotangent, no_bounds_gradient, no_bounds_gradient, d_beta, d_temperature
-
-
-_debkd_loss.defvjp(_debkd_forward, _debkd_loss_bwd)
+    per_sample = beta * scale * debiased_kl(student_logits, lo, hi, temperature=temperature)
+    return jnp.mean(per_sample + cross_entropy(student_logits, labels))
 
 
 def region_hit_rate(student_logits, labels, lo, hi, *, temperature=4.0) -> jax.Array:

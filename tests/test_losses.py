@@ -478,13 +478,12 @@ def test_debiased_term_is_exactly_zero_with_zero_gradient_inside_the_region(B, k
             err = f"{name} T={T}"
             np.testing.assert_array_equal(np.asarray(_dkl(s, lo, hi, temperature=T)), 0.0, err_msg=err)
             np.testing.assert_array_equal(np.asarray(_grad_dkl(s, lo, hi, _f32(T))), 0.0, err_msg=err)
-            # So debkd's gradient is CE's, and its value the mean CE. The two round (p_y - 1) / B in a
-            # different order: allow two float32 ulps of 1 / B.
+            # So debkd's gradient is CE's, and its value the mean CE.
             np.testing.assert_allclose(
                 np.asarray(_grad_debkd(s, y, lo, hi, _f32(0.2), _f32(T))),
                 np.asarray(_grad_ce(s, y)),
                 rtol=1e-6,
-                atol=2 * np.finfo(np.float32).eps / B,
+                atol=1e-9,
                 err_msg=err,
             )
             R.assert_close(_debkd(s, y, lo, hi, temperature=T), R.cross_entropy(s, y).mean(), scale=80)
@@ -876,8 +875,8 @@ def test_losses_reject_bad_shapes_and_options(case):
 @pytest.mark.parametrize("k", [3, 100])
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 2.5])
 def test_debkd_loss_with_a_static_temperature_matches_the_reference(k, T):
-    """A Python-number T takes other code (for an integer T the cross entropy reuses exp(s / T) ** T): same
-    value as the float64 reference and the same gradient as a traced T."""
+    """A Python-number T (folded into the compiled code as a constant): the float64 reference's value and the
+    same gradient as a traced T."""
     rng = np.random.default_rng(k)
     s, z = R.random_logits(rng, (64, k), 8.0), R.random_logits(rng, (64, k), 4.0)
     y = rng.integers(0, k, 64).astype(np.int32)
@@ -892,8 +891,10 @@ def test_debkd_loss_with_a_static_temperature_matches_the_reference(k, T):
 @pytest.mark.parametrize("k", [2, 10])
 @pytest.mark.parametrize("scale_by_t2", [True, False])
 def test_debkd_loss_gradients_for_beta_and_temperature(k, scale_by_t2):
-    """The written-out gradient w.r.t. the hyperparameters (a schedule may differentiate them) equals autodiff
-    of the same surrogate written plainly: t = stop_gradient(proj(p)), zero inside the region."""
+    """The gradient w.r.t. the hyperparameters (a schedule may differentiate them) equals autodiff of the same
+    surrogate written plainly: t = stop_gradient(proj(p)), zero inside the region. (debkd_loss clamps the
+    value with a stop-gradient trick, so its T gradient is not autodiff's of the obvious formula by
+    construction.)"""
     rng = np.random.default_rng(5 + k)
     s, z = R.random_logits(rng, (32, k), 6.0), R.random_logits(rng, (32, k), 3.0)
     y = rng.integers(0, k, 32).astype(np.int32)
@@ -908,11 +909,11 @@ def test_debkd_loss_gradients_for_beta_and_temperature(k, scale_by_t2):
         weight = beta * T**2 if scale_by_t2 else beta
         return jnp.mean(weight * kl + losses.cross_entropy(x, y))
 
-    def fused(x, beta, T):
+    def loss(x, beta, T):
         return losses.debkd_loss(x, y, lo, hi, beta=beta, temperature=T, scale_by_t2=scale_by_t2)
 
     args = (s, _f32(0.3), _f32(3.0))
-    got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(*args)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
     expected = jax.jit(jax.grad(plain, argnums=(0, 1, 2)))(*args)
     for name, g, e in zip(("logits", "beta", "temperature"), got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-4, atol=1e-7, err_msg=name)
