@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from debkd_jax import xla_cpu
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("train_step", "epoch", "overhead", "flops", "memory", "inference", "loss", "levers")
 NOISY_LOAD = 1.5
@@ -93,8 +95,8 @@ _FLAGS_QUICK = (
     ("--xla_cpu_multi_thread_eigen=false", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}),
     ("--xla_cpu_use_xnnpack=true", {"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}),
     (
-        "YNNPACK off (--xla_cpu_experimental_ynn_fusion_type=)",
-        {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="},
+        "XLA's own defaults, YNNPACK fusions on (DEBKD_XLA_CPU_DEFAULTS=0)",
+        {xla_cpu.OPT_OUT: "0"},
     ),
 )
 _FLAGS_FULL = _FLAGS_QUICK + (
@@ -910,10 +912,13 @@ def section_levers(mode: Mode, peer, log) -> dict:
     for label, env in mode.lever_flags:
         log(f"levers: {label}")
         run_env = {**os.environ}
+        # The workers start from the bench's own flags (the CLI defaults of xla_cpu.py included) without the
+        # fake-device count; the opt-out row drops the CLI default too.
+        dropped = ["--xla_force_host_platform_device_count"]
+        if env.get(xla_cpu.OPT_OUT) == "0":
+            dropped.append(xla_cpu.YNNPACK_OFF)
         base_flags = " ".join(
-            f
-            for f in run_env.get("XLA_FLAGS", "").split()
-            if not f.startswith("--xla_force_host_platform_device_count")
+            f for f in run_env.get("XLA_FLAGS", "").split() if not any(f.startswith(d) for d in dropped)
         )
         for key, value in env.items():
             run_env[key] = f"{base_flags} {value}".strip() if key == "XLA_FLAGS" else value
@@ -1010,8 +1015,9 @@ What did not help (measured, then dropped):
 - XLA flags (one subprocess each; see the table above): `--xla_cpu_multi_thread_eigen=false`,
   `--xla_cpu_use_xnnpack=true`, YNNPACK off, oneDNN custom calls, fast math, tiling propagation
   (`--xla_cpu_experimental_enable_tiling_propagation`: transposes 3-4x slower), two CPU devices with the batch
-  split over them (509 vs 517 img/s): within noise or slower, except `--xla_cpu_multi_thread_eigen=false` and
-  YNNPACK off, 1.01-1.12x in two runs (one subprocess after another, so drift is included): not adopted.
+  split over them (509 vs 517 img/s): within noise or slower, except `--xla_cpu_multi_thread_eigen=false`
+  (1.01-1.12x in two runs, not adopted) and YNNPACK off: 1.2x on the ResNet-8 step and 1.8x on ResNet-18 in
+  alternating subprocess pairs, now the command-line tools' default (`debkd_jax/xla_cpu.py`).
   `JAX_DEFAULT_MATMUL_PRECISION` and
   `OMP_NUM_THREADS` do not change float32 convolutions on CPU.
 - Larger batches: images/s fall from batch 32 to 512 (the table above): the step is memory-bound.
@@ -1489,4 +1495,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_cpu.apply_defaults()
     sys.exit(main())

@@ -28,7 +28,7 @@ import numpy as np
 from flax.core import unfreeze
 
 from debkd_jax import data as data_lib
-from debkd_jax import models, workdir_lib
+from debkd_jax import models, workdir_lib, xla_cpu
 from debkd_jax.errors import UserError
 
 FORMAT = "debkd_jax.export/1"
@@ -242,4 +242,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_cpu.apply_defaults()
     sys.exit(main())

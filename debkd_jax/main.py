@@ -21,6 +21,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from debkd_jax import xla_cpu
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "./workdir", "Folder for checkpoints, logs and results.")
 config_flags.DEFINE_config_file(
@@ -182,6 +184,7 @@ def main(argv) -> int:
 
 
 def run() -> None:
+    xla_cpu.apply_defaults()
     app.run(main, flags_parser=parse_flags)
 
 

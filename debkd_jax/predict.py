@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from debkd_jax import data as data_lib
+from debkd_jax import xla_cpu
 from debkd_jax.errors import UserError
 
 EXPORT_FORMAT = "debkd_jax.export/1"
@@ -201,4 +202,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_cpu.apply_defaults()
     sys.exit(main())

@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from debkd_jax import methods, metrics, report, train, workdir_lib
+from debkd_jax import methods, metrics, report, train, workdir_lib, xla_cpu
 from debkd_jax.errors import UserError
 
 log = logging.getLogger("debkd_jax")
@@ -416,6 +416,7 @@ def run() -> None:
         "config", None, "A sweep config, e.g. configs/sweep_regions.py.", lock_config=True
     )
     flags.mark_flags_as_required(["config"])
+    xla_cpu.apply_defaults()
     app.run(main)
 
 
