@@ -1064,6 +1064,9 @@ def render(results: dict) -> str:
             else "."
         ),
         "",
+        f"XLA_FLAGS: `{meta['env']['XLA_FLAGS'] or '(none)'}` (the command-line tools' default, "
+        "`debkd_jax/xla_cpu.py`, unless set otherwise).",
+        "",
         "Every comparison below ran side by side in this one run. Images/s are medians over rounds "
         "(best round in brackets); `x` columns are speed-ups (> 1: the first is faster).",
         "",
