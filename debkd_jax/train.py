@@ -723,6 +723,7 @@ def train_student(
     spec = _step_spec(
         scfg, dataset.num_classes, config.dtype, objective, steps, config.data.augment, conv_backward, **kw
     )
+    started = time.perf_counter()
     result = fit(
         name=f"{method_name} (seed {seed})",
         spec=spec,
@@ -763,6 +764,8 @@ def train_student(
         "model": scfg.model,
         "config": method_cfg.to_dict(),
         "best_epoch": result.best_epoch,
+        # Training and evaluation time of this process (after a resume: of the part run since).
+        "wall_seconds": time.perf_counter() - started,
         "test": test,
         "history": result.history,
     }
