@@ -12,9 +12,9 @@ paper's datasets and both students.
 
 import os
 
-from debkd_jax import sweep
+from debkd_jax import config_lib, sweep
 
-paper = sweep.load_config_file(os.path.join(os.path.dirname(__file__), "paper.py"))
+paper = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "paper.py"))
 
 
 def get_config(arg: str | None = None):

@@ -14,9 +14,9 @@ takes a minute or two on a CPU). Other values: `--config.sweep.grid="(4, 8, 12, 
 
 import os
 
-from debkd_jax import sweep
+from debkd_jax import config_lib, sweep
 
-paper = sweep.load_config_file(os.path.join(os.path.dirname(__file__), "paper.py"))
+paper = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "paper.py"))
 
 
 def get_config(arg: str | None = None):

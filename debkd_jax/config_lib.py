@@ -1,4 +1,5 @@
-"""The run config every `configs/*.py` starts from, and the `smoke` shrink used by tests and quick checks.
+"""Configs: the run config every `configs/*.py` starts from, the `smoke` shrink used by tests and quick checks,
+the one loader of config files, and the validation of a whole config.
 
 Optimizer defaults (the paper gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4 on conv and dense
 kernels, one warm-up epoch then cosine decay to 0, peak learning rate 0.05 at batch 64 -- the usual CIFAR
@@ -7,9 +8,17 @@ ResNet recipe (mdistiller, torchdistill) scaled linearly to the batch size.
 
 from __future__ import annotations
 
-import ml_collections
+import importlib.util
+import math
+import os
+import re
 
-from debkd_jax import methods
+import jax
+import ml_collections
+import numpy as np
+
+from debkd_jax import methods, models
+from debkd_jax.errors import UserError
 
 
 def train_config(model: str, num_epochs: int, batch_size: int = 64, learning_rate: float = 0.05):
@@ -73,3 +82,89 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.max_per_class = config.data.max_per_class or 60
     config.progress = False
     return config
+
+
+def load_config_file(path: str):
+    """A config file (`configs/*.py`) as a module, importable from any working folder; `UserError` when it
+    cannot be read."""
+    if not os.path.isfile(path):
+        raise UserError(f"no config file {os.path.abspath(path)}; see configs/ for the configs.")
+    name = "debkd_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot load the config file {path}.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config named by `path[:arg]`, as `--config=path[:arg]` names it."""
+    path, _, arg = spec.partition(":")
+    module = load_config_file(path)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(config) -> None:
+    """Checks the whole config up front, with messages naming the field and the valid values.
+
+    Raises `UserError` (the CLI prints it and exits with status 2). With `config.distributed`, call
+    `training.initialize_distributed` first: the batch-size check needs the global device count.
+    """
+    if not config.methods:
+        raise UserError("config.methods is empty: name at least one method, e.g. 'DeBKD'.")
+    for name, mcfg in config.methods.items():
+        try:
+            methods.validate(name, mcfg)
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from e
+    for part in ("teacher", "student"):
+        c = config[part]
+        if c.model not in models.MODELS:
+            raise UserError(f"{part}.model={c.model!r} is not one of {sorted(models.MODELS)}.")
+        for field in ("num_epochs", "batch_size", "eval_batch_size"):
+            if not (_is_int(c[field]) and c[field] >= 1):
+                raise UserError(f"{part}.{field}={c[field]!r} must be an integer >= 1.")
+        for field, ok, want in (
+            ("learning_rate", lambda v: v > 0, "> 0"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("warmup_epochs", lambda v: v >= 0, ">= 0"),
+        ):
+            if not (_is_number(c[field]) and ok(c[field])):
+                raise UserError(f"{part}.{field}={c[field]!r} must be a finite number {want}.")
+        ndev = jax.device_count()
+        if c.batch_size % ndev:
+            raise UserError(
+                f"{part}.batch_size={c.batch_size} is not divisible by the {ndev} devices; "
+                f"use a multiple of {ndev}."
+            )
+    if not isinstance(config.teacher.get("checkpoint", ""), str):
+        raise UserError(f"teacher.checkpoint={config.teacher.checkpoint!r} must be a path (a string).")
+    if not (_is_int(config.seeds) and config.seeds >= 1):
+        raise UserError(f"seeds={config.seeds!r} must be an integer >= 1.")
+    if not (_is_int(config.seed) and config.seed >= 0):
+        raise UserError(f"seed={config.seed!r} must be an integer >= 0.")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={config.dtype!r} is not one of ('float32', 'bfloat16', 'float16').")
+    conv_backward = config.get("conv_backward", "auto")
+    if conv_backward not in models.CONV_BACKWARD_SETTINGS:
+        raise UserError(f"conv_backward={conv_backward!r} is not one of {models.CONV_BACKWARD_SETTINGS}.")
+    d = config.data
+    if not (isinstance(d.source, str) and d.source):
+        raise UserError(f"data.source={d.source!r} must be 'digits', 'folder:PATH' or 'tfds:NAME'.")
+    if not (_is_int(d.image_size) and d.image_size >= 1):
+        raise UserError(f"data.image_size={d.image_size!r} must be an integer >= 1.")
+    if not (_is_int(d.max_per_class) and (d.max_per_class == 0 or d.max_per_class >= 3)):
+        raise UserError(
+            f"data.max_per_class={d.max_per_class!r} must be 0 (all images) or an integer >= 3 (one image "
+            "per class for each of train, val and test)."
+        )

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
+from debkd_jax import cli, models, workdir_lib, xla_cpu
 from debkd_jax import data as data_lib
-from debkd_jax import models, workdir_lib, xla_cpu
 from debkd_jax.errors import UserError
 
 FORMAT = "debkd_jax.export/1"
@@ -228,11 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-fold", action="store_true", help="keep BatchNorm as eval-mode statistics")
     args = parser.parse_args(argv)
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
-    try:
+    with cli.user_errors():
         sidecar = export_run(args.run, args.out, platforms=platforms, fold=not args.no_fold)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     size = os.path.getsize(os.path.abspath(os.path.expanduser(args.out)))
     print(
         f"wrote {args.out} ({size / 1e6:.2f} MB, {sidecar['model']}, {sidecar['parameters']:,} parameters, "

@@ -62,7 +62,7 @@ def _count(mask) -> jax.Array:
     return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=-1)
 
 
-def _projection_shift(p, lo, hi, *, max_iter: int = 100) -> tuple[jax.Array, jax.Array]:
+def projection_shift(p, lo, hi, *, max_iter: int = 100) -> tuple[jax.Array, jax.Array]:
     """The `tau` of `box_projection` for k > 2: the root of the decreasing, piecewise-linear
     `f(tau) = sum_j clip(p_j - tau, lo_j, hi_j) - 1`, and the number of steps taken (0 when every row starts
     in its box). (..., k) x3 -> ((...), scalar).
@@ -115,7 +115,7 @@ def box_projection(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
 
     For k = 2 a clip of `t_0` into `[max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)]`. For k > 2,
     `t_j = clip(p_j - tau, lo_j, hi_j)` with `tau` the root of `sum_j clip(p_j - tau, lo_j, hi_j) = 1`
-    (exact Newton steps, see `_projection_shift`). Not differentiated (the loss stops its gradient).
+    (exact Newton steps, see `projection_shift`). Not differentiated (the loss stops its gradient).
     (..., k) x3 -> (..., k). Requires `sum lo <= 1 <= sum hi` per row, which `debiased_regions` guarantees.
     """
     p, lo, hi = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (p, lo, hi))
@@ -126,7 +126,7 @@ def box_projection(p, lo, hi, *, max_iter: int = 100) -> jax.Array:
         upper = jnp.minimum(hi[..., 0], 1.0 - lo[..., 1])
         t0 = jnp.clip(p[..., 0], lower, upper)
         return jnp.stack([t0, 1.0 - t0], axis=-1)
-    tau, _ = _projection_shift(p, lo, hi, max_iter=max_iter)
+    tau, _ = projection_shift(p, lo, hi, max_iter=max_iter)
     return jnp.clip(p - tau[..., None], lo, hi)
 
 

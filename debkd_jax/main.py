@@ -1,27 +1,16 @@
 """The command line: `python -m debkd_jax.main --config=configs/debkd.py [--workdir=DIR] [--config.FIELD=V]`.
 
-Thin on purpose: it parses flags and calls `train.train_and_evaluate`, which tests call directly too.
-
-Every error the user can fix -- a bad flag, an unknown or mistyped config field, an out-of-range value,
-bad data, a busy or unwritable workdir, a diverged run -- ends with one `error: ...` line on stderr and exit
-status 2, without a Python traceback. Ctrl-C exits with status 130 after the last checkpoint is committed;
-re-running the same command resumes. Anything else is a bug and keeps its traceback.
+Thin on purpose: it parses flags and calls `pipeline.train_and_evaluate`, which tests call directly too.
+Errors the user can fix end with one `error: ...` line and exit status 2 (`debkd_jax.cli`); re-running an
+interrupted command resumes it.
 """
 
 from __future__ import annotations
 
-import errno
-import importlib.util
-import logging
-import os
-import re
-import sys
-
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from debkd_jax import xla_cpu
+from debkd_jax import cli, xla_cpu
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "./workdir", "Folder for checkpoints, logs and results.")
@@ -30,153 +19,18 @@ config_flags.DEFINE_config_file(
 )
 flags.mark_flags_as_required(["config"])
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-
-
-def fail(message: str, status: int = EXIT_USER_ERROR):
-    """Prints `error: message` and exits. Libraries' log records emitted while the interpreter shuts down
-    (asyncio's 'Future exception was never retrieved' for a failed checkpoint write) would only repeat it."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    logging.disable(logging.CRITICAL)
-    sys.exit(status)
-
-
-def _config_spec(argv) -> str | None:
-    """The value of --config (`path[:arg]`) in argv, if given."""
-    for i, arg in enumerate(argv):
-        if arg.startswith(("--config=", "-config=")):
-            return arg.split("=", 1)[1]
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def _load_config(spec: str):
-    """The config named by `path[:arg]`, loaded the way ml_collections does; None if it cannot be loaded."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        return None
-    try:
-        module_spec = importlib.util.spec_from_file_location("debkd_cli_config", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
-    except Exception:  # noqa: BLE001 - only used to word a message; the real load reports its own error.
-        return None
-
-
-def _describe_override_error(argv, error: Exception) -> str:
-    """Words an error raised while applying `--config.a.b=v` overrides: which field is unknown and which
-    fields exist at that level."""
-    spec = _config_spec(argv)
-    config = _load_config(spec) if spec else None
-    overrides = [a for a in argv if a.startswith(("--config.", "-config.", "--noconfig.", "-noconfig."))]
-    if config is not None:
-        for arg in overrides:
-            path = arg.split("=", 1)[0].split("config.", 1)[1]
-            node, walked = config, "config"
-            for part in path.split("."):
-                keys = list(node.keys()) if hasattr(node, "keys") else None
-                if keys is None:
-                    return f"{arg}: {walked} is the {type(node).__name__} {node!r}, it has no field {part!r}."
-                if part not in keys:
-                    where = "fields" if walked != "config.methods" else "methods (names of method configs)"
-                    return (
-                        f"{arg}: {walked} has no field {part!r}. Its {where}: {', '.join(sorted(keys))}. "
-                        "Fields are fixed by the config file: see its docstring and debkd_jax/config_lib.py."
-                    )
-                node, walked = node[part], f"{walked}.{part}"
-    detail = str(error).strip().strip("\"'") or type(error).__name__
-    return f"cannot apply the --config overrides {' '.join(overrides)} ({type(error).__name__}: {detail})."
-
-
-def _expected_type(argv, message: str) -> str:
-    """' (config.X takes a float, like its default 0.05).' for a message about --config.X=..., else ''."""
-    match = re.search(r"--config\.([\w.+-]+)=", message)
-    spec = _config_spec(argv)
-    config = _load_config(spec) if (match and spec) else None
-    if config is None:
-        return ""
-    node = config
-    for part in match.group(1).split("."):
-        if not hasattr(node, "keys") or part not in node.keys():
-            return ""
-        node = node[part]
-    kind = type(node).__name__
-    article = "an" if kind[0] in "aeiou" else "a"
-    return f" (config.{match.group(1)} takes {article} {kind}, like its default {node!r})."
-
-
-def parse_flags(argv):
-    """absl's flag parsing, with every error as one clear line and exit status 2 instead of a traceback."""
-    try:
-        args = FLAGS(argv)
-    except flags.IllegalFlagValueError as e:
-        message = str(e)
-        if "Error whilst parsing config file" in message:  # get_config() raised: keep its last line
-            last = [line for line in message.splitlines() if line.strip()][-1]
-            fail(f"--config={_config_spec(argv)}: the config file's get_config() failed: {last}")
-        fail(f"{message}{_expected_type(argv, message)}")
-    except flags.Error as e:
-        fail(str(e))
-    except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config lacks
-        fail(_describe_override_error(argv, e))
-    except OSError as e:  # a config file that cannot be read (ml_collections raises it on first use)
-        _config_file_error(argv, e)
-    except (TypeError, ValueError) as e:  # a bad override value
-        fail(f"{type(e).__name__}: {e}")
-    try:  # ml_collections defers a missing config file's error to the first use of the config
-        FLAGS.config.get("seed")
-    except OSError as e:
-        _config_file_error(argv, e)
-    return args
-
-
-def _config_file_error(argv, error: OSError):
-    spec = _config_spec(argv) or ""
-    path = spec.partition(":")[0]
-    if not os.path.isfile(path):
-        fail(f"--config={spec}: no config file {os.path.abspath(path)}; see configs/ for the configs.")
-    fail(f"--config={spec}: {' '.join(str(error).split())}")
-
-
-class _OneLineLibraryErrors(logging.Filter):
-    """Orbax logs the failure of a background checkpoint write with its traceback, and the main thread then
-    raises the same error, which we report as one `error:` line: keep its log records to one line each."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "orbax" in record.pathname and record.exc_info:
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
 
 def main(argv) -> int:
     if len(argv) > 1:
-        fail(
+        cli.fail(
             f"unexpected arguments: {' '.join(argv[1:])} (flags: --config=..., --workdir=..., --config.X=V)."
         )
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    absl_logging.get_absl_handler().addFilter(_OneLineLibraryErrors())
-    from debkd_jax import report, train
+    cli.quiet_libraries()
+    from debkd_jax import pipeline, report
 
     report.log_to_stderr()
-    from debkd_jax.errors import UserError
-
-    try:
-        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except UserError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail(
-            f"interrupted. Checkpoints up to the last finished epoch are in {FLAGS.workdir}: re-run the same "
-            "command to resume.",
-            EXIT_INTERRUPTED,
-        )
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-            fail(f"cannot write {e.filename or FLAGS.workdir}: {e.strerror}. Finished files are kept.")
-        raise
+    with cli.user_errors(FLAGS.workdir):
+        results = pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print()
     print(report.results_table(results))
     print(f"\nResults in {FLAGS.workdir}: results.md, results.json, val_accuracy.png")
@@ -185,7 +39,7 @@ def main(argv) -> int:
 
 def run() -> None:
     xla_cpu.apply_defaults()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "agreement", "region_hit_rate")
-
-
 def classification_metrics(
     logits: np.ndarray,
     labels: np.ndarray,

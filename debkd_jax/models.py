@@ -96,6 +96,10 @@ CONV_BACKWARDS: dict[str, Callable[..., jax.Array] | None] = {
 }
 """`conv_backward` values -> the `conv_general_dilated` given to every `nn.Conv` of the models."""
 
+CONV_BACKWARD_SETTINGS = ("auto", *CONV_BACKWARDS)
+"""Values of `config.conv_backward`: "auto" (resolved per mesh by `training.resolve_conv_backward`) or one of
+`CONV_BACKWARDS`."""
+
 
 def conv_general_dilated_for(conv_backward: str) -> Callable[..., jax.Array] | None:
     """The `nn.Conv(conv_general_dilated=...)` for a `conv_backward` value; ValueError for an unknown one."""

@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from debkd_jax import cli, xla_cpu
 from debkd_jax import data as data_lib
-from debkd_jax import xla_cpu
 from debkd_jax.errors import UserError
 
 EXPORT_FORMAT = "debkd_jax.export/1"
@@ -188,12 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
-    try:
+    with cli.user_errors():
         model = load(args.model)
         results, failed = predict_files(model, args.images, args.batch_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     for line in format_rows(model, results, args.json):
         print(line)
     for path, reason in failed:

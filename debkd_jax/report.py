@@ -1,7 +1,9 @@
-"""What a person sees: progress bars, metrics as JSON lines and TensorBoard events, the results table and plot."""
+"""What a person sees, for `main` and `sweep` alike: progress bars, metrics as JSON lines and TensorBoard
+events, results tables (Markdown), plots (PNG) and the JSON they are generated from."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -82,6 +84,32 @@ class MetricWriter:
             self._tb.close()
 
 
+def seed_summary(group: Sequence[dict]) -> dict:
+    """The runs of one method (or sweep point), one per seed: seeds, mean/std of each test metric, the
+    per-seed metrics and the epochs chosen on validation."""
+    return {
+        "seeds": [r["seed"] for r in group],
+        "test": metrics.mean_std([r["test"] for r in group]),
+        "per_seed": [r["test"] for r in group],
+        "best_epochs": [r["best_epoch"] for r in group],
+    }
+
+
+def dataset_summary(dataset) -> dict:
+    """Source, class names, split sizes and per-class counts of a `data.Dataset`."""
+    splits = ("train", "val", "test")
+    return {
+        "source": dataset.source,
+        "class_names": list(dataset.class_names),
+        "sizes": {s: int(len(getattr(dataset, f"{s}_labels"))) for s in splits},
+        "class_counts": {
+            s: np.bincount(getattr(dataset, f"{s}_labels"), minlength=dataset.num_classes).tolist()
+            for s in splits
+        },
+        "skipped_files": len(dataset.skipped),
+    }
+
+
 def summarize(config, dataset, teacher_meta: dict, teacher_test: dict, runs: Sequence[dict]) -> dict:
     """Results of the whole job: the teacher row and, per method, mean/std over seeds of each test metric."""
     by_method: dict[str, list[dict]] = {}
@@ -90,26 +118,14 @@ def summarize(config, dataset, teacher_meta: dict, teacher_test: dict, runs: Seq
     rows = {
         name: {
             "model": group[0]["model"],
-            "seeds": [r["seed"] for r in group],
-            "test": metrics.mean_std([r["test"] for r in group]),
-            "per_seed": [r["test"] for r in group],
-            "best_epochs": [r["best_epoch"] for r in group],
+            **seed_summary(group),
             "val_accuracy": [[e["val_accuracy"] for e in r["history"]] for r in group],
             "config": group[0]["config"],
         }
         for name, group in by_method.items()
     }
     return {
-        "dataset": {
-            "source": dataset.source,
-            "class_names": list(dataset.class_names),
-            "sizes": {s: int(len(getattr(dataset, f"{s}_labels"))) for s in ("train", "val", "test")},
-            "class_counts": {
-                s: np.bincount(getattr(dataset, f"{s}_labels"), minlength=dataset.num_classes).tolist()
-                for s in ("train", "val", "test")
-            },
-            "skipped_files": len(dataset.skipped),
-        },
+        "dataset": dataset_summary(dataset),
         "teacher": {
             "model": teacher_meta["model"],
             "test": teacher_test,
@@ -121,7 +137,8 @@ def summarize(config, dataset, teacher_meta: dict, teacher_test: dict, runs: Seq
     }
 
 
-def _cell(stat) -> str:
+def stat_cell(stat) -> str:
+    """A share as % ("91.30"), or a mean/std over seeds as "91.30 ± 1.30" (the std only for n > 1)."""
     if isinstance(stat, dict):
         if stat["n"] > 1:
             return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
@@ -129,22 +146,23 @@ def _cell(stat) -> str:
     return f"{100 * stat:.2f}"
 
 
+def metric_cells(stats: dict) -> list[str]:
+    """One cell per `TABLE_METRICS` entry; empty where the metric does not apply."""
+    return [stat_cell(stats[m]) if m in stats else "" for m in TABLE_METRICS]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def results_table(results: dict) -> str:
     """A Markdown table laid out like the paper's Table 1: the teacher row, then one row per method (%)."""
-    header = ["model", "method", *TABLE_METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     t = results["teacher"]
-    lines.append(
-        "| "
-        + " | ".join(
-            [t["model"], "teacher", *[_cell(t["test"][m]) if m in t["test"] else "" for m in TABLE_METRICS]]
-        )
-        + " |"
-    )
-    for name, row in results["methods"].items():
-        cells = [_cell(row["test"][m]) if m in row["test"] else "" for m in TABLE_METRICS]
-        lines.append("| " + " | ".join([row["model"], name, *cells]) + " |")
-    return "\n".join(lines)
+    rows = [[t["model"], "teacher", *metric_cells(t["test"])]]
+    rows += [[row["model"], name, *metric_cells(row["test"])] for name, row in results["methods"].items()]
+    return markdown_table(["model", "method", *TABLE_METRICS], rows)
 
 
 def plot_val_accuracy(results: dict, path: str) -> None:
@@ -175,6 +193,13 @@ def plot_val_accuracy(results: dict, path: str) -> None:
     ax.set_title(f"{results['student_model']} students on {results['dataset']['source']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Writes a matplotlib figure as PNG through the one atomic write, and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -182,27 +207,49 @@ def plot_val_accuracy(results: dict, path: str) -> None:
     workdir_lib.atomic_write_bytes(path, buf.getvalue())
 
 
-def write_results(workdir: str, results: dict, basename: str = "results") -> None:
-    """results.json, results.md and the plot. Results are never overwritten: an older, different results.json
-    is kept, with its results.md and plot, as results.<time>.json/.md and val_accuracy.<time>.png; identical
-    results (a re-run that reused every finished run) leave the files as they are."""
+def write_report(workdir: str, basename: str, results: dict, markdown: str, figures: dict) -> None:
+    """`<basename>.json`, `<basename>.md` and each figure (`{file name: plot(results, path)}`).
+
+    Reports are never overwritten: an older, different JSON is kept, with its Markdown and figures, as
+    `<name>.<time>.<ext>`; identical results (a re-run that reused every finished run) leave the files as
+    they are."""
     json_path = os.path.join(workdir, f"{basename}.json")
-    plot_path = os.path.join(workdir, "val_accuracy.png")
+    md_path = os.path.join(workdir, f"{basename}.md")
+    paths = [json_path, md_path, *(os.path.join(workdir, name) for name in figures)]
     old = workdir_lib.read_json(json_path)
-    if old is not None and old == json.loads(json.dumps(results, default=workdir_lib._json_default)):
-        if os.path.exists(os.path.join(workdir, f"{basename}.md")) and os.path.exists(plot_path):
+    if old is not None and old == workdir_lib.jsonable(results):
+        if all(os.path.exists(p) for p in paths):
             return
     elif os.path.exists(json_path):
-        for src in (json_path, os.path.join(workdir, f"{basename}.md"), plot_path):
+        for src in paths:
             workdir_lib.keep_aside(src)
     workdir_lib.write_json(json_path, results)
-    table = results_table(results)
+    workdir_lib.atomic_write_bytes(md_path, markdown.encode())
+    for name, plot in figures.items():
+        plot(results, os.path.join(workdir, name))
+
+
+def results_markdown(results: dict) -> str:
     d = results["dataset"]
-    md = (
+    return (
         f"# Results\n\nData: `{d['source']}` ({', '.join(d['class_names'])}), "
         f"train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}. "
         f"Test metrics in %, {results['selection']}; mean ± std over seeds where there are several.\n\n"
-        f"{table}\n\n![validation accuracy](val_accuracy.png)\n"
+        f"{results_table(results)}\n\n![validation accuracy](val_accuracy.png)\n"
     )
-    workdir_lib.atomic_write_bytes(os.path.join(workdir, f"{basename}.md"), md.encode())
-    plot_val_accuracy(results, plot_path)
+
+
+def write_results(workdir: str, results: dict, basename: str = "results") -> None:
+    """The main job's report: `results.json`, `results.md` and `val_accuracy.png` (`write_report`)."""
+    write_report(
+        workdir, basename, results, results_markdown(results), {"val_accuracy.png": plot_val_accuracy}
+    )
+
+
+def write_skipped_csv(skipped, path: str) -> None:
+    """`path,reason` rows, one per unreadable file, written atomically."""
+    buf = io.StringIO()
+    out = csv.writer(buf)
+    out.writerow(["path", "reason"])
+    out.writerows(skipped)
+    workdir_lib.atomic_write_bytes(path, buf.getvalue().encode("utf-8"))

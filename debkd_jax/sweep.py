@@ -14,7 +14,7 @@ A sweep config is a run config (`config_lib.base_config`) with a `sweep` block:
     config.sweep.tick_format = "1/{}"      # how a value is printed ("{}" as is)
 
 The teacher is trained once (or reused: same `workdir/teacher` as `debkd_jax.main`, or `teacher.checkpoint`),
-its logits are computed once and cached, and each point's student is trained by `train.train_student` for
+its logits are computed once and cached, and each point's student is trained by `pipeline.train_student` for
 seeds `seed, seed+1, ...`. A finished point is reused on a re-run: its folder
 `sweeps/<name>-<student>/<point>-seed<s>-<hash>` is keyed by everything that decides its result (method,
 student training config, data, teacher), so a changed config trains new points instead of reusing stale ones,
@@ -29,32 +29,15 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
-from debkd_jax import methods, metrics, report, train, workdir_lib, xla_cpu
+from debkd_jax import cli, config_lib, methods, metrics, pipeline, report, training, workdir_lib, xla_cpu
 from debkd_jax.errors import UserError
 
 log = logging.getLogger("debkd_jax")
-
-TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "agreement", "region_hit_rate")
-
-
-def load_config_file(path: str):
-    """A config file as a module (the sweep configs build on configs/paper.py so, from any working folder)."""
-    import importlib.util
-
-    name = "debkd_config_" + workdir_lib.safe_name(os.path.splitext(os.path.basename(path))[0])
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"cannot load the config file {path}.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sweep_block(name: str, method: str, field: str, grid, x_label: str = "", tick_format: str = "{}"):
@@ -180,7 +163,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Teacher (once) -> cached logits -> one student per point and seed -> table, JSON and plot. Returns the
     results dict written to `sweep-<name>-<student>.json`."""
     points = sweep_points(config)
-    train.validate_config(config)  # also initialises jax.distributed when config.distributed
+    training.initialize_distributed(config)
+    config_lib.validate_config(config)
     workdir = workdir_lib.expand(workdir)
     basename = _basename(config)
     sweep_dir = os.path.join(workdir, "sweeps", basename[len("sweep-") :])
@@ -190,10 +174,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             workdir_lib.atomic_write_bytes(
                 os.path.join(sweep_dir, "config.json"), config.to_json_best_effort(indent=2).encode()
             )
-        mesh = train.create_mesh()
-        dataset = train._load_data(config)
+        mesh = training.create_mesh()
+        dataset = pipeline.load_data(config)
         if dataset.skipped and writer:
-            train.write_skipped_csv(dataset.skipped, os.path.join(sweep_dir, "skipped_files.csv"))
+            report.write_skipped_csv(dataset.skipped, os.path.join(sweep_dir, "skipped_files.csv"))
         log.info(
             "sweep %s: %s over %s = %s on %s, %d point(s) x %d seed(s)",
             config.sweep.name,
@@ -205,8 +189,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.seeds,
         )
         teacher_dir = os.path.join(workdir, "teacher")
-        teacher_vars, teacher_meta = train.train_teacher(config, dataset, teacher_dir, mesh)
-        t_logits = train.teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
+        teacher_vars, teacher_meta = pipeline.train_teacher(config, dataset, teacher_dir, mesh)
+        t_logits = pipeline.teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
         teacher_test = metrics.classification_metrics(
             t_logits["test"], dataset.test_labels, num_classes=dataset.num_classes
         )
@@ -221,7 +205,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"{point.label}, seed {seed}")
-            result = train.train_student(
+            result = pipeline.train_student(
                 config,
                 f"{config.sweep.method} {point.label}",
                 point.method_cfg,
@@ -249,15 +233,8 @@ def summarize(config, points, runs: dict[str, list[dict]], dataset, teacher_meta
             {
                 "label": p.label,
                 "values": p.values,
-                "seeds": [r["seed"] for r in group],
-                "test": metrics.mean_std([r["test"] for r in group]),
-                "val_accuracy": {
-                    "mean": float(np.mean(best_val)),
-                    "std": float(np.std(best_val)),
-                    "n": len(best_val),
-                },
-                "per_seed": [r["test"] for r in group],
-                "best_epochs": [r["best_epoch"] for r in group],
+                **report.seed_summary(group),
+                "val_accuracy": metrics.mean_std([{"best": v} for v in best_val])["best"],
                 "run_dirs": [r["run_dir"] for r in group],
             }
         )
@@ -271,11 +248,7 @@ def summarize(config, points, runs: dict[str, list[dict]], dataset, teacher_meta
             "x_label": sweep.x_label,
             "base_method": config.methods[sweep.method].to_dict(),
         },
-        "dataset": {
-            "source": dataset.source,
-            "class_names": list(dataset.class_names),
-            "sizes": {s: int(len(getattr(dataset, f"{s}_labels"))) for s in ("train", "val", "test")},
-        },
+        "dataset": report.dataset_summary(dataset),
         "teacher": {"model": teacher_meta["model"], "test": teacher_test},
         "student_model": config.student.model,
         "student_epochs": config.student.num_epochs,
@@ -286,32 +259,23 @@ def summarize(config, points, runs: dict[str, list[dict]], dataset, teacher_meta
     }
 
 
-def _cell(stat: dict) -> str:
-    if stat["n"] > 1:
-        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
-    return f"{100 * stat['mean']:.2f}"
-
-
 def results_table(results: dict) -> str:
     """Markdown: one row per point, test metrics in %, mean ± std over seeds."""
-    x = results["sweep"]["x_label"]
-    header = [x, *TABLE_METRICS, "val accuracy", "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in results["points"]:
-        mark = " (chosen)" if row["label"] == results["chosen"] else ""
-        cells = [_cell(row["test"][m]) if m in row["test"] else "" for m in TABLE_METRICS]
-        lines.append(
-            "| "
-            + " | ".join(
-                [f"{row['label']}{mark}", *cells, _cell(row["val_accuracy"]), str(len(row["seeds"]))]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            row["label"] + (" (chosen)" if row["label"] == results["chosen"] else ""),
+            *report.metric_cells(row["test"]),
+            report.stat_cell(row["val_accuracy"]),
+            str(len(row["seeds"])),
+        ]
+        for row in results["points"]
+    ]
+    header = [results["sweep"]["x_label"], *report.TABLE_METRICS, "val accuracy", "seeds"]
+    return report.markdown_table(header, rows)
 
 
 def write_results(workdir: str, basename: str, results: dict) -> None:
-    workdir_lib.write_json(os.path.join(workdir, f"{basename}.json"), results)
+    """`<basename>.json`, `.md` and `.png` through the one report path (`report.write_report`)."""
     s, d, t = results["sweep"], results["dataset"], results["teacher"]
     md = (
         f"# Sweep `{s['name']}`: {s['method']} over {', '.join(s['fields'])}\n\n"
@@ -322,8 +286,7 @@ def write_results(workdir: str, basename: str, results: dict) -> None:
         f"{results['selection']}.\n\n"
         f"{results_table(results)}\n\n![test accuracy]({basename}.png)\n"
     )
-    workdir_lib.atomic_write_bytes(os.path.join(workdir, f"{basename}.md"), md.encode())
-    plot(results, os.path.join(workdir, f"{basename}.png"))
+    report.write_report(workdir, basename, results, md, {f"{basename}.png": plot})
 
 
 def plot(results: dict, path: str) -> None:
@@ -371,11 +334,7 @@ def plot(results: dict, path: str) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    report.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,19 +342,17 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv) -> int:
-    from absl import app, flags
-    from absl import logging as absl_logging
+    from absl import flags
 
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    absl_logging.set_verbosity(absl_logging.WARNING)
+        cli.fail(
+            f"unexpected arguments: {' '.join(argv[1:])} (flags: --config=..., --workdir=..., --config.X=V)."
+        )
+    cli.quiet_libraries()
     report.log_to_stderr()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    try:
+    with cli.user_errors(workdir):
         results = run_sweep(config, workdir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     basename = _basename(config)
     print()
     print(results_table(results))
@@ -417,7 +374,7 @@ def run() -> None:
     )
     flags.mark_flags_as_required(["config"])
     xla_cpu.apply_defaults()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

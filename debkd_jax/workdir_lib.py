@@ -107,6 +107,11 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj)}")
 
 
+def jsonable(obj: Any) -> Any:
+    """`obj` as `write_json` stores it and `read_json` returns it (tuples as lists, NumPy as Python)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def read_json(path: str) -> Any | None:
     """The parsed file, or None when it is missing or unreadable (a partial file is never left by us)."""
     try:

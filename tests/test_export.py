@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from debkd_jax import export, models, predict, train, workdir_lib
+from debkd_jax import export, models, predict, training, workdir_lib
 from debkd_jax.errors import UserError
 
 CLASS_NAMES = ["cat", "dog"]
@@ -59,7 +59,7 @@ def test_exported_outputs_equal_the_in_process_model(exported, batch):
     deployed = predict.load(exported["path"])
     images = _images(batch, seed=batch)
     logits, probs = deployed(images)
-    predict_fn = train.make_predict_fn(exported["model"], jnp.float32)
+    predict_fn = training.make_predict_fn(exported["model"], jnp.float32)
     want, _ = predict_fn(exported["variables"], jnp.asarray(images))
     assert logits.shape == probs.shape == (batch, 2)
     np.testing.assert_allclose(logits, np.asarray(want), rtol=1e-4, atol=1e-4)
@@ -177,7 +177,9 @@ def test_bad_model_file_is_a_clear_error(exported, tmp_path, capsys):
         (tmp_path / "junk.jax.json").write_text(f.read())
     with pytest.raises(UserError, match="not a model written by"):
         predict.load(str(junk))
-    assert predict.main([f"--model={junk}", "x.png"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        predict.main([f"--model={junk}", "x.png"])
+    assert exit_.value.code == 2
     assert "error:" in capsys.readouterr().err
 
     lonely = tmp_path / "lonely.jax"
@@ -189,7 +191,9 @@ def test_bad_model_file_is_a_clear_error(exported, tmp_path, capsys):
 
 
 def test_export_of_a_folder_without_a_student_is_a_clear_error(tmp_path, capsys):
-    assert export.main([f"--run={tmp_path}", f"--out={tmp_path / 'x.jax'}"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        export.main([f"--run={tmp_path}", f"--out={tmp_path / 'x.jax'}"])
+    assert exit_.value.code == 2
     assert "no trained student" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from debkd_jax import config_lib, losses, methods, metrics, models, sweep, train
+from debkd_jax import config_lib, losses, methods, metrics, models, pipeline, report, sweep, training
 from debkd_jax import data as data_lib
 from debkd_jax import targets as targets_lib
 
@@ -79,7 +79,7 @@ def test_every_method_of_the_table_is_a_preset_and_validates():
         cfg = methods.preset(name)
         methods.validate(name, cfg)
         assert set(cfg.keys()) == set(methods.DEFAULTS)
-    config = sweep.load_config_file(str(CONFIGS / "methods.py")).get_config()
+    config = config_lib.load_config_file(str(CONFIGS / "methods.py")).get_config()
     assert [name for name, _ in methods.ordered(config.methods)] == ["CE", *TABLE]
 
 
@@ -290,11 +290,11 @@ def dogs(dogs_vs_cats_dir, tmp_path_factory):
     """A teacher trained once (1 epoch of resnet_tiny) on 32 Dogs vs Cats photos per class, and its logits."""
     config = _tiny(config_lib.base_config(("DeBKD",)))
     config.data.source = f"folder:{dogs_vs_cats_dir}"
-    dataset = train._load_data(config)
-    mesh = train.create_mesh()
+    dataset = pipeline.load_data(config)
+    mesh = training.create_mesh()
     teacher_dir = str(tmp_path_factory.mktemp("teacher"))
-    teacher = train.train_teacher(config, dataset, teacher_dir, mesh)
-    logits = train.teacher_logits(config, *teacher, dataset, teacher_dir, mesh)
+    teacher = pipeline.train_teacher(config, dataset, teacher_dir, mesh)
+    logits = pipeline.teacher_logits(config, *teacher, dataset, teacher_dir, mesh)
     correct = np.argmax(logits["train"], -1) == dataset.train_labels
     # Both of BTKD's subsets and KI's replaced rows are exercised.
     assert 0 < correct.mean() < 1
@@ -310,7 +310,7 @@ def dogs(dogs_vs_cats_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("name", TABLE)
 def test_each_method_trains_a_student_on_real_photos(dogs, name):
-    result = train.train_student(
+    result = pipeline.train_student(
         dogs.config,
         name,
         methods.preset(name),
@@ -325,8 +325,8 @@ def test_each_method_trains_a_student_on_real_photos(dogs, name):
     assert len(history) == 2 and all(np.isfinite(history))
     assert history[1] < history[0], f"{name}: the training loss did not fall: {history}"
     test = result["test"]
-    assert set(metrics.METRIC_NAMES) <= set(test)
-    assert all(0.0 <= test[m] <= 1.0 for m in metrics.METRIC_NAMES)
+    assert set(report.TABLE_METRICS) <= set(test)
+    assert all(0.0 <= test[m] <= 1.0 for m in report.TABLE_METRICS)
 
 
 @pytest.fixture(scope="module")
@@ -337,10 +337,10 @@ def one_step(dogs):
     teacher_vars, meta = dogs.teacher
     replicated = NamedSharding(dogs.mesh, P())
     batch_sharding = NamedSharding(dogs.mesh, P("data"))
-    tx = train.make_optimizer(dogs.config.student, 2)
-    student = train.Student(models.get_model("resnet_tiny", k))
+    tx = training.make_optimizer(dogs.config.student, 2)
+    student = training.Student(models.get_model("resnet_tiny", k))
     initial = jax.device_get(
-        train.init_state(jax.random.key(0), student, tx, dogs.dataset.train_images.shape[1:])
+        training.init_state(jax.random.key(0), student, tx, dogs.dataset.train_images.shape[1:])
     )
     idx = np.arange(16)
     images = {"image": dogs.dataset.train_images[idx], "label": dogs.dataset.train_labels[idx]}
@@ -351,7 +351,7 @@ def one_step(dogs):
         objective = methods.objective(cfg, dogs.config.student.num_epochs)
         key = (cfg.to_json(), augment)
         if key not in steps:
-            spec = train.StepSpec(
+            spec = training.StepSpec(
                 model=student,
                 objective=objective,
                 steps_per_epoch=2,
@@ -360,7 +360,7 @@ def one_step(dogs):
                 teacher=models.get_model(meta["model"], k) if objective.needs_teacher_online else None,
                 method_cfg=cfg,
             )
-            steps[key] = train.make_train_step(spec, dogs.mesh, seed=0)
+            steps[key] = training.make_train_step(spec, dogs.mesh, seed=0)
         batch = data_lib.make_global_batch(images, batch_sharding)
         batch["rows"] = jax.tree.map(
             lambda a: jax.make_array_from_process_local_data(batch_sharding, np.asarray(a)[idx]), rows
@@ -370,7 +370,7 @@ def one_step(dogs):
             table = targets_lib.infusion_table(dogs.logits["train"], dogs.dataset.train_labels, cfg.ki_mode)
             infusion = jax.device_put(table, replicated)
         state = jax.device_put(jax.tree.map(np.array, initial), replicated)  # the step donates it
-        acc = jax.device_put(train.zero_metrics(), replicated)
+        acc = jax.device_put(training.zero_metrics(), replicated)
         state, acc = steps[key](state, acc, batch, teacher_vars, infusion)
         params = jax.tree.map(np.asarray, jax.device_get(state.params))
         return params, float(acc["loss_sum"]) / float(acc["count"])
@@ -415,7 +415,7 @@ def test_online_targets_without_augmentation_equal_the_precomputed_rows(dogs, on
 
 
 def _multiclass_config(arg):
-    config = sweep.load_config_file(str(CONFIGS / "multiclass.py")).get_config(arg)
+    config = config_lib.load_config_file(str(CONFIGS / "multiclass.py")).get_config(arg)
     config = _tiny(config, max_per_class=10)
     config.methods = {"DeBKD": methods.preset("DeBKD")}
     config.student.num_epochs = 1
@@ -425,7 +425,7 @@ def _multiclass_config(arg):
 def _check_k_class_results(results, k):
     assert len(results["dataset"]["class_names"]) == k
     test = results["methods"]["DeBKD"]["test"]
-    for m in metrics.METRIC_NAMES:
+    for m in report.TABLE_METRICS:
         assert 0.0 <= test[m]["mean"] <= 1.0
     assert np.isfinite(results["methods"]["DeBKD"]["val_accuracy"][0]).all()
 
@@ -433,7 +433,7 @@ def _check_k_class_results(results, k):
 def test_k_class_debkd_end_to_end_on_ten_class_digits(tmp_path):
     config = _multiclass_config("smoke")
     assert config.data.source == "digits" and config.data.digits_classes == 10
-    results = train.train_and_evaluate(config, str(tmp_path))
+    results = pipeline.train_and_evaluate(config, str(tmp_path))
     _check_k_class_results(results, 10)
     run = tmp_path / "students" / "DeBKD-seed0" / "result.json"
     assert run.exists()
@@ -445,9 +445,9 @@ def test_tfds_cifar10_config_reads_ten_classes_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     config = _multiclass_config("cifar10,smoke")
     assert config.data.source == "tfds:cifar10"
-    train.validate_config(config)
+    config_lib.validate_config(config)
     with tfds.testing.mock_data(num_examples=100):
-        dataset = train._load_data(config)
+        dataset = pipeline.load_data(config)
     assert dataset.source == "tfds:cifar10" and dataset.num_classes == 10
     assert dataset.train_images.shape[1:] == (32, 32, 3) and dataset.train_images.dtype == np.uint8
     assert len(dataset.train_labels) >= config.student.batch_size
@@ -475,8 +475,8 @@ def test_tfds_cifar10_config_reads_ten_classes_with_mock_data():
     ],
 )
 def test_configs_load_and_validate(path, arg):
-    config = sweep.load_config_file(str(CONFIGS / path)).get_config(arg)
-    train.validate_config(config)
+    config = config_lib.load_config_file(str(CONFIGS / path)).get_config(arg)
+    config_lib.validate_config(config)
     for name, cfg in config.methods.items():
         methods.validate(name, cfg)
     smoke = "smoke" in (arg or "")
@@ -494,7 +494,7 @@ def test_configs_load_and_validate(path, arg):
 
 
 def test_paper_config_defaults_and_bad_arguments():
-    paper = sweep.load_config_file(str(CONFIGS / "paper.py"))
+    paper = config_lib.load_config_file(str(CONFIGS / "paper.py"))
     config = paper.get_config("dogs_vs_cats,resnet8")
     assert config.data.source == "folder:../shared/data/dogs_vs_cats_32"
     assert (config.teacher.model, config.student.model, config.seeds) == ("resnet50", "resnet8", 3)

@@ -23,7 +23,7 @@ import pytest
 from test_cli import assert_clean_error, cli_args, cli_env, run_cli, shared_cache_dir
 from test_train import synthetic_dataset, teacher_spec
 
-from debkd_jax import config_lib, report, train, workdir_lib
+from debkd_jax import config_lib, pipeline, report, training, workdir_lib
 from debkd_jax.errors import UserError
 
 TEACHER_SMOKE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "teacher.py") + ":smoke"
@@ -192,12 +192,12 @@ def test_checkpoint_write_errors_become_user_errors(tmp_path):
     full = ValueError(
         'RESOURCE_EXHAUSTED: Error writing local file "x": No space left on device [os_error_code=28]'
     )
-    assert "disk is full" in str(train._checkpoint_error(full, str(tmp_path)))
+    assert "disk is full" in str(training.checkpoint_error(full, str(tmp_path)))
     assert "not writable" in str(
-        train._checkpoint_error(PermissionError(errno.EACCES, "denied"), str(tmp_path))
+        training.checkpoint_error(PermissionError(errno.EACCES, "denied"), str(tmp_path))
     )
     bug = ValueError("tree structure mismatch")
-    assert train._checkpoint_error(bug, str(tmp_path)) is bug
+    assert training.checkpoint_error(bug, str(tmp_path)) is bug
 
 
 def test_second_job_on_a_workdir_is_refused_until_the_first_ends(tmp_path):
@@ -316,15 +316,15 @@ def test_teacher_of_another_class_count_or_training_set_is_refused():
 
 
 def _fit(dataset, run_dir, cfg, spec):
-    targets = train._dummy_targets(len(dataset.train_labels), dataset.num_classes)
-    return train.fit(
+    targets = pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes)
+    return training.fit(
         name="teacher",
         spec=spec,
         train_cfg=cfg,
         dataset=dataset,
         train_targets=targets,
         run_dir=str(run_dir),
-        mesh=train.create_mesh(),
+        mesh=training.create_mesh(),
         seed=0,
         show_progress=False,
     )
@@ -339,7 +339,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         return jnp.where(epoch >= 1.0, jnp.nan, real(logits, labels, rows, hints, epoch))
 
     spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, loss_fn=poisoned))
-    with pytest.raises(train.NonFiniteLoss) as info:
+    with pytest.raises(training.NonFiniteLoss) as info:
         _fit(dataset, tmp_path, cfg, spec)
     message = str(info.value)
     assert "NaN/Inf at step 5 of 12 (epoch 2)" in message and "last good checkpoint (epoch 1)" in message
@@ -357,7 +357,7 @@ def test_huge_learning_rate_diverges_with_a_clear_error(tmp_path):
     cfg, spec = teacher_spec(dataset)
     cfg.learning_rate = 1e6
     with pytest.raises(
-        train.NonFiniteLoss, match=r"NaN/Inf at step \d+ of 8 \(epoch 1\).*nothing was saved yet"
+        training.NonFiniteLoss, match=r"NaN/Inf at step \d+ of 8 \(epoch 1\).*nothing was saved yet"
     ):
         _fit(dataset, tmp_path, cfg, spec)
-    assert isinstance(train.NonFiniteLoss("x"), UserError)  # so the CLI prints it without a traceback
+    assert isinstance(training.NonFiniteLoss("x"), UserError)  # so the CLI prints it without a traceback

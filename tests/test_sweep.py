@@ -103,9 +103,11 @@ def test_table_json_and_plot(tmp_path):
     dataset = types.SimpleNamespace(
         source="digits",
         class_names=("0-4", "5-9"),
-        train_labels=np.zeros(7),
-        val_labels=np.zeros(1),
-        test_labels=np.zeros(2),
+        train_labels=np.zeros(7, np.int32),
+        val_labels=np.zeros(1, np.int32),
+        test_labels=np.zeros(2, np.int32),
+        num_classes=2,
+        skipped=(),
     )
     results = sweep.summarize(config, points, runs, dataset, {"model": "resnet8x4"}, {"accuracy": 0.95})
     assert results["chosen"] == "1/12"
@@ -156,7 +158,7 @@ def test_point_key_changes_with_what_decides_the_result():
 
 
 def _tiny_sweep_config():
-    config = sweep.load_config_file(str(REPO / "configs" / "sweep_regions.py")).get_config("digits,smoke")
+    config = config_lib.load_config_file(str(REPO / "configs" / "sweep_regions.py")).get_config("digits,smoke")
     for path, value in OVERRIDES.items():
         *parts, field = path.split(".")
         node = config

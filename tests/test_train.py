@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from debkd_jax import config_lib, data, methods, train
+from debkd_jax import config_lib, data, methods, pipeline, training
 from debkd_jax.errors import UserError
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -59,7 +59,7 @@ def teacher_spec(dataset, epochs=2, batch_size=16, model="resnet_tiny", conv_bac
     cfg = config_lib.train_config(model, num_epochs=epochs, batch_size=batch_size)
     objective = methods.objective(methods.preset("CE"), epochs)
     steps = len(dataset.train_labels) // batch_size
-    spec = train._step_spec(
+    spec = training.build_step_spec(
         cfg, dataset.num_classes, "float32", objective, steps, augment=True, conv_backward=conv_backward
     )
     return cfg, spec
@@ -75,7 +75,7 @@ def test_every_config_loads_and_validates(path):
     assert module.__doc__ and "python -m debkd_jax" in module.__doc__, "the docstring gives the command"
     for arg in (None, "smoke"):
         config = module.get_config(arg) if arg else module.get_config()
-        train.validate_config(config)
+        config_lib.validate_config(config)
         assert config.methods and config.teacher.model and config.student.model
     smoke = module.get_config("smoke")
     assert smoke.teacher.num_epochs <= 2 and smoke.data.max_per_class and not smoke.progress
@@ -126,7 +126,7 @@ def test_validate_config_refuses_bad_values(change, needles):
     config = smoke_config()
     change(config)
     with pytest.raises(UserError) as info:
-        train.validate_config(config)
+        config_lib.validate_config(config)
     for needle in needles:
         assert needle in str(info.value), str(info.value)
 
@@ -141,7 +141,7 @@ def test_distributed_without_a_cluster_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
     with pytest.raises(UserError, match="distributed=True but jax.distributed.initialize"):
-        train.validate_config(config)
+        training.initialize_distributed(config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,13 +150,13 @@ def test_distributed_without_a_cluster_is_a_clear_error(monkeypatch):
 
 def _train_steps(mesh, dataset, n_steps=3, seed=0, conv_backward="xla"):
     cfg, spec = teacher_spec(dataset, conv_backward=conv_backward)
-    state = train.init_state(jax.random.key(seed), spec.model, train.make_optimizer(cfg, 4), (32, 32, 3))
+    state = training.init_state(jax.random.key(seed), spec.model, training.make_optimizer(cfg, 4), (32, 32, 3))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, replicated)
-    acc = jax.device_put(train.zero_metrics(), replicated)
-    step = train.make_train_step(spec, mesh, seed)
-    targets = train._dummy_targets(len(dataset.train_labels), dataset.num_classes)
+    acc = jax.device_put(training.zero_metrics(), replicated)
+    step = training.make_train_step(spec, mesh, seed)
+    targets = pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     order = data.batch_indices(len(dataset.train_labels), cfg.batch_size, seed=seed, epoch=0)
     for idx in order[:n_steps]:
         batch = data.make_global_batch(
@@ -172,18 +172,18 @@ def test_train_step_is_the_same_on_one_and_on_eight_devices():
     as on one device, up to float reassociation; with augmentation on, so the random crops agree too."""
     assert jax.device_count() == 8
     dataset = synthetic_dataset()
-    one = _train_steps(train.create_mesh(jax.devices()[:1]), dataset)
-    eight = _train_steps(train.create_mesh(), dataset)
+    one = _train_steps(training.create_mesh(jax.devices()[:1]), dataset)
+    eight = _train_steps(training.create_mesh(), dataset)
     flat_one, flat_eight = jax.tree.leaves(one[:2]), jax.tree.leaves(eight[:2])
     for a, b in zip(flat_one, flat_eight, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     assert int(one[2]["count"]) == int(eight[2]["count"]) == 48
     np.testing.assert_allclose(one[2]["loss_sum"], eight[2]["loss_sum"], rtol=1e-5)
     # The steps did change the parameters (the comparison is not between two untouched inits).
-    init = train.init_state(
+    init = training.init_state(
         jax.random.key(0),
         teacher_spec(dataset)[1].model,
-        train.make_optimizer(teacher_spec(dataset)[0], 4),
+        training.make_optimizer(teacher_spec(dataset)[0], 4),
         (32, 32, 3),
     )
     params_one = jax.tree.leaves(one[0])
@@ -194,8 +194,8 @@ def test_materialized_conv_backward_trains_as_the_plain_one_on_eight_devices():
     """The conv VJP through a fusion barrier (the default on CPU) gives the plain conv's training, with the
     batch sharded over 8 devices."""
     dataset = synthetic_dataset()
-    plain = _train_steps(train.create_mesh(), dataset)
-    materialized = _train_steps(train.create_mesh(), dataset, conv_backward="materialized")
+    plain = _train_steps(training.create_mesh(), dataset)
+    materialized = _train_steps(training.create_mesh(), dataset, conv_backward="materialized")
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(materialized), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
@@ -203,24 +203,24 @@ def test_materialized_conv_backward_trains_as_the_plain_one_on_eight_devices():
 def test_conv_backward_auto_is_materialized_on_cpu_only():
     import types
 
-    mesh = train.create_mesh()
+    mesh = training.create_mesh()
     assert {d.platform for d in mesh.devices.flat} == {"cpu"}
     assert config_lib.base_config().conv_backward == "auto"
-    assert train.resolve_conv_backward("auto", mesh) == "materialized"
+    assert training.resolve_conv_backward("auto", mesh) == "materialized"
     fake_gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")] * 2))
-    assert train.resolve_conv_backward("auto", fake_gpu) == "xla"
+    assert training.resolve_conv_backward("auto", fake_gpu) == "xla"
     for setting in ("xla", "materialized"):
-        assert train.resolve_conv_backward(setting, mesh) == train.resolve_conv_backward(setting, fake_gpu)
-        assert train.resolve_conv_backward(setting, mesh) == setting
+        assert training.resolve_conv_backward(setting, mesh) == training.resolve_conv_backward(setting, fake_gpu)
+        assert training.resolve_conv_backward(setting, mesh) == setting
     with pytest.raises(UserError, match="conv_backward='lax'"):
-        train.resolve_conv_backward("lax", mesh)
+        training.resolve_conv_backward("lax", mesh)
 
 
 def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_path, monkeypatch):
     """train_teacher / train_student build their models with the resolved conv_backward; the setting is not in
     run.json, so changing it resumes and reuses runs instead of refusing them."""
     dataset = synthetic_dataset(k=2)
-    mesh = train.create_mesh()
+    mesh = training.create_mesh()
     specs = []
 
     class Stop(Exception):
@@ -230,12 +230,12 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
         specs.append(spec)
         raise Stop
 
-    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(training, "fit", fake_fit)
     config = smoke_config()
     for setting, want in (("auto", "materialized"), ("xla", "xla")):
         config.conv_backward = setting
         with pytest.raises(Stop):
-            train.train_teacher(config, dataset, str(tmp_path / setting / "teacher"), mesh)
+            pipeline.train_teacher(config, dataset, str(tmp_path / setting / "teacher"), mesh)
         assert specs[-1].model.backbone.conv_backward == want
         rng = np.random.default_rng(0)
         t_logits = {
@@ -243,7 +243,7 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
             for s in ("train", "val", "test")
         }
         with pytest.raises(Stop):
-            train.train_student(
+            pipeline.train_student(
                 config,
                 "KD",
                 config.methods.KD,
@@ -259,10 +259,10 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
     other = smoke_config()
     other.conv_backward = "xla"
     meta = {"data": "x", "class_names": ["a", "b"], "image_size": 32}
-    assert train._teacher_identity(smoke_config(), meta) == train._teacher_identity(other, meta)
+    assert pipeline.teacher_identity(smoke_config(), meta) == pipeline.teacher_identity(other, meta)
     logits = {s: np.zeros((4, 2), np.float32) for s in ("train", "val", "test")}
-    assert train._student_identity(smoke_config(), config.methods.KD, 0, dataset, logits) == (
-        train._student_identity(other, config.methods.KD, 0, dataset, logits)
+    assert pipeline.student_identity(smoke_config(), config.methods.KD, 0, dataset, logits) == (
+        pipeline.student_identity(other, config.methods.KD, 0, dataset, logits)
     )
 
 
@@ -271,7 +271,7 @@ def test_student_hint_regressors_follow_the_backbones_conv_backward():
 
     x = jnp.zeros((2, 8, 8, 3))
     for setting in ("xla", "materialized"):
-        student = train.Student(
+        student = training.Student(
             models.get_model("resnet_tiny", 2, conv_backward=setting),
             taps=(0, 1),
             hint_shapes=((8, 8, 6), (4, 4, 6)),
@@ -296,9 +296,9 @@ def test_student_hint_regressors_follow_the_backbones_conv_backward():
 
 def _fit(dataset, run_dir, seed, show_progress=False):
     cfg, spec = teacher_spec(dataset)
-    mesh = train.create_mesh()
-    targets = train._dummy_targets(len(dataset.train_labels), dataset.num_classes)
-    return train.fit(
+    mesh = training.create_mesh()
+    targets = pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes)
+    return training.fit(
         name="teacher",
         spec=spec,
         train_cfg=cfg,
@@ -328,7 +328,7 @@ def test_fit_is_deterministic_and_the_seed_changes_order_and_init(tmp_path, caps
     )
     cfg, spec = teacher_spec(dataset)
     inits = [
-        train.init_state(jax.random.key(s), spec.model, train.make_optimizer(cfg, 4), (32, 32, 3)).params
+        training.init_state(jax.random.key(s), spec.model, training.make_optimizer(cfg, 4), (32, 32, 3)).params
         for s in (0, 1)
     ]
     assert not all(
@@ -345,11 +345,11 @@ def test_predict_logits_keeps_order_with_padding_on_eight_devices():
     on one device, in order."""
     dataset = synthetic_dataset(n_train=37)
     _, spec = teacher_spec(dataset)
-    variables = train._jitted_init(spec.model)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    predict = train.make_predict_fn(spec.model, jnp.float32)
-    got = train.predict_logits(predict, variables, dataset.train_images, 16, train.create_mesh())
-    want = train.predict_logits(
-        predict, variables, dataset.train_images, 64, train.create_mesh(jax.devices()[:1])
+    variables = training.jitted_init(spec.model)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    predict = training.make_predict_fn(spec.model, jnp.float32)
+    got = training.predict_logits(predict, variables, dataset.train_images, 16, training.create_mesh())
+    want = training.predict_logits(
+        predict, variables, dataset.train_images, 64, training.create_mesh(jax.devices()[:1])
     )
     assert got.shape == want.shape == (37, 2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

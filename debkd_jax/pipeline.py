@@ -1,0 +1,387 @@
+"""The main job: data -> teacher -> its logits (cached) -> targets -> each method's students -> results.
+
+`train_and_evaluate(config, workdir)` is what `python -m debkd_jax.main` runs; `debkd_jax.sweep` reuses
+`train_teacher`, `teacher_logits` and `train_student`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from debkd_jax import config_lib, losses, methods, metrics, models, report, training, workdir_lib
+from debkd_jax import data as data_lib
+from debkd_jax import targets as targets_lib
+from debkd_jax.errors import UserError
+
+log = logging.getLogger("debkd_jax")
+
+
+def _fingerprint(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_data(config) -> data_lib.Dataset:
+    """The configured data set; its errors (missing folder, one class, too few images) are `UserError`s."""
+    d = config.data
+    try:
+        return _load_dataset(config, d)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(f"data.source={d.source!r}: {e}") from e
+    except OSError as e:
+        raise UserError(f"data.source={d.source!r}: cannot read it ({e}).") from e
+
+
+def _load_dataset(config, d) -> data_lib.Dataset:
+    dataset = data_lib.load_dataset(
+        d.source,
+        cache_dir=workdir_lib.expand(d.cache_dir) if d.cache_dir else None,
+        seed=config.seed,
+        image_size=d.image_size,
+        max_per_class=d.max_per_class or None,
+        digits_classes=d.digits_classes,
+        tfds_data_dir=d.tfds_data_dir or None,
+        use_dataset_test_split=d.use_dataset_test_split,
+        progress=config.progress,
+    )
+    return dataset
+
+
+def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict]:
+    """Trains (or reloads) the teacher; returns its eval variables and its metadata."""
+    meta = {
+        "model": config.teacher.model,
+        "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names),
+        "image_size": int(dataset.train_images.shape[1]),
+        "data": _fingerprint(dataset.train_images, dataset.train_labels),
+        "dtype": config.dtype,
+    }
+    final = os.path.join(run_dir, "final")
+    source = workdir_lib.expand(config.teacher.checkpoint) if config.teacher.checkpoint else run_dir
+    # teacher.checkpoint naming this run's own teacher folder means "train it here, or reuse it".
+    trains_here = source == workdir_lib.expand(run_dir)
+    if trains_here:
+        # The teacher trained here: refuse to resume or reuse one trained with other settings.
+        workdir_lib.claim_run_dir(
+            run_dir, teacher_identity(config, meta), "a teacher", jax.process_index() == 0, config.overwrite
+        )
+        training.sync_processes("claim " + run_dir)
+    saved = workdir_lib.read_json(os.path.join(source, "teacher.json"))
+    if saved is not None:
+        workdir_lib.check_teacher_matches(saved, meta, source)
+        variables = workdir_lib.restore_variables(os.path.join(source, "final"))
+        log.info("teacher: reusing %s (%s)", source, saved["model"])
+        if source != run_dir:
+            os.makedirs(run_dir, exist_ok=True)
+        return variables, saved
+    if not trains_here:
+        raise UserError(
+            f"teacher.checkpoint={config.teacher.checkpoint!r} holds no finished teacher (no teacher.json); "
+            "point it at the 'teacher' folder of a finished run, or leave it empty to train one."
+        )
+    objective = methods.objective(methods.preset("CE"), config.teacher.num_epochs)
+    steps = len(dataset.train_labels) // config.teacher.batch_size
+    spec = training.build_step_spec(
+        config.teacher,
+        dataset.num_classes,
+        config.dtype,
+        objective,
+        steps,
+        config.data.augment,
+        training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh),
+    )
+    dummy = placeholder_targets(len(dataset.train_labels), dataset.num_classes)
+    result = training.fit(
+        name="teacher",
+        spec=spec,
+        train_cfg=config.teacher,
+        dataset=dataset,
+        train_targets=dummy,
+        run_dir=run_dir,
+        mesh=mesh,
+        seed=config.seed,
+        show_progress=config.progress,
+    )
+    variables = {
+        "params": result.best_variables["params"]["backbone"],
+        "batch_stats": result.best_variables["batch_stats"]["backbone"],
+    }
+    meta.update(best_epoch=result.best_epoch, history=result.history)
+    # Every process takes part in an orbax save (it synchronises them); process 0 writes the JSON files.
+    workdir_lib.save_variables(final, variables)
+    if jax.process_index() == 0:
+        workdir_lib.write_json(os.path.join(run_dir, "teacher.json"), meta)
+    return variables, meta
+
+
+def _training_fields(train_cfg) -> dict:
+    """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint)."""
+    skip = ("eval_batch_size", "checkpoint")
+    return {k: v for k, v in train_cfg.to_dict().items() if k not in skip}
+
+
+def teacher_identity(config, meta: dict) -> dict:
+    return {
+        "teacher": _training_fields(config.teacher),
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "augment": config.data.augment,
+        "data": meta["data"],
+        "class_names": meta["class_names"],
+        "image_size": meta["image_size"],
+    }
+
+
+def student_identity(config, method_cfg, seed: int, dataset, t_logits) -> dict:
+    return {
+        "method": method_cfg.to_dict(),
+        "student": _training_fields(config.student),
+        "seed": seed,
+        "dtype": config.dtype,
+        "augment": config.data.augment,
+        "data": _fingerprint(dataset.train_images, dataset.train_labels),
+        "teacher_logits": _fingerprint(t_logits["train"], t_logits["val"], t_logits["test"]),
+    }
+
+
+def placeholder_targets(n: int, k: int) -> targets_lib.Targets:
+    z = np.zeros((n, k), np.float32)
+    return targets_lib.Targets(logits=z, lo=z, hi=z + 1.0, correct=np.ones((n,), bool))
+
+
+def teacher_logits(
+    config, teacher_vars, meta, dataset, teacher_dir: str, mesh: Mesh
+) -> dict[str, np.ndarray]:
+    """The teacher's eval-mode logits on every split, cached beside its checkpoint (keyed to it and the data)."""
+    key = _fingerprint(
+        *jax.tree.leaves(jax.tree.map(np.asarray, teacher_vars)), dataset.train_images, dataset.test_images
+    )
+    path = os.path.join(teacher_dir, "logits.npz")
+    cached = workdir_lib.read_npz(path)
+    splits = ("train", "val", "test")
+    if cached is not None and str(cached.get("key")) == key and all(s in cached for s in splits):
+        return {s: cached[s] for s in splits}
+    model = models.get_model(meta["model"], dataset.num_classes, config.dtype)
+    predict = training.make_predict_fn(model, jnp.dtype(config.dtype))
+    out = {
+        split: training.predict_logits(
+            predict,
+            teacher_vars,
+            getattr(dataset, f"{split}_images"),
+            config.teacher.eval_batch_size,
+            mesh,
+            progress=f"teacher logits ({split})" if config.progress else None,
+        )
+        for split in ("train", "val", "test")
+    }
+    if jax.process_index() == 0:
+        workdir_lib.write_npz(path, key=np.asarray(key), **out)
+    return out
+
+
+def train_student(
+    config, method_name: str, method_cfg, seed: int, dataset, teacher, t_logits, mesh: Mesh, run_dir: str
+) -> dict:
+    """Trains one student with one method and seed; returns its test metrics and history.
+
+    A finished run in `run_dir` (result.json) with the same settings is reused, an interrupted one resumes
+    from its last checkpoint; a folder started with other settings is refused (`workdir_lib.claim_run_dir`).
+    With `config.overwrite`, an existing folder is set aside (renamed `<run_dir>.<time>`) and the student
+    retrained.
+    """
+    writer = jax.process_index() == 0
+    identity = student_identity(config, method_cfg, seed, dataset, t_logits)
+    if config.overwrite and os.path.isdir(run_dir):
+        if writer:
+            moved = workdir_lib.keep_aside(run_dir)
+            log.info("%s (seed %d): overwrite=True, the previous run is kept in %s", method_name, seed, moved)
+    workdir_lib.claim_run_dir(run_dir, identity, f"a {method_name} student (seed {seed})", writer)
+    training.sync_processes("claim " + run_dir)
+    done = workdir_lib.read_json(os.path.join(run_dir, "result.json"))
+    if done is not None:
+        log.info("%s (seed %d): finished before, reusing %s", method_name, seed, run_dir)
+        return done
+    teacher_vars, teacher_meta = teacher
+    scfg = config.student
+    objective = methods.objective(method_cfg, scfg.num_epochs)
+    train_targets = methods.build_targets(method_cfg, t_logits["train"], dataset.train_labels)
+    infusion = None
+    if "knowledge_infusion" in objective.transforms:
+        infusion = targets_lib.infusion_table(t_logits["train"], dataset.train_labels, method_cfg.ki_mode)
+    steps = len(dataset.train_labels) // scfg.batch_size
+    kw: dict[str, Any] = {"method_cfg": method_cfg}
+    conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh)
+    if objective.needs_teacher_online:
+        kw["teacher"] = models.get_model(
+            teacher_meta["model"], dataset.num_classes, config.dtype, conv_backward
+        )
+    if objective.uses_hints:
+        t_shapes = jax.eval_shape(
+            lambda x: kw["teacher"].apply(teacher_vars, x, train=False)[1], dataset.train_images[:1] * 0.0
+        )
+        student_blocks = len(
+            jax.eval_shape(
+                lambda x: models.get_model(scfg.model, dataset.num_classes).init_with_output(
+                    jax.random.key(0), x, train=False
+                )[0][1],
+                dataset.train_images[:1] * 0.0,
+            )
+        )
+        t_taps = models.feature_taps(len(t_shapes), "teacher")
+        s_taps = models.feature_taps(student_blocks, "student")
+        n = min(len(t_taps), len(s_taps))
+        t_taps, s_taps = t_taps[:n], s_taps[:n]
+        kw["teacher_taps"] = t_taps
+        kw["student_kw"] = {
+            "taps": s_taps,
+            "hint_shapes": tuple(tuple(int(d) for d in t_shapes[i].shape[1:]) for i in t_taps),
+        }
+    spec = training.build_step_spec(
+        scfg, dataset.num_classes, config.dtype, objective, steps, config.data.augment, conv_backward, **kw
+    )
+    started = time.perf_counter()
+    result = training.fit(
+        name=f"{method_name} (seed {seed})",
+        spec=spec,
+        train_cfg=scfg,
+        dataset=dataset,
+        train_targets=train_targets,
+        run_dir=run_dir,
+        mesh=mesh,
+        seed=seed,
+        teacher_vars=teacher_vars if objective.needs_teacher_online else None,
+        infusion=infusion,
+        show_progress=config.progress,
+    )
+    backbone = models.get_model(scfg.model, dataset.num_classes, config.dtype)
+    student_vars = {k: v["backbone"] for k, v in result.best_variables.items()}
+    predict = training.make_predict_fn(backbone, jnp.dtype(config.dtype))
+    test_logits = training.predict_logits(
+        predict, student_vars, dataset.test_images, scfg.eval_batch_size, mesh
+    )
+    test_targets = methods.build_targets(method_cfg, t_logits["test"], dataset.test_labels, infusion=infusion)
+    hits = np.asarray(
+        losses.region_hits(
+            test_logits,
+            dataset.test_labels,
+            test_targets.lo,
+            test_targets.hi,
+            temperature=method_cfg.temperature,
+        )
+    )
+    test = metrics.classification_metrics(
+        test_logits,
+        dataset.test_labels,
+        num_classes=dataset.num_classes,
+        teacher_logits=t_logits["test"],
+        region_hits=hits,
+    )
+    out = {
+        "method": method_name,
+        "seed": seed,
+        "model": scfg.model,
+        "config": method_cfg.to_dict(),
+        "best_epoch": result.best_epoch,
+        # Training and evaluation time of this process (after a resume: of the part run since).
+        "wall_seconds": time.perf_counter() - started,
+        "test": test,
+        "history": result.history,
+    }
+    workdir_lib.save_variables(
+        os.path.join(run_dir, "final"), student_vars
+    )  # every process: orbax syncs them
+    if jax.process_index() == 0:
+        workdir_lib.write_json(
+            os.path.join(run_dir, "model.json"),
+            {
+                "model": scfg.model,
+                "num_classes": dataset.num_classes,
+                "class_names": list(dataset.class_names),
+                "image_size": int(dataset.train_images.shape[1]),
+                "dtype": config.dtype,
+            },
+        )
+        workdir_lib.write_json(os.path.join(run_dir, "result.json"), out)
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results.
+
+    Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz),
+    students/<method>-seed<s>/ (checkpoints, final model, run.json, metrics.jsonl, TensorBoard events,
+    result.json), results.json, results.md, val_accuracy.png, and skipped_files.csv when images were
+    unreadable. Re-running the same command resumes an interrupted run and reuses finished parts; see
+    docs/reliability.md.
+    """
+    training.initialize_distributed(config)
+    config_lib.validate_config(config)
+    workdir = workdir_lib.expand(workdir)
+    writer = jax.process_index() == 0
+    with workdir_lib.Workdir(workdir, writer=writer) as wd:
+        wd.write_config(config)
+        mesh = training.create_mesh()
+        dataset = load_data(config)
+        log.info(
+            "data: %s, %d classes %s, train/val/test = %d/%d/%d",
+            dataset.source,
+            dataset.num_classes,
+            dataset.class_names,
+            len(dataset.train_labels),
+            len(dataset.val_labels),
+            len(dataset.test_labels),
+        )
+        if dataset.skipped:
+            skipped_csv = os.path.join(workdir, "skipped_files.csv")
+            if writer:
+                report.write_skipped_csv(dataset.skipped, skipped_csv)
+            log.warning(
+                "data: skipped %d unreadable file(s), listed in %s", len(dataset.skipped), skipped_csv
+            )
+        teacher_dir = os.path.join(workdir, "teacher")
+        teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
+        t_logits = teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
+        teacher_test = metrics.classification_metrics(
+            t_logits["test"], dataset.test_labels, num_classes=dataset.num_classes
+        )
+        runs = []
+        for method_name, method_cfg in methods.ordered(config.methods):
+            for s in range(config.seeds):
+                seed = config.seed + s
+                run_dir = os.path.join(
+                    workdir, "students", f"{workdir_lib.safe_name(method_name)}-seed{seed}"
+                )
+                runs.append(
+                    train_student(
+                        config,
+                        method_name,
+                        method_cfg,
+                        seed,
+                        dataset,
+                        (teacher_vars, teacher_meta),
+                        t_logits,
+                        mesh,
+                        run_dir,
+                    )
+                )
+        results = report.summarize(config, dataset, teacher_meta, teacher_test, runs)
+        if writer:
+            report.write_results(workdir, results)
+        return results

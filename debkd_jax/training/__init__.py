@@ -1,0 +1,53 @@
+"""Training one model: train state and optimizer, the train step (one factory for training, benchmarks and
+tests), the mesh and multi-process helpers, and the `fit` loop with checkpoints and resume."""
+
+from debkd_jax.training.distributed import (
+    create_mesh,
+    initialize_distributed,
+    process_local,
+    resolve_conv_backward,
+    sync_processes,
+)
+from debkd_jax.training.loop import FitResult, NonFiniteLoss, checkpoint_error, fit
+from debkd_jax.training.state import (
+    TrainState,
+    host_copy,
+    init_state,
+    jitted_init,
+    make_optimizer,
+    variables_of,
+    zero_metrics,
+)
+from debkd_jax.training.step import (
+    StepSpec,
+    Student,
+    build_step_spec,
+    make_predict_fn,
+    make_train_step,
+    predict_logits,
+)
+
+__all__ = [
+    "FitResult",
+    "NonFiniteLoss",
+    "StepSpec",
+    "Student",
+    "TrainState",
+    "build_step_spec",
+    "checkpoint_error",
+    "create_mesh",
+    "fit",
+    "host_copy",
+    "init_state",
+    "initialize_distributed",
+    "jitted_init",
+    "make_optimizer",
+    "make_predict_fn",
+    "make_train_step",
+    "predict_logits",
+    "process_local",
+    "resolve_conv_backward",
+    "sync_processes",
+    "variables_of",
+    "zero_metrics",
+]

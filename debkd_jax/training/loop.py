@@ -1,0 +1,246 @@
+"""`fit`: trains one model for its epochs with the train step, checkpoints every epoch (orbax) and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from debkd_jax import data as data_lib
+from debkd_jax import report, workdir_lib
+from debkd_jax import targets as targets_lib
+from debkd_jax.errors import UserError
+from debkd_jax.training.distributed import process_local
+from debkd_jax.training.state import host_copy, init_state, make_optimizer, variables_of, zero_metrics
+from debkd_jax.training.step import StepSpec, make_predict_fn, make_train_step, predict_logits
+
+log = logging.getLogger("debkd_jax")
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class FitResult:
+    best_variables: dict
+    history: list[dict]
+    best_epoch: int
+
+
+def fit(
+    *,
+    name: str,
+    spec: StepSpec,
+    train_cfg,
+    dataset: data_lib.Dataset,
+    train_targets: targets_lib.Targets,
+    run_dir: str,
+    mesh: Mesh,
+    seed: int,
+    teacher_vars=None,
+    infusion=None,
+    on_epoch: Callable[[dict], None] | None = None,
+    show_progress: bool = True,
+) -> FitResult:
+    """Trains `spec.model` for `train_cfg.num_epochs`, checkpointing every epoch (orbax) and resuming from the
+    last complete checkpoint in `run_dir`. The best epoch on validation accuracy is kept; returns it."""
+    n_train = len(dataset.train_labels)
+    steps_per_epoch = n_train // train_cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"{name}: batch_size={train_cfg.batch_size} is larger than the {n_train} training images; "
+            "lower the batch size."
+        )
+    tx = make_optimizer(train_cfg, steps_per_epoch)
+    init_rng = jax.random.key(seed)
+    state = init_state(init_rng, spec.model, tx, dataset.train_images.shape[1:])
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
+    history: list[dict] = []
+    best = {"epoch": -1, "val_accuracy": -1.0}
+    best_variables = host_copy(variables_of(state))
+
+    ckpt = workdir_lib.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
+    writer = None
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            restored = ckpt.restore(
+                latest,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state),
+                    best_variables=ocp.args.StandardRestore(best_variables),
+                    history=ocp.args.JsonRestore(),
+                ),
+            )
+            state = jax.device_put(restored["state"], replicated)
+            best_variables = host_copy(restored["best_variables"])
+            history = list(restored["history"]["epochs"])
+            best = restored["history"]["best"]
+            log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
+
+        step_fn = make_train_step(spec, mesh, seed)
+        predict = make_predict_fn(spec.model, spec.dtype)
+        batch_sharding = NamedSharding(mesh, P("data"))
+        writer = report.MetricWriter(run_dir) if jax.process_index() == 0 else None
+        if teacher_vars is not None:
+            teacher_vars = jax.device_put(teacher_vars, replicated)
+        if infusion is not None:
+            infusion = jax.device_put(jnp.asarray(infusion), replicated)
+        host_targets = jax.tree.map(np.asarray, train_targets)
+
+        start_epoch = len(history)
+        epochs = report.progress(
+            range(start_epoch, train_cfg.num_epochs),
+            desc=f"{name}",
+            total=train_cfg.num_epochs,
+            initial=start_epoch,
+            disable=not show_progress,
+            unit="epoch",
+        )
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            acc = jax.device_put(zero_metrics(), replicated)
+            order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
+            local = process_local(order)
+            steps = report.progress(
+                local,
+                desc=f"  epoch {epoch + 1}",
+                total=len(local),
+                leave=False,
+                disable=not show_progress or len(local) < 20,
+                unit="step",
+            )
+            for idx in steps:
+                batch = data_lib.make_global_batch(
+                    {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
+                )
+                batch["rows"] = jax.tree.map(
+                    lambda a, idx=idx: jax.make_array_from_process_local_data(batch_sharding, a[idx]),
+                    host_targets,
+                )
+                state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
+            acc = jax.device_get(acc)
+            if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:
+                bad = int(acc["first_nonfinite_step"]) + 1
+                total = train_cfg.num_epochs * steps_per_epoch
+                if history:
+                    kept = (
+                        f"the last good checkpoint (epoch {len(history)}) is kept in {run_dir}/checkpoints. "
+                        f"Lower the learning rate (now {train_cfg.learning_rate}) or check the data, then "
+                        "re-run with --config.overwrite=True (the diverged run is set aside) or a new --workdir"
+                    )
+                else:
+                    kept = (
+                        f"nothing was saved yet. Lower the learning rate (now {train_cfg.learning_rate}) or "
+                        "check the data, then re-run"
+                    )
+                raise NonFiniteLoss(
+                    f"{name}: the loss or its gradient became NaN/Inf at step {bad} of {total} (epoch "
+                    f"{epoch + 1}); training stopped and {kept}."
+                )
+            val_logits = predict_logits(
+                predict, variables_of(state), dataset.val_images, train_cfg.eval_batch_size, mesh
+            )
+            val_acc = float(np.mean(np.argmax(val_logits, -1) == dataset.val_labels))
+            # Only values that the config and seed decide: a resumed or repeated run writes the same records.
+            record = {
+                "epoch": epoch + 1,
+                "step": int(jax.device_get(state.step)),
+                "train_loss": float(acc["loss_sum"] / max(acc["count"], 1)),
+                "train_accuracy": float(acc["correct"] / max(acc["count"], 1)),
+                "val_accuracy": val_acc,
+            }
+            history.append(record)
+            if val_acc > best["val_accuracy"]:
+                best = {"epoch": epoch + 1, "val_accuracy": val_acc}
+                best_variables = host_copy(variables_of(state))
+            _save_checkpoint(
+                ckpt,
+                epoch + 1,
+                ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    best_variables=ocp.args.StandardSave(best_variables),
+                    history=ocp.args.JsonSave({"epochs": history, "best": best}),
+                ),
+                run_dir,
+            )
+            seconds = time.perf_counter() - t0
+            if writer is not None:
+                writer.write(record, extra_scalars={"seconds_per_epoch": seconds})
+            if on_epoch is not None:
+                on_epoch(record)
+            if hasattr(epochs, "set_postfix"):
+                epochs.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
+            else:
+                log.info(
+                    "%s: epoch %d/%d loss %.4f train_acc %.4f val_acc %.4f (%.1f s)",
+                    name,
+                    epoch + 1,
+                    train_cfg.num_epochs,
+                    record["train_loss"],
+                    record["train_accuracy"],
+                    val_acc,
+                    seconds,
+                )
+    finally:
+        # Also on an error or Ctrl-C: the last epoch's (asynchronous) checkpoint is committed before leaving.
+        try:
+            _wait_for_checkpoint(ckpt, run_dir)
+        finally:
+            ckpt.close()
+            if writer is not None:
+                writer.close()
+    return FitResult(best_variables=best_variables, history=history, best_epoch=best["epoch"])
+
+
+def _save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args, run_dir: str) -> None:
+    try:
+        ckpt.save(step, args=args)
+    except (OSError, ValueError, RuntimeError) as e:
+        error = checkpoint_error(e, run_dir)
+        if error is e:
+            raise
+        raise error from e
+
+
+def _wait_for_checkpoint(ckpt: ocp.CheckpointManager, run_dir: str) -> None:
+    try:
+        ckpt.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+        error = checkpoint_error(e, run_dir)
+        if error is e:
+            raise
+        raise error from e
+
+
+_IO_FAILURES = {
+    errno.ENOSPC: ("No space left on device", "RESOURCE_EXHAUSTED"),
+    errno.EACCES: ("Permission denied",),
+    errno.EROFS: ("Read-only file system",),
+    errno.EDQUOT: ("Disk quota exceeded",),
+}
+
+
+def checkpoint_error(error: Exception, run_dir: str) -> Exception:
+    """Orbax reports a failed write as OSError or, from tensorstore, as ValueError('RESOURCE_EXHAUSTED: ... No
+    space left on device'): those become a `UserError` naming the folder; anything else is re-raised as is."""
+    where = os.path.join(run_dir, "checkpoints")
+    if isinstance(error, OSError) and error.errno is not None:
+        return workdir_lib.disk_error(where, error)
+    text = str(error)
+    for code, needles in _IO_FAILURES.items():
+        if any(n in text for n in needles):
+            return workdir_lib.disk_error(where, OSError(code, os.strerror(code)))
+    return error

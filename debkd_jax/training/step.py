@@ -1,0 +1,166 @@
+"""The one train-step factory that training, benchmarks and tests use, and the eval-mode forward.
+
+`make_train_step` returns `jax.jit(step)` over a `Mesh`: the batch sharded on 'data'
+(`NamedSharding(mesh, P('data'))`), the state replicated and donated. BatchNorm statistics are those of the
+global batch (XLA reduces across devices). Metrics accumulate on device and reach the host once per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from debkd_jax import data as data_lib
+from debkd_jax import losses, methods, models, report
+from debkd_jax.training.state import TrainState
+
+
+class Student(nn.Module):
+    """A backbone plus, for feature distillation, one `HintRegressor` per tapped block.
+
+    Returns (logits (B, k), hints): hints[i] is block `taps[i]` mapped to `hint_shapes[i] = (h, w, c)`.
+    The deployable model is the `backbone` subtree alone.
+    """
+
+    backbone: nn.Module
+    taps: tuple[int, ...] = ()
+    hint_shapes: tuple[tuple[int, int, int], ...] = ()
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        logits, blocks = self.backbone(x, train=train)
+        hints = tuple(
+            models.HintRegressor(
+                c, dtype=self.backbone.dtype, conv_backward=self.backbone.conv_backward, name=f"hint_{i}"
+            )(blocks[tap], (h, w), train)
+            for i, (tap, (h, w, c)) in enumerate(zip(self.taps, self.hint_shapes, strict=True))
+        )
+        return logits, hints
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about one model's train step."""
+
+    model: nn.Module
+    objective: methods.Objective
+    steps_per_epoch: int
+    augment: bool
+    dtype: Any
+    teacher: nn.Module | None = None
+    teacher_taps: tuple[int, ...] = ()
+    method_cfg: Any = None
+
+
+def build_step_spec(
+    model_cfg, num_classes: int, dtype, objective, steps_per_epoch, augment, conv_backward="xla", **kw
+) -> StepSpec:
+    backbone = models.get_model(model_cfg.model, num_classes, dtype, conv_backward)
+    return StepSpec(
+        model=Student(backbone, **kw.pop("student_kw", {})),
+        objective=objective,
+        steps_per_epoch=steps_per_epoch,
+        augment=augment,
+        dtype=jnp.dtype(dtype),
+        **kw,
+    )
+
+
+def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
+    """Returns the jitted `step(state, acc, batch, teacher_vars, infusion) -> (state, acc)`.
+
+    batch: {'image': uint8 (B, H, W, 3), 'label': int32 (B,), 'rows': Targets rows (B, ...)} sharded on 'data'.
+    teacher_vars / infusion: replicated, used only when the objective runs the teacher online.
+    """
+    aug_key = jax.random.key(seed)
+    objective = spec.objective
+
+    def step(state: TrainState, acc, batch, teacher_vars, infusion):
+        images, labels, rows = batch["image"], batch["label"], batch["rows"]
+        if spec.augment:
+            images = data_lib.augment(jax.random.fold_in(aug_key, state.step), images)
+        x = data_lib.normalize(images, spec.dtype)
+        teacher_feats = ()
+        if objective.needs_teacher_online:
+            t_logits, t_blocks = spec.teacher.apply(teacher_vars, x, train=False)
+            teacher_feats = tuple(jax.lax.stop_gradient(t_blocks[i]) for i in spec.teacher_taps)
+            if spec.method_cfg.online_targets:
+                # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's easy/hard
+                # split matches the rows that were rectified or infused; KI's table is the precomputed one.
+                rows = methods.build_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
+        epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            (logits, hints), updates = spec.model.apply(variables, x, train=True, mutable=["batch_stats"])
+            hint = losses.hint_loss(hints, teacher_feats) if objective.uses_hints else 0.0
+            loss = objective.loss_fn(logits, labels, rows, hint, epoch)
+            return loss, (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+        acc = {
+            "loss_sum": acc["loss_sum"] + jnp.where(finite, loss, 0.0) * labels.shape[0],
+            "correct": acc["correct"] + jnp.sum(jnp.argmax(logits, -1) == labels),
+            "count": acc["count"] + labels.shape[0],
+            "first_nonfinite_step": jnp.where(
+                finite, acc["first_nonfinite_step"], jnp.minimum(acc["first_nonfinite_step"], state.step - 1)
+            ),
+        }
+        return state, acc
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(replicated, replicated))
+
+
+def make_predict_fn(model: nn.Module, dtype) -> Callable:
+    """Jitted eval-mode forward: (variables, uint8 images) -> (logits float32, block outputs)."""
+
+    @jax.jit
+    def predict(variables, images):
+        return model.apply(variables, data_lib.normalize(images, dtype), train=False)
+
+    return predict
+
+
+def predict_logits(
+    predict: Callable, variables, images: np.ndarray, batch_size: int, mesh: Mesh, progress: str | None = None
+) -> np.ndarray:
+    """Logits of every image, in order: batches padded to a multiple of the mesh size. -> (N, k) float32.
+
+    Every process passes the same `images` (the whole split) and gets all the logits back: with several
+    processes each device takes its rows from its host's identical copy and the sharded result is gathered
+    with `multihost_utils.process_allgather` (`jax.device_get` cannot read shards held by other hosts).
+    """
+    n = len(images)
+    ndev = mesh.devices.size
+    batch_size = max(ndev, batch_size - batch_size % ndev)
+    sharding = NamedSharding(mesh, P("data"))
+    out = []
+    starts = range(0, n, batch_size)
+    for start in report.progress(starts, desc=progress, total=len(starts), disable=progress is None):
+        chunk = images[start : start + batch_size]
+        pad = (-len(chunk)) % ndev
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        # Each device takes its rows of the (identical on every process) host chunk: valid on several hosts.
+        batch = jax.make_array_from_callback(chunk.shape, sharding, lambda index, chunk=chunk: chunk[index])
+        logits = predict(variables, batch)[0]
+        if jax.process_count() > 1:
+            host = multihost_utils.process_allgather(logits, tiled=True)
+        else:
+            host = jax.device_get(logits)
+        out.append(np.asarray(host)[: len(chunk) - pad])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
