@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+
 def classification_metrics(
     logits: np.ndarray,
     labels: np.ndarray,

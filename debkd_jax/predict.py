@@ -129,7 +129,7 @@ def read_images(paths: Sequence[str], image_size: int) -> tuple[list[str], np.nd
         if os.path.isdir(p):
             failed.append((p, "is a directory; pass image files"))
             continue
-        image, reason = data_lib._decode_file(p, image_size)
+        image, reason = data_lib.decode_file(p, image_size)
         if image is None:
             failed.append((p, reason or "unreadable"))
         else:

@@ -1,6 +1,5 @@
 """Tests for debkd_jax.data: sources, odd files, cache, split, batches and the jitted transforms."""
 
-import csv
 import io
 import logging
 import os
@@ -17,6 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, JpegImagePlugin
 
 from debkd_jax import data
+from debkd_jax.data import batching, sources
+from debkd_jax.data import split as data_split
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -39,7 +40,7 @@ def halves(left, right, size=(64, 32), mode="RGB"):
 
 
 def decode(path, size=32):
-    image, reason = data._decode_file(str(path), size)
+    image, reason = data.decode_file(str(path), size)
     assert reason is None, reason
     assert image.shape == (size, size, 3) and image.dtype == np.uint8
     return image
@@ -81,8 +82,8 @@ def test_dogs_vs_cats_slice(dogs_vs_cats_dir, tmp_path):
         assert x.dtype == np.uint8 and x.shape == (len(y), 32, 32, 3) and y.dtype == np.int32
 
     # Labels follow the folders: every image equals a decode of one chosen file of its class.
-    listing = data._folder_listing(str(dogs_vs_cats_dir))
-    chosen = data._subset_per_class(listing.labels, 40)
+    listing = sources.folder_listing(str(dogs_vs_cats_dir))
+    chosen = data_split.subset_per_class(listing.labels, 40)
     expected = {}
     for i in chosen:
         rel = listing.paths[i]
@@ -116,10 +117,10 @@ def test_split_is_seeded_and_stratified():
 def test_split_counts_keep_one_per_split():
     for n in range(3, 40):
         for fractions in ((0.7, 0.1, 0.2), (0.1, 0.8, 0.1), (0.1, 0.1, 0.8), (0.98, 0.01, 0.01)):
-            n_val, n_test = data._split_counts(n, fractions[1], fractions[2])
+            n_val, n_test = data_split.split_counts(n, fractions[1], fractions[2])
             assert n_val >= 1 and n_test >= 1 and n - n_val - n_test >= 1
-    assert data._split_counts(100, 0.1, 0.2) == (10, 20)
-    assert data._split_counts(2, 0.125, 0.0) == (1, 0)
+    assert data_split.split_counts(100, 0.1, 0.2) == (10, 20)
+    assert data_split.split_counts(2, 0.125, 0.0) == (1, 0)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -127,13 +128,13 @@ def test_split_counts_keep_one_per_split():
 
 def counting_decoder(monkeypatch):
     calls = []
-    original = data._decode_file
+    original = sources.decode_file
 
     def counted(path, image_size):
         calls.append(path)
         return original(path, image_size)
 
-    monkeypatch.setattr(data, "_decode_file", counted)
+    monkeypatch.setattr(sources, "decode_file", counted)
     return calls
 
 
@@ -182,15 +183,12 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, damage):
 
 KILLED_WRITER = """
 import os, signal, sys
-import numpy as np
 from debkd_jax import data
 
-def killed_midway(f, **arrays):
-    f.write(b"PK\\x03\\x04 half a zip")
-    f.flush()
+def killed_before_rename(fd):
     os.kill(os.getpid(), signal.SIGKILL)
 
-np.savez = killed_midway
+os.fsync = killed_before_rename  # the whole file is written, not yet renamed into place
 data.load_dataset("folder:" + sys.argv[1], cache_dir=sys.argv[2], progress=False)
 """
 
@@ -200,7 +198,7 @@ def test_cache_write_killed_midway_leaves_no_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     script = tmp_path / "killed.py"
     script.write_text(KILLED_WRITER)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, str(script), str(root), str(cache)], env=env,
                          capture_output=True, timeout=120)
@@ -302,7 +300,7 @@ def test_big_jpeg_decoded_at_reduced_scale(tmp_path, monkeypatch):
 def test_decompression_bomb_is_a_skip(tmp_path, monkeypatch):
     path = save(solid(RED, size=(3000, 200)), tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    image, reason = data._decode_file(path, 32)
+    image, reason = data.decode_file(path, 32)
     assert image is None and "decompression bomb" in reason
 
 
@@ -345,12 +343,6 @@ def test_odd_folder_skips_unreadable_and_reports(tmp_path, caplog):
     assert all(os.path.isabs(p) and os.path.dirname(p) == str(root / "a") for p in skipped)
     assert all(reason for reason in skipped.values())
     assert "Skipped 4 unreadable" in caplog.text
-
-    report = tmp_path / "reports" / "skipped.csv"
-    data.write_skipped_report(ds, report)
-    with open(report, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["path", "reason"] and sorted(map(tuple, rows[1:])) == sorted(ds.skipped)
 
     again = data.load_dataset(f"folder:{root}", cache_dir=str(tmp_path / "c"), progress=False)
     assert again.skipped == ds.skipped
@@ -442,7 +434,7 @@ def test_digits_binary_and_ten_class():
 def test_digits_images_are_the_upscaled_digits():
     from sklearn.datasets import load_digits
 
-    decoded = data._decode_digits(10, 32, None)
+    decoded = sources.decode_digits(10, 32, None)
     original = load_digits().images * (255 / 16)
     pooled = decoded.images[..., 0].reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))
     corr = [np.corrcoef(p.ravel(), o.ravel())[0, 1] for p, o in zip(pooled, original, strict=True)]
@@ -525,8 +517,8 @@ def test_tfds_real_array_record(tiny_tfds, tmp_path, monkeypatch):
     assert (images == images[:, :1, :1, :1]).all()
 
     calls = []
-    original = data._read_tfds_example
-    monkeypatch.setattr(data, "_read_tfds_example",
+    original = sources.read_tfds_example
+    monkeypatch.setattr(sources, "read_tfds_example",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     own = data.load_dataset("tfds:tiny_pets", cache_dir=str(tmp_path), tfds_data_dir=tiny_tfds,
                             use_dataset_test_split=True, progress=False)
@@ -594,7 +586,7 @@ def test_augment_matches_numpy_reference():
         seen.add(matches[0])
     assert {f for _, _, f in seen} == {False, True}
     assert len({(dy, dx) for dy, dx, _ in seen}) > 20
-    offsets, flips = data._augment_params(rng, 64, 4)
+    offsets, flips = batching.augment_params(rng, 64, 4)
     for image, result, (dy, dx), f in zip(images, out, np.asarray(offsets), np.asarray(flips),
                                           strict=True):
         np.testing.assert_array_equal(result, numpy_crop_flip(image, dy, dx, f))
@@ -606,12 +598,12 @@ def test_augment_properties():
     assert a.dtype == jnp.float32 and a.shape == images.shape
     np.testing.assert_array_equal(a, data.augment(jax.random.key(1), images))
     assert not np.array_equal(a, data.augment(jax.random.key(2), images))
-    offsets, _ = data._augment_params(jax.random.key(1), 512, 4)
+    offsets, _ = batching.augment_params(jax.random.key(1), 512, 4)
     assert int(offsets.min()) == 0 and int(offsets.max()) == 8
     centre = np.full((512, 2), 4)
-    np.testing.assert_array_equal(data._crop_flip(images, centre, np.zeros(512, bool), 4), images)
-    twice = data._crop_flip(data._crop_flip(images, centre, np.ones(512, bool), 4), centre,
-                            np.ones(512, bool), 4)
+    np.testing.assert_array_equal(batching.crop_flip(images, centre, np.zeros(512, bool), 4), images)
+    twice = batching.crop_flip(batching.crop_flip(images, centre, np.ones(512, bool), 4), centre,
+                               np.ones(512, bool), 4)
     np.testing.assert_array_equal(twice, images)
     mirrored = data.augment(jax.random.key(3), images, pad=0)
     same = (np.asarray(mirrored) == images).all(axis=(1, 2, 3))

@@ -151,7 +151,7 @@ def test_predict_resizes_like_the_data_pipeline(exported, tmp_path):
     assert ok == [str(big)] and not failed and images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
     from debkd_jax import data
 
-    np.testing.assert_array_equal(images[0], data._decode_file(str(big), 32)[0])
+    np.testing.assert_array_equal(images[0], data.decode_file(str(big), 32)[0])
     assert deployed.probabilities(images).shape == (1, 2)
 
 

@@ -28,7 +28,7 @@ REFERENCE_PARAM_COUNTS = {
     "resnet50": {2: 23_504_450, 10: 23_520_842, 100: 23_705_252},
 }
 
-# (block, blocks per stage, stem width, stage widths, stage strides), written out independently of models.py.
+# (block, blocks per stage, stem width, stage widths, stage strides), written independently of the models.
 ARCHS = {
     "resnet8": ("basic", (1, 1, 1), 16, (16, 32, 64), (1, 2, 2)),
     "resnet8x4": ("basic", (1, 1, 1), 32, (64, 128, 256), (1, 2, 2)),
@@ -332,7 +332,7 @@ def test_materialized_conv_backward_gives_the_same_values_and_gradients(bottlene
     if bottleneck:
         make = functools.partial(models.ResNet, stage_sizes=(1, 1), block_cls=models.Bottleneck,
                                  num_classes=3, stem_width=4, widths=(2, 4), strides=(1, 2))
-        xla, materialized = make(), make(conv_backward="materialized")
+        xla, materialized = make(), make(conv=models.MaterializedConv)
     else:
         xla = models.get_model("resnet_tiny", 3)
         materialized = models.get_model("resnet_tiny", 3, conv_backward="materialized")
@@ -360,7 +360,7 @@ def test_materialized_conv_backward_gives_the_same_values_and_gradients(bottlene
 
 def test_materialized_hint_regressor_gradients():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
-    regs = [models.HintRegressor(features=5, conv_backward=c) for c in ("xla", "materialized")]
+    regs = [models.HintRegressor(features=5, conv=models.CONV_BACKWARDS[c]) for c in ("xla", "materialized")]
     variables = regs[0].init(jax.random.key(1), x, target_hw=(4, 4), train=False)
 
     def grads(reg):
@@ -388,7 +388,21 @@ def test_unknown_conv_backward_is_refused():
     for bad in ("auto", "lax", "", None):
         with pytest.raises(ValueError, match=r"conv_backward must be one of \('xla', 'materialized'\)"):
             models.get_model("resnet_tiny", 2, conv_backward=bad)
+    custom = functools.partial(nn.Conv, precision="highest")
     model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_classes=2, stem_width=4,
-                          widths=(4,), strides=(1,), conv_backward="fast")
-    with pytest.raises(ValueError, match="conv_backward.*'fast'"):
-        abstract_variables(model, hw=8)
+                          widths=(4,), strides=(1,), conv=custom)
+    with pytest.raises(ValueError, match="none of CONV_BACKWARDS"):
+        model.conv_backward  # noqa: B018 - the property raises
+
+
+def test_models_built_alike_are_equal_and_carry_their_conv():
+    """get_model injects one module-level conv per conv_backward, so equal calls give equal, equally hashed
+    modules (jit and lru caches keyed on the module hit); the model reports which conv it was built with."""
+    for setting in models.CONV_BACKWARDS:
+        a, b = (models.get_model("resnet_tiny", 2, conv_backward=setting) for _ in range(2))
+        assert a == b and hash(a) == hash(b)
+        assert a.conv is models.CONV_BACKWARDS[setting] and a.conv_backward == setting
+        assert models.conv_backward_of(a.conv) == setting
+    assert models.get_model("resnet_tiny", 2) != models.get_model("resnet_tiny", 2, "float32", "materialized")
+    assert models.CONV_BACKWARD_SETTINGS == ("auto", "xla", "materialized")
+

@@ -40,7 +40,7 @@ class Student(nn.Module):
         logits, blocks = self.backbone(x, train=train)
         hints = tuple(
             models.HintRegressor(
-                c, dtype=self.backbone.dtype, conv_backward=self.backbone.conv_backward, name=f"hint_{i}"
+                c, dtype=self.backbone.dtype, conv=self.backbone.conv, name=f"hint_{i}"
             )(blocks[tap], (h, w), train)
             for i, (tap, (h, w, c)) in enumerate(zip(self.taps, self.hint_shapes, strict=True))
         )

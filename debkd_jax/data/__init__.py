@@ -1,0 +1,25 @@
+"""Datasets as in-memory uint8 arrays, the stratified 70/10/20 split, jitted batch transforms (docs/data.md).
+
+    dataset.py    Dataset, load_dataset: decode (or read the cache), then split by seed
+    sources.py    digits, image folders, TFDS; decode_file for one image file
+    cache.py      the decoded arrays as one .npz per source and preprocessing
+    split.py      the per-class subset and the stratified, seeded split
+    batching.py   normalize, augment (jittable), batch_indices, make_global_batch
+"""
+
+from debkd_jax.data.batching import augment, batch_indices, make_global_batch, normalize
+from debkd_jax.data.dataset import Dataset, load_dataset
+from debkd_jax.data.sources import DIGITS_CLASS_NAMES, IMAGE_EXTENSIONS, SOURCE_FORMS, decode_file
+
+__all__ = [
+    "DIGITS_CLASS_NAMES",
+    "IMAGE_EXTENSIONS",
+    "SOURCE_FORMS",
+    "Dataset",
+    "augment",
+    "batch_indices",
+    "decode_file",
+    "load_dataset",
+    "make_global_batch",
+    "normalize",
+]

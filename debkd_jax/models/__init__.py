@@ -1,0 +1,64 @@
+"""CIFAR-style ResNets, FitNets hint regressors, and the conv layer they are built with (docs/models.md).
+
+    conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward
+    resnet.py   BasicBlock, Bottleneck, ResNet, the presets (MODELS), get_model, feature_taps, count_params
+    hints.py    HintRegressor
+"""
+
+from debkd_jax.models.conv import (
+    CONV_BACKWARD_SETTINGS,
+    CONV_BACKWARDS,
+    MaterializedConv,
+    ModuleDef,
+    conv_backward_of,
+    conv_for,
+    conv_general_dilated_materialized,
+    fusion_barrier,
+)
+from debkd_jax.models.hints import HintRegressor
+from debkd_jax.models.resnet import (
+    MODELS,
+    BasicBlock,
+    BatchNorm,
+    Bottleneck,
+    ResNet,
+    conv1x1,
+    conv3x3,
+    conv_init,
+    count_params,
+    feature_taps,
+    get_model,
+    resnet8,
+    resnet8x4,
+    resnet18,
+    resnet50,
+    resnet_tiny,
+)
+
+__all__ = [
+    "CONV_BACKWARDS",
+    "CONV_BACKWARD_SETTINGS",
+    "MODELS",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "HintRegressor",
+    "MaterializedConv",
+    "ModuleDef",
+    "ResNet",
+    "conv1x1",
+    "conv3x3",
+    "conv_backward_of",
+    "conv_for",
+    "conv_general_dilated_materialized",
+    "conv_init",
+    "count_params",
+    "feature_taps",
+    "fusion_barrier",
+    "get_model",
+    "resnet8",
+    "resnet8x4",
+    "resnet18",
+    "resnet50",
+    "resnet_tiny",
+]
