@@ -140,7 +140,7 @@ def _format(fmt: str, value) -> str:
         return str(value)
 
 
-def _point_key(config, point: Point, seed: int, teacher_meta: dict) -> str:
+def point_key(config, point: Point, seed: int, teacher_meta: dict) -> str:
     """A short hash of everything that decides a point's result."""
     payload = {
         "method": point.method_cfg.to_dict(),
@@ -201,7 +201,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         for point, seed in bar:
             run_dir = os.path.join(
-                sweep_dir, f"{point.slug}-seed{seed}-{_point_key(config, point, seed, teacher_meta)}"
+                sweep_dir, f"{point.slug}-seed{seed}-{point_key(config, point, seed, teacher_meta)}"
             )
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"{point.label}, seed {seed}")

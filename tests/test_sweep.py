@@ -147,14 +147,14 @@ def test_point_key_changes_with_what_decides_the_result():
     config = _config()
     point = sweep.sweep_points(config)[0]
     meta = {"model": "resnet8x4", "data": "abc", "num_classes": 2, "image_size": 32}
-    key = sweep._point_key(config, point, 0, meta)
-    assert sweep._point_key(config, point, 1, meta) != key
-    assert sweep._point_key(config, point, 0, {**meta, "data": "abd"}) != key
+    key = sweep.point_key(config, point, 0, meta)
+    assert sweep.point_key(config, point, 1, meta) != key
+    assert sweep.point_key(config, point, 0, {**meta, "data": "abd"}) != key
     config.data.cache_dir = "/elsewhere"
     config.progress = False
-    assert sweep._point_key(config, point, 0, meta) == key
+    assert sweep.point_key(config, point, 0, meta) == key
     config.student.num_epochs += 1
-    assert sweep._point_key(config, point, 0, meta) != key
+    assert sweep.point_key(config, point, 0, meta) != key
 
 
 def _tiny_sweep_config():

@@ -1,0 +1,94 @@
+"""The import rules of docs/architecture.md, checked on the source: imports run one way (from a module to
+modules of lower layers, or within its own package), nothing reaches another module's private names, and
+nothing in the package imports third_party/."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "debkd_jax"
+
+LAYERS = {
+    "errors": 0,
+    "xla_cpu": 0,
+    "targets": 1,
+    "losses": 2,
+    "metrics": 2,
+    "methods": 3,
+    "models": 3,
+    "workdir_lib": 3,
+    "data": 4,
+    "report": 4,
+    "config_lib": 4,
+    "training": 5,
+    "cli": 5,
+    "pipeline": 6,
+    "export": 6,
+    "sweep": 7,
+    "main": 7,
+    "predict": 7,
+    "render": 7,
+}
+CORE = ("targets", "losses", "metrics")
+
+
+def _unit(path: pathlib.Path) -> str:
+    """The top-level unit of the package a file belongs to: 'training' for training/step.py."""
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _sources():
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+
+
+def _imports(tree: ast.AST):
+    """(imported debkd_jax unit, imported names, line) for every import of the package in `tree`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "debkd_jax":
+            parts = node.module.split(".")
+            for alias in node.names:
+                unit = parts[1] if len(parts) > 1 else alias.name
+                yield unit, alias.name, node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "debkd_jax" and len(parts) > 1:
+                    yield parts[1], parts[-1], node.lineno
+                if parts[0] in ("third_party", "torch_peer", "torch"):
+                    yield parts[0], parts[-1], node.lineno
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(p) for p in _sources()}
+    assert units <= set(LAYERS), f"add {sorted(units - set(LAYERS))} to LAYERS and docs/architecture.md"
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_run_one_way(path):
+    unit = _unit(path)
+    tree = ast.parse(path.read_text())
+    for imported, name, line in _imports(tree):
+        where = f"{path.relative_to(PACKAGE)}:{line}"
+        assert imported not in ("third_party", "torch_peer", "torch"), f"{where} imports {imported}"
+        if imported == unit:
+            continue
+        assert imported in LAYERS, f"{where}: unknown unit {imported}"
+        assert LAYERS[imported] < LAYERS[unit], f"{where}: {unit} (layer {LAYERS[unit]}) imports {imported}"
+        if unit in CORE:
+            assert imported in CORE or imported == "errors", f"{where}: the core imports {imported}"
+        assert not name.startswith("_"), f"{where} imports the private name {name}"
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_attribute_of_another_module(path):
+    tree = ast.parse(path.read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("debkd_jax"):
+            modules |= {a.asname or a.name for a in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            assert not node.attr.startswith("_"), (
+                f"{path.relative_to(PACKAGE)}:{node.lineno} reads {node.value.id}.{node.attr}"
+            )
