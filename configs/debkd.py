@@ -13,5 +13,5 @@ from debkd_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    config = config_lib.base_config(("KD", "DeBKD"))
+    config = config_lib.base_config(("CE", "KD", "DeBKD"))
     return config_lib.smoke(config) if arg == "smoke" else config

@@ -24,6 +24,7 @@ from debkd_jax.targets import (
     debiased_regions,
     infusion_table,
     knowledge_infusion,
+    label_interval,
     rectify_logits,
     teacher_correct,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "infusion_table",
     "kd_loss",
     "knowledge_infusion",
+    "label_interval",
     "rectify_logits",
     "region_hit_rate",
     "region_hits",

@@ -7,6 +7,8 @@ interrupted command resumes it.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,7 +32,9 @@ def main(argv) -> int:
 
     report.log_to_stderr()
     with cli.user_errors(FLAGS.workdir):
-        results = pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        results = pipeline.train_and_evaluate(
+            FLAGS.config, FLAGS.workdir, command=" ".join(["python -m debkd_jax.main", *sys.argv[1:]])
+        )
     print()
     print(report.results_table(results))
     print(f"\nResults in {FLAGS.workdir}: results.md, results.json, val_accuracy.png")

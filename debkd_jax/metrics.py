@@ -1,13 +1,18 @@
-"""Evaluation metrics of a classifier's logits, on the host (NumPy), and their mean/std over seeds.
+"""Evaluation metrics of a classifier's logits on the host, their mean/std over seeds, and paired differences
+between methods trained on the same seeds.
 
-Binary tasks: precision/recall/F1 of the positive class (label 1); k > 2: macro averages over classes.
+Binary tasks: precision/recall/F1 of the positive class (label 1); k > 2: macro averages over classes
+(scikit-learn's `precision_recall_fscore_support`, a class never predicted scoring 0).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
+from sklearn.metrics import precision_recall_fscore_support
 
 
 def classification_metrics(
@@ -23,19 +28,20 @@ def classification_metrics(
     logits, labels = np.asarray(logits), np.asarray(labels)
     k = num_classes or logits.shape[-1]
     pred = np.argmax(logits, axis=-1)
-    out = {"accuracy": float(np.mean(pred == labels))}
-    classes = [1] if k == 2 else list(range(k))
-    precision, recall, f1 = [], [], []
-    for c in classes:
-        tp = np.sum((pred == c) & (labels == c))
-        fp = np.sum((pred == c) & (labels != c))
-        fn = np.sum((pred != c) & (labels == c))
-        p = tp / (tp + fp) if tp + fp else 0.0
-        r = tp / (tp + fn) if tp + fn else 0.0
-        precision.append(p)
-        recall.append(r)
-        f1.append(2 * p * r / (p + r) if p + r else 0.0)
-    out.update(precision=float(np.mean(precision)), recall=float(np.mean(recall)), f1=float(np.mean(f1)))
+    binary = k == 2
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels,
+        pred,
+        labels=[1] if binary else list(range(k)),
+        average="binary" if binary else "macro",
+        zero_division=0.0,
+    )
+    out = {
+        "accuracy": float(np.mean(pred == labels)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+    }
     if teacher_logits is not None:
         out["agreement"] = float(np.mean(pred == np.argmax(teacher_logits, axis=-1)))
     if region_hits is not None:
@@ -53,4 +59,35 @@ def mean_std(runs: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]
             "n": len(runs),
         }
         for k in keys
+    }
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """Differences `d_s = a_s - b_s` of two methods over the same seeds s = 1..S.
+
+    mean `d̄`; sample std `sd` (ddof 1); the Student-t interval `d̄ ± t_{(1+c)/2, S-1} sd / sqrt(S)` (None for
+    S < 2); `wins`: the number of seeds with `d_s > 0`. (S,), (S,) -> dict.
+    """
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.ndim != 1 or d.size == 0 or np.shape(a) != np.shape(b):
+        raise ValueError(
+            f"need two equal, non-empty 1-D sequences, got shapes {np.shape(a)} and {np.shape(b)}"
+        )
+    n = int(d.size)
+    mean = float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else math.nan
+    if n > 1:
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+        interval = [mean - half, mean + half]
+    else:
+        interval = None
+    return {
+        "mean": mean,
+        "std": sd if n > 1 else None,
+        "ci": interval,
+        "confidence": confidence,
+        "wins": int(np.sum(d > 0)),
+        "ties": int(np.sum(d == 0)),
+        "n": n,
+        "per_seed": d.tolist(),
     }

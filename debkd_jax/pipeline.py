@@ -108,6 +108,7 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh),
     )
     dummy = placeholder_targets(len(dataset.train_labels), dataset.num_classes)
+    started = time.perf_counter()
     result = training.fit(
         name="teacher",
         spec=spec,
@@ -123,7 +124,9 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         "params": result.best_variables["params"]["backbone"],
         "batch_stats": result.best_variables["batch_stats"]["backbone"],
     }
-    meta.update(best_epoch=result.best_epoch, history=result.history)
+    meta.update(
+        best_epoch=result.best_epoch, history=result.history, wall_seconds=time.perf_counter() - started
+    )
     # Every process takes part in an orbax save (it synchronises them); process 0 writes the JSON files.
     workdir_lib.save_variables(final, variables)
     if jax.process_index() == 0:
@@ -322,7 +325,61 @@ def train_student(
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def target_diagnostics(method_cfg, teacher_logits: np.ndarray, labels: np.ndarray) -> dict:
+    """What a method's targets do to the teacher's training logits: the share of images they classify wrongly
+    after the method's transforms, the share of images the transforms changed, and (for the de-biased loss)
+    the mean width of the interval the true class's target may take (`targets.label_interval`)."""
+    built = methods.build_targets(method_cfg, teacher_logits, labels)
+    logits = np.asarray(built.logits)
+    lo_y, hi_y = targets_lib.label_interval(built.lo, built.hi, labels)
+    return {
+        "targets_wrong": float(np.mean(np.argmax(logits, -1) != labels)),
+        "changed": float(np.mean(np.any(logits != np.asarray(teacher_logits, np.float32), axis=-1))),
+        "region_width": float(np.mean(np.asarray(hi_y) - np.asarray(lo_y)))
+        if method_cfg.loss == "debkd"
+        else None,
+    }
+
+
+def run_diagnostics(config, dataset, t_logits: dict) -> dict:
+    """The teacher's accuracy on every split, and `target_diagnostics` of every method except plain CE."""
+    teacher = {
+        split: float(np.mean(np.argmax(t_logits[split], -1) == getattr(dataset, f"{split}_labels")))
+        for split in ("train", "val", "test")
+    }
+    per_method = {
+        name: target_diagnostics(cfg, t_logits["train"], dataset.train_labels)
+        for name, cfg in config.methods.items()
+        if cfg.loss != "ce"
+    }
+    return {"teacher_accuracy": teacher, "methods": per_method}
+
+
+def run_meta(command: str | None, runs: list[dict], teacher_meta: dict) -> dict:
+    """When and with what the results were made: the command, library versions, the finishing time and the
+    students' summed training time (a reused student counts with the time it took when it was trained)."""
+    import datetime
+    import platform
+
+    import flax
+    import optax
+
+    return {
+        "command": command,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+        },
+        "student_seconds": float(sum(r.get("wall_seconds", 0.0) for r in runs)),
+        "teacher_seconds": teacher_meta.get("wall_seconds"),
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str | None = None) -> dict:
     """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results.
 
     Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz),
@@ -381,7 +438,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         run_dir,
                     )
                 )
-        results = report.summarize(config, dataset, teacher_meta, teacher_test, runs)
+        diagnostics = run_diagnostics(config, dataset, t_logits)
+        results = report.summarize(config, dataset, teacher_meta, teacher_test, runs, diagnostics)
+        results["meta"] = run_meta(command, runs, teacher_meta)
         if writer:
             report.write_results(workdir, results)
         return results

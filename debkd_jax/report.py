@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from debkd_jax import metrics, workdir_lib
+from debkd_jax.errors import UserError
 
 TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "agreement", "region_hit_rate")
 
@@ -110,7 +111,14 @@ def dataset_summary(dataset) -> dict:
     }
 
 
-def summarize(config, dataset, teacher_meta: dict, teacher_test: dict, runs: Sequence[dict]) -> dict:
+def summarize(
+    config,
+    dataset,
+    teacher_meta: dict,
+    teacher_test: dict,
+    runs: Sequence[dict],
+    diagnostics: dict | None = None,
+) -> dict:
     """Results of the whole job: the teacher row and, per method, mean/std over seeds of each test metric."""
     by_method: dict[str, list[dict]] = {}
     for run in runs:
@@ -120,19 +128,28 @@ def summarize(config, dataset, teacher_meta: dict, teacher_test: dict, runs: Seq
             "model": group[0]["model"],
             **seed_summary(group),
             "val_accuracy": [[e["val_accuracy"] for e in r["history"]] for r in group],
+            "wall_seconds": [r["wall_seconds"] for r in group if "wall_seconds" in r],
             "config": group[0]["config"],
         }
         for name, group in by_method.items()
     }
+    diagnostics = diagnostics or {}
+    for name, row in rows.items():
+        if name in diagnostics.get("methods", {}):
+            row["targets"] = diagnostics["methods"][name]
     return {
         "dataset": dataset_summary(dataset),
         "teacher": {
             "model": teacher_meta["model"],
             "test": teacher_test,
             "val_accuracy": [e["val_accuracy"] for e in teacher_meta.get("history", [])],
+            "accuracy": diagnostics.get("teacher_accuracy"),
+            "wall_seconds": teacher_meta.get("wall_seconds"),
         },
         "student_model": config.student.model,
+        "student_epochs": config.student.num_epochs,
         "methods": rows,
+        "paired": paired_differences(rows),
         "selection": "checkpoint with the best validation accuracy; metrics on the test split",
     }
 
@@ -158,11 +175,126 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(results: dict) -> str:
-    """A Markdown table laid out like the paper's Table 1: the teacher row, then one row per method (%)."""
+    """A Markdown table laid out like the paper's Table 1: the teacher row, then one row per method (%), and
+    each student's training time (mean over seeds)."""
     t = results["teacher"]
-    rows = [[t["model"], "teacher", *metric_cells(t["test"])]]
-    rows += [[row["model"], name, *metric_cells(row["test"])] for name, row in results["methods"].items()]
-    return markdown_table(["model", "method", *TABLE_METRICS], rows)
+    rows = [[t["model"], "teacher", *metric_cells(t["test"]), _seconds(t.get("wall_seconds"))]]
+    rows += [
+        [row["model"], name, *metric_cells(row["test"]), _seconds(row.get("wall_seconds"))]
+        for name, row in results["methods"].items()
+    ]
+    return markdown_table(["model", "method", *TABLE_METRICS, "time (s)"], rows)
+
+
+def _seconds(values) -> str:
+    if values is None or (isinstance(values, list) and not values):
+        return ""
+    return f"{np.mean(values):.0f}"
+
+
+def _without_meta(results: dict) -> dict:
+    """Results less `meta` (when and with what they were made), which a re-run changes."""
+    return {k: v for k, v in results.items() if k != "meta"}
+
+
+def results_markdown(results: dict) -> str:
+    """The whole report, generated from the results JSON alone."""
+    d, t = results["dataset"], results["teacher"]
+    seeds = max((len(r["seeds"]) for r in results["methods"].values()), default=0)
+    lines = [
+        "# Results",
+        "",
+        f"Data: `{d['source']}` ({', '.join(d['class_names'])}), train/val/test = "
+        f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}. Teacher {t['model']}; students "
+        f"{results['student_model']}, {seeds} seed(s). Test metrics in %, {results['selection']}; mean ± std "
+        "(population) over seeds where there are several.",
+        "",
+        results_table(results),
+    ]
+    if t.get("accuracy"):
+        acc = t["accuracy"]
+        lines += [
+            "",
+            f"Teacher accuracy: train {100 * acc['train']:.2f}%, validation {100 * acc['val']:.2f}%, test "
+            f"{100 * acc['test']:.2f}%. Its mistakes on the training set are what knowledge infusion and "
+            "rectification change.",
+        ]
+    for ref, diffs in results.get("paired", {}).items():
+        if not diffs:
+            continue
+        lines += [
+            "",
+            f"## Paired differences in test accuracy against {ref}",
+            "",
+            f"Per seed, method minus {ref} (same seed: same initialization and data order), in percentage "
+            "points; the interval is Student's t over seeds.",
+            "",
+            paired_table(diffs),
+            "",
+            *[f"- {verdict(name, ref, diff)}" for name, diff in diffs.items()],
+        ]
+    table = targets_table(results)
+    if table:
+        lines += [
+            "",
+            "## What the targets do (training set)",
+            "",
+            "Targets wrong: the share of training images whose targets (the teacher's logits after the "
+            "method's transforms) do not put the label first. Changed: the share of training images whose "
+            "logits knowledge infusion or rectification replaced. Region width: the mean width of the "
+            "interval the de-biased target of the true class may take.",
+            "",
+            table,
+        ]
+    lines += [
+        "",
+        "![test accuracy per seed](test_accuracy.png)",
+        "",
+        "![validation accuracy](val_accuracy.png)",
+    ]
+    meta = results.get("meta") or {}
+    if meta:
+        lines += ["", "## Run", ""]
+        if meta.get("command"):
+            lines += [f"Command: `{meta['command']}`", ""]
+        versions = ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())
+        minutes = (meta.get("student_seconds") or 0.0) / 60
+        lines.append(
+            f"Finished {meta.get('finished', '?')}; students' training time {minutes:.1f} min; {versions}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_test_accuracy(results: dict, path: str) -> None:
+    """Every seed's test accuracy per method (points) with the mean (a bar), the teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(names) + 2), 4.0), dpi=120)
+    for i, name in enumerate(names):
+        values = [100 * s["accuracy"] for s in results["methods"][name]["per_seed"]]
+        offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
+        ax.plot(i + np.asarray(offsets), values, "o", color="C0", alpha=0.7, markersize=5)
+        ax.hlines(np.mean(values), i - 0.3, i + 0.3, color="C3", linewidth=2)
+    ax.axhline(
+        100 * results["teacher"]["test"]["accuracy"],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"teacher ({results['teacher']['model']})",
+    )
+    ax.plot([], [], "o", color="C0", label="one seed")
+    ax.plot([], [], color="C3", linewidth=2, label="mean over seeds")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{results['student_model']} students on {results['dataset']['source']}", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def plot_val_accuracy(results: dict, path: str) -> None:
@@ -217,7 +349,7 @@ def write_report(workdir: str, basename: str, results: dict, markdown: str, figu
     md_path = os.path.join(workdir, f"{basename}.md")
     paths = [json_path, md_path, *(os.path.join(workdir, name) for name in figures)]
     old = workdir_lib.read_json(json_path)
-    if old is not None and old == workdir_lib.jsonable(results):
+    if old is not None and _without_meta(old) == _without_meta(workdir_lib.jsonable(results)):
         if all(os.path.exists(p) for p in paths):
             return
     elif os.path.exists(json_path):
@@ -229,21 +361,10 @@ def write_report(workdir: str, basename: str, results: dict, markdown: str, figu
         plot(results, os.path.join(workdir, name))
 
 
-def results_markdown(results: dict) -> str:
-    d = results["dataset"]
-    return (
-        f"# Results\n\nData: `{d['source']}` ({', '.join(d['class_names'])}), "
-        f"train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}. "
-        f"Test metrics in %, {results['selection']}; mean ± std over seeds where there are several.\n\n"
-        f"{results_table(results)}\n\n![validation accuracy](val_accuracy.png)\n"
-    )
-
-
 def write_results(workdir: str, results: dict, basename: str = "results") -> None:
-    """The main job's report: `results.json`, `results.md` and `val_accuracy.png` (`write_report`)."""
-    write_report(
-        workdir, basename, results, results_markdown(results), {"val_accuracy.png": plot_val_accuracy}
-    )
+    """The main job's report: `results.json`, `results.md`, `test_accuracy.png` and `val_accuracy.png`."""
+    figures = {"test_accuracy.png": plot_test_accuracy, "val_accuracy.png": plot_val_accuracy}
+    write_report(workdir, basename, results, results_markdown(results), figures)
 
 
 def write_skipped_csv(skipped, path: str) -> None:
@@ -253,3 +374,86 @@ def write_skipped_csv(skipped, path: str) -> None:
     out.writerow(["path", "reason"])
     out.writerows(skipped)
     workdir_lib.atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+REFERENCES = ("KD", "CE")
+"""Methods the others are compared against, seed by seed, when the run has them."""
+
+
+def paired_differences(methods_rows: dict, metric: str = "accuracy") -> dict:
+    """`{reference: {method: metrics.paired_difference(method, reference)}}` of one test metric, for each
+    reference of `REFERENCES` in the run and each other method trained on the same seeds."""
+    out = {}
+    for ref in REFERENCES:
+        if ref not in methods_rows:
+            continue
+        base = methods_rows[ref]
+        out[ref] = {
+            name: metrics.paired_difference(
+                [s[metric] for s in row["per_seed"]], [s[metric] for s in base["per_seed"]]
+            )
+            for name, row in methods_rows.items()
+            if name != ref and row["seeds"] == base["seeds"]
+        }
+    return out
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def verdict(name: str, ref: str, diff: dict) -> str:
+    """One sentence on a paired difference, e.g. 'DeBKD vs KD: +0.53 pp (95% CI -1.20 to +2.26), better in
+    2 of 3 seeds: not distinguishable from KD.'"""
+    where = f"better in {diff['wins']} of {diff['n']} seeds"
+    if diff["ci"] is None:
+        return f"{name} vs {ref}: {_pp(diff['mean'])} pp on one seed ({where}): no interval with one seed."
+    lo, hi = diff["ci"]
+    conf = round(100 * diff["confidence"])
+    if lo > 0:
+        call = f"better than {ref}"
+    elif hi < 0:
+        call = f"worse than {ref}"
+    else:
+        call = f"not distinguishable from {ref} at this number of seeds"
+    return f"{name} vs {ref}: {_pp(diff['mean'])} pp ({conf}% CI {_pp(lo)} to {_pp(hi)}), {where}: {call}."
+
+
+def paired_table(diffs: dict) -> str:
+    rows = []
+    for name, d in diffs.items():
+        ci = "" if d["ci"] is None else f"{_pp(d['ci'][0])} to {_pp(d['ci'][1])}"
+        rows.append(
+            [name, _pp(d["mean"]), ci, f"{d['wins']} of {d['n']}", " ".join(_pp(x) for x in d["per_seed"])]
+        )
+    return markdown_table(["method", "mean (pp)", "95% CI (pp)", "better in", "per seed (pp)"], rows)
+
+
+def targets_table(results: dict) -> str:
+    """What each method's targets do to the teacher's training logits (`pipeline.target_diagnostics`)."""
+    rows = []
+    for name, row in results["methods"].items():
+        t = row.get("targets")
+        if not t:
+            continue
+        width = f"{t['region_width']:.4f}" if t.get("region_width") is not None else ""
+        rows.append([name, f"{100 * t['targets_wrong']:.2f}", f"{100 * t['changed']:.2f}", width])
+    header = ["method", "targets wrong on train (%)", "train targets changed (%)", "mean region width"]
+    return markdown_table(header, rows) if rows else ""
+
+
+def render(json_path: str) -> list[str]:
+    """Regenerates the Markdown report and the plots beside a main job's `results.json` from that file alone
+    (they are derived from it, so they are rewritten). Returns the paths written."""
+    results = workdir_lib.read_json(json_path)
+    if not isinstance(results, dict) or "methods" not in results:
+        raise UserError(f"{json_path} is not a results.json written by `python -m debkd_jax.main`.")
+    directory = os.path.dirname(os.path.abspath(json_path))
+    basename = os.path.splitext(os.path.basename(json_path))[0]
+    md_path = os.path.join(directory, f"{basename}.md")
+    workdir_lib.atomic_write_bytes(md_path, results_markdown(results).encode())
+    written = [md_path]
+    for name, plot in (("test_accuracy.png", plot_test_accuracy), ("val_accuracy.png", plot_val_accuracy)):
+        written.append(os.path.join(directory, name))
+        plot(results, written[-1])
+    return written

@@ -139,6 +139,21 @@ def debiased_regions(logits, temperature=4.0, num_regions: int = 12) -> tuple[ja
     return idx / n, (idx + 1.0) / n
 
 
+def label_interval(lo, hi, labels) -> tuple[jax.Array, jax.Array]:
+    """The values the true class's target can take in the box `{t : lo <= t <= hi, sum t = 1}`:
+    `[max(lo_y, 1 - sum_{j != y} hi_j), min(hi_y, 1 - sum_{j != y} lo_j)]`. Its width is the freedom the
+    de-biased loss leaves the student's `p_y`; for k = 2 it is the true class's region itself (its mirror
+    region is the other class's). (N, k), (N, k), (N,) -> ((N,), (N,)).
+    """
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)[:, None]
+    lo_y = jnp.take_along_axis(lo, labels, axis=-1)[:, 0]
+    hi_y = jnp.take_along_axis(hi, labels, axis=-1)[:, 0]
+    others_lo = jnp.sum(lo, axis=-1) - lo_y
+    others_hi = jnp.sum(hi, axis=-1) - hi_y
+    return jnp.maximum(lo_y, 1.0 - others_hi), jnp.minimum(hi_y, 1.0 - others_lo)
+
+
 def rectify_logits(teacher_logits, labels, mode: str = "swap") -> jax.Array:
     """BTKD's bias rectification of misclassified rows (SPEC 3); correct rows are unchanged.
 

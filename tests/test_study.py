@@ -1,0 +1,120 @@
+"""The evidence study's report end to end on a smoke study (tiny models, the embedded digits): every section
+is present and agrees with the JSON and with the students' own result files."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from debkd_jax import config_lib, metrics, pipeline, report, workdir_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    config = config_lib.load_config(str(REPO / "configs" / "study.py") + ":digits,smoke")
+    for name in list(config.methods):
+        if name not in ("CE", "KD", "DeBKD", "DKD"):
+            del config.methods[name]
+    workdir = tmp_path_factory.mktemp("study")
+    results = pipeline.train_and_evaluate(config, str(workdir), command="pytest smoke study")
+    return config, workdir, results
+
+
+def test_per_seed_numbers_are_the_students_own(study):
+    config, workdir, results = study
+    assert list(results["methods"]) == ["CE", "KD", "DeBKD", "DKD"]
+    for name, row in results["methods"].items():
+        assert row["seeds"] == [0, 1]
+        for seed, per_seed in zip(row["seeds"], row["per_seed"], strict=True):
+            own = json.loads((workdir / "students" / f"{name}-seed{seed}" / "result.json").read_text())
+            assert per_seed == own["test"]
+            assert own["wall_seconds"] > 0
+        accuracies = [s["accuracy"] for s in row["per_seed"]]
+        assert row["test"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+        assert len(row["wall_seconds"]) == 2
+
+
+def test_paired_differences_against_kd_and_ce(study):
+    _, _, results = study
+    rows = results["methods"]
+    assert set(results["paired"]) == {"KD", "CE"}
+    assert set(results["paired"]["KD"]) == {"CE", "DeBKD", "DKD"}
+    assert set(results["paired"]["CE"]) == {"KD", "DeBKD", "DKD"}
+    for ref, diffs in results["paired"].items():
+        for name, diff in diffs.items():
+            a = [s["accuracy"] for s in rows[name]["per_seed"]]
+            b = [s["accuracy"] for s in rows[ref]["per_seed"]]
+            assert diff == metrics.paired_difference(a, b)
+            assert diff["wins"] == sum(x > y for x, y in zip(a, b, strict=True))
+
+
+def test_diagnostics_follow_from_the_teacher_logits(study):
+    _, workdir, results = study
+    logits = workdir_lib.read_npz(str(workdir / "teacher" / "logits.npz"))
+    dataset = pipeline.load_data(study[0])
+    teacher_errors = np.mean(np.argmax(logits["train"], -1) != dataset.train_labels)
+    acc = results["teacher"]["accuracy"]
+    assert acc["train"] == pytest.approx(1 - teacher_errors)
+    assert acc["test"] == pytest.approx(results["teacher"]["test"]["accuracy"])
+    rows = results["methods"]
+    assert "targets" not in rows["CE"]
+    assert rows["KD"]["targets"]["targets_wrong"] == pytest.approx(teacher_errors)
+    assert rows["KD"]["targets"]["changed"] == 0 and rows["KD"]["targets"]["region_width"] is None
+    debkd = rows["DeBKD"]["targets"]  # knowledge infusion: every mistake replaced, none left
+    assert debkd["changed"] == pytest.approx(teacher_errors) and debkd["targets_wrong"] == 0
+    assert 0 < debkd["region_width"] <= 1 / 12 + 1e-6
+
+
+def test_report_sections_agree_with_the_json(study):
+    _, workdir, results = study
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["methods"] == workdir_lib.jsonable(results["methods"])
+    md = (workdir / "results.md").read_text()
+    for heading in (
+        "## Paired differences in test accuracy against KD",
+        "## Paired differences in test accuracy against CE",
+        "## What the targets do (training set)",
+        "## Run",
+        "![test accuracy per seed](test_accuracy.png)",
+    ):
+        assert heading in md
+    for name, row in saved["methods"].items():
+        acc = row["test"]["accuracy"]
+        assert f"| {name} | {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} |" in md
+    for ref, diffs in saved["paired"].items():
+        for name, diff in diffs.items():
+            assert f"- {report.verdict(name, ref, diff)}" in md
+            assert f"| {name} | {100 * diff['mean']:+.2f} |" in md
+    assert "Command: `pytest smoke study`" in md
+    for png in ("test_accuracy.png", "val_accuracy.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.render(str(workdir / "results.json"))[0] == str(workdir / "results.md")
+    assert (workdir / "results.md").read_text() == md
+
+
+def test_a_rerun_reuses_every_student_and_keeps_the_report(study):
+    config, workdir, results = study
+    before = (workdir / "results.json").read_text()
+    again = pipeline.train_and_evaluate(config, str(workdir), command="pytest smoke study")
+    assert again["paired"] == results["paired"]
+    assert (workdir / "results.json").read_text() == before  # only `meta` differs: nothing is set aside
+    assert not list(workdir.glob("results.*.json"))
+
+
+@pytest.mark.parametrize(
+    "diff, want",
+    [
+        ({"mean": 0.02, "ci": [0.01, 0.03], "wins": 3, "n": 3, "confidence": 0.95}, "better than KD"),
+        ({"mean": -0.02, "ci": [-0.03, -0.01], "wins": 0, "n": 3, "confidence": 0.95}, "worse than KD"),
+        ({"mean": 0.01, "ci": [-0.01, 0.03], "wins": 2, "n": 3, "confidence": 0.95}, "not distinguishable"),
+        ({"mean": 0.01, "ci": None, "wins": 1, "n": 1, "confidence": 0.95}, "no interval with one seed"),
+    ],
+)
+def test_verdict_follows_the_interval(diff, want):
+    sentence = report.verdict("DeBKD", "KD", diff)
+    assert want in sentence and f"better in {diff['wins']} of {diff['n']} seeds" in sentence
+    assert math.isclose(float(sentence.split(": ")[1].split(" pp")[0]), 100 * diff["mean"])
