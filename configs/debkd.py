@@ -1,12 +1,12 @@
-"""DeBKD against plain KD: same teacher, same student, same seed and data order.
+"""DeBKD against plain KD and the student alone (CE): same teacher, same student, same seed and data order.
 
     python -m debkd_jax.main --config=configs/debkd.py --workdir=runs/debkd
     python -m debkd_jax.main --config=configs/debkd.py:smoke --workdir=/tmp/debkd_smoke   # seconds
     python -m debkd_jax.main --config=configs/debkd.py \
         --config.data.source=folder:../shared/data/dogs_vs_cats_32 --workdir=runs/dogs_vs_cats
 
-Defaults: embedded digits data (binary "0-4" vs "5-9"), ResNet8x4 teacher (6 epochs), ResNet8 students (15 epochs),
-DeBKD with knowledge infusion, n = 12 regions, beta = 0.2, T = 4 (SPEC section 1).
+Defaults: embedded digits data (binary "0-4" vs "5-9"), ResNet8x4 teacher (6 epochs), ResNet8 students (15
+epochs), DeBKD with knowledge infusion, n = 12 regions, beta = 0.2, T = 4 (SPEC section 1).
 """
 
 from debkd_jax import config_lib
