@@ -64,6 +64,8 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
 
     config.teacher = train_config("resnet8x4", num_epochs=6)
     config.teacher.checkpoint = ""  # a finished run's teacher/ folder to reuse instead of training
+    # An .npz of the teacher's logits per image id, instead of a teacher network (docs/teachers.md).
+    config.teacher.logits = ""
     config.student = train_config("resnet8", num_epochs=15)
 
     config.methods = ml_collections.ConfigDict({name: methods.preset(name) for name in method_names})
@@ -149,6 +151,7 @@ def validate_config(config) -> None:
             )
     if not isinstance(config.teacher.get("checkpoint", ""), str):
         raise UserError(f"teacher.checkpoint={config.teacher.checkpoint!r} must be a path (a string).")
+    validate_teacher_logits(config)
     if not (_is_int(config.seeds) and config.seeds >= 1):
         raise UserError(f"seeds={config.seeds!r} must be an integer >= 1.")
     if not (_is_int(config.seed) and config.seed >= 0):
@@ -168,3 +171,29 @@ def validate_config(config) -> None:
             f"data.max_per_class={d.max_per_class!r} must be 0 (all images) or an integer >= 3 (one image "
             "per class for each of train, val and test)."
         )
+
+
+def validate_teacher_logits(config) -> None:
+    """`teacher.logits`: a path, not together with `teacher.checkpoint`, and only methods that need nothing
+    but the teacher's logits (not FKD's features, not targets from the teacher run on each batch)."""
+    path = config.teacher.get("logits", "")
+    if not isinstance(path, str):
+        raise UserError(f"teacher.logits={path!r} must be a path (a string) to an .npz file.")
+    if not path:
+        return
+    if config.teacher.get("checkpoint", ""):
+        raise UserError(
+            f"teacher.logits={path!r} and teacher.checkpoint={config.teacher.checkpoint!r} both name a teacher; "
+            "keep one of them."
+        )
+    for name, mcfg in config.methods.items():
+        if mcfg.hint_weight:
+            raise UserError(
+                f"method {name!r} needs the teacher's features (hint_weight={mcfg.hint_weight}), which "
+                f"teacher.logits={path!r} does not hold; drop {name!r} or use a teacher network."
+            )
+        if mcfg.online_targets:
+            raise UserError(
+                f"method {name!r} runs the teacher on every batch (online_targets=True), which "
+                f"teacher.logits={path!r} cannot do; set online_targets=False or use a teacher network."
+            )

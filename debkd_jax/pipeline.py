@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from debkd_jax import config_lib, losses, methods, metrics, models, report, training, workdir_lib
+from debkd_jax import config_lib, losses, methods, metrics, models, report, teachers, training, workdir_lib
 from debkd_jax import data as data_lib
 from debkd_jax import targets as targets_lib
 from debkd_jax.errors import UserError
@@ -136,7 +136,7 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
 
 def _training_fields(train_cfg) -> dict:
     """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint)."""
-    skip = ("eval_batch_size", "checkpoint")
+    skip = ("eval_batch_size", "checkpoint", "logits")
     return {k: v for k, v in train_cfg.to_dict().items() if k not in skip}
 
 
@@ -152,16 +152,40 @@ def teacher_identity(config, meta: dict) -> dict:
     }
 
 
-def student_identity(config, method_cfg, seed: int, dataset, t_logits) -> dict:
-    return {
+def student_identity(config, method_cfg, seed: int, dataset, t_logits, teacher_meta: dict | None = None) -> dict:
+    """What decides a student: a run folder with another identity is refused (`workdir_lib.claim_run_dir`).
+    The teacher enters through its logits (the splits it has) and, for a logits file, the file's sha256."""
+    identity = {
         "method": method_cfg.to_dict(),
         "student": _training_fields(config.student),
         "seed": seed,
         "dtype": config.dtype,
         "augment": config.data.augment,
         "data": _fingerprint(dataset.train_images, dataset.train_labels),
-        "teacher_logits": _fingerprint(t_logits["train"], t_logits["val"], t_logits["test"]),
+        "teacher_logits": _fingerprint(*(t_logits[s] for s in ("train", "val", "test") if t_logits[s] is not None)),
     }
+    if teacher_meta and teacher_meta.get("logits_sha256"):
+        identity["teacher_logits_file"] = teacher_meta["logits_sha256"]
+    return identity
+
+
+def teacher_from_logits_file(config, dataset) -> tuple[dict[str, np.ndarray | None], dict]:
+    """`teacher.logits`: (its logits per split, aligned to `dataset` by image id -- val/test None when the
+    file lacks them --, the teacher's metadata with the file's sha256). `UserError` for a file that does not
+    fit (`teachers.read_logits_file`, `teachers.align_logits`)."""
+    path = workdir_lib.expand(config.teacher.logits)
+    file = teachers.read_logits_file(path)
+    t_logits = teachers.align_logits(file, dataset)
+    meta = {
+        "model": f"logits file {os.path.basename(path)}",
+        "logits_file": path,
+        "logits_sha256": file.sha256,
+        "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names),
+        "splits": [s for s in ("train", "val", "test") if t_logits[s] is not None],
+    }
+    log.info("teacher: logits from %s (splits %s)", path, ", ".join(meta["splits"]))
+    return t_logits, meta
 
 
 def placeholder_targets(n: int, k: int) -> targets_lib.Targets:
@@ -210,7 +234,7 @@ def train_student(
     retrained.
     """
     writer = jax.process_index() == 0
-    identity = student_identity(config, method_cfg, seed, dataset, t_logits)
+    identity = student_identity(config, method_cfg, seed, dataset, t_logits, teacher[1])
     if config.overwrite and os.path.isdir(run_dir):
         if writer:
             moved = workdir_lib.keep_aside(run_dir)
@@ -279,16 +303,20 @@ def train_student(
     test_logits = training.predict_logits(
         predict, student_vars, dataset.test_images, scfg.eval_batch_size, mesh
     )
-    test_targets = methods.build_targets(method_cfg, t_logits["test"], dataset.test_labels, infusion=infusion)
-    hits = np.asarray(
-        losses.region_hits(
-            test_logits,
-            dataset.test_labels,
-            test_targets.lo,
-            test_targets.hi,
-            temperature=method_cfg.temperature,
+    hits = None
+    if t_logits["test"] is not None:  # a logits file may lack the test split
+        test_targets = methods.build_targets(
+            method_cfg, t_logits["test"], dataset.test_labels, infusion=infusion
         )
-    )
+        hits = np.asarray(
+            losses.region_hits(
+                test_logits,
+                dataset.test_labels,
+                test_targets.lo,
+                test_targets.hi,
+                temperature=method_cfg.temperature,
+            )
+        )
     test = metrics.classification_metrics(
         test_logits,
         dataset.test_labels,
@@ -342,9 +370,12 @@ def target_diagnostics(method_cfg, teacher_logits: np.ndarray, labels: np.ndarra
 
 
 def run_diagnostics(config, dataset, t_logits: dict) -> dict:
-    """The teacher's accuracy on every split, and `target_diagnostics` of every method except plain CE."""
+    """The teacher's accuracy on every split (None for a split a logits file lacks), and `target_diagnostics`
+    of every method except plain CE."""
     teacher = {
         split: float(np.mean(np.argmax(t_logits[split], -1) == getattr(dataset, f"{split}_labels")))
+        if t_logits[split] is not None
+        else None
         for split in ("train", "val", "test")
     }
     per_method = {
@@ -393,9 +424,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     workdir = workdir_lib.expand(workdir)
     writer = jax.process_index() == 0
     with workdir_lib.Workdir(workdir, writer=writer) as wd:
-        wd.write_config(config)
         mesh = training.create_mesh()
         dataset = load_data(config)
+        from_file = bool(config.teacher.get("logits", ""))
+        if from_file:  # checked before anything is written
+            t_logits, teacher_meta = teacher_from_logits_file(config, dataset)
+        wd.write_config(config)
         log.info(
             "data: %s, %d classes %s, train/val/test = %d/%d/%d",
             dataset.source,
@@ -412,12 +446,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             log.warning(
                 "data: skipped %d unreadable file(s), listed in %s", len(dataset.skipped), skipped_csv
             )
-        teacher_dir = os.path.join(workdir, "teacher")
-        teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
-        t_logits = teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
-        teacher_test = metrics.classification_metrics(
-            t_logits["test"], dataset.test_labels, num_classes=dataset.num_classes
-        )
+        if from_file:
+            teacher_vars = None
+        else:
+            teacher_dir = os.path.join(workdir, "teacher")
+            teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
+            t_logits = teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
+        teacher_test = None  # a logits file without the test split: the teacher's row says so
+        if t_logits["test"] is not None:
+            teacher_test = metrics.classification_metrics(
+                t_logits["test"], dataset.test_labels, num_classes=dataset.num_classes
+            )
         runs = []
         for method_name, method_cfg in methods.ordered(config.methods):
             for s in range(config.seeds):

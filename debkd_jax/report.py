@@ -178,12 +178,17 @@ def results_table(results: dict) -> str:
     """A Markdown table laid out like the paper's Table 1: the teacher row, then one row per method (%), and
     each student's training time (mean over seeds)."""
     t = results["teacher"]
-    rows = [[t["model"], "teacher", *metric_cells(t["test"]), _seconds(t.get("wall_seconds"))]]
+    cells = metric_cells(t["test"]) if t["test"] else [NO_TEACHER_TEST] + [""] * (len(TABLE_METRICS) - 1)
+    rows = [[t["model"], "teacher", *cells, _seconds(t.get("wall_seconds"))]]
     rows += [
         [row["model"], name, *metric_cells(row["test"]), _seconds(row.get("wall_seconds"))]
         for name, row in results["methods"].items()
     ]
     return markdown_table(["model", "method", *TABLE_METRICS, "time (s)"], rows)
+
+
+NO_TEACHER_TEST = "no test logits in the file"
+"""The teacher row's cell when a logits file (`teacher.logits`) lacks the test split."""
 
 
 def _seconds(values) -> str:
@@ -213,11 +218,11 @@ def results_markdown(results: dict) -> str:
     ]
     if t.get("accuracy"):
         acc = t["accuracy"]
+        shown = {s: "not in the logits file" if acc[s] is None else f"{100 * acc[s]:.2f}%" for s in acc}
         lines += [
             "",
-            f"Teacher accuracy: train {100 * acc['train']:.2f}%, validation {100 * acc['val']:.2f}%, test "
-            f"{100 * acc['test']:.2f}%. Its mistakes on the training set are what knowledge infusion and "
-            "rectification change.",
+            f"Teacher accuracy: train {shown['train']}, validation {shown['val']}, test {shown['test']}. Its "
+            "mistakes on the training set are what knowledge infusion and rectification change.",
         ]
     for ref, diffs in results.get("paired", {}).items():
         if not diffs:
@@ -279,13 +284,14 @@ def plot_test_accuracy(results: dict, path: str) -> None:
         offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
         ax.plot(i + np.asarray(offsets), values, "o", color="C0", alpha=0.7, markersize=5)
         ax.hlines(np.mean(values), i - 0.3, i + 0.3, color="C3", linewidth=2)
-    ax.axhline(
-        100 * results["teacher"]["test"]["accuracy"],
-        color="black",
-        linestyle="--",
-        linewidth=1,
-        label=f"teacher ({results['teacher']['model']})",
-    )
+    if results["teacher"]["test"]:
+        ax.axhline(
+            100 * results["teacher"]["test"]["accuracy"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"teacher ({results['teacher']['model']})",
+        )
     ax.plot([], [], "o", color="C0", label="one seed")
     ax.plot([], [], color="C3", linewidth=2, label="mean over seeds")
     ax.set_xticks(range(len(names)))

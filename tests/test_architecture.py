@@ -21,6 +21,7 @@ LAYERS = {
     "data": 4,
     "report": 4,
     "config_lib": 4,
+    "teachers": 4,
     "training": 5,
     "cli": 5,
     "pipeline": 6,

@@ -20,8 +20,8 @@ from debkd_jax import workdir_lib
 from debkd_jax.data.sources import Decoded
 from debkd_jax.errors import UserError
 
-FORMAT_VERSION = 1
-"""Part of every cache key: raise it when the decoded arrays change for the same source."""
+FORMAT_VERSION = 2
+"""Part of every cache key: raise it when the decoded arrays change for the same source (2: image ids)."""
 
 
 def cache_key(parts: dict) -> str:
@@ -62,12 +62,13 @@ def _read_cache(path: str, key: str) -> Decoded:
             class_names=tuple(str(c) for c in z["class_names"]),
             origin=z["origin"],
             origins=tuple(str(o) for o in z["origins"]),
+            ids=z["ids"],
             skipped=tuple(zip((str(p) for p in z["skipped_paths"]),
                               (str(r) for r in z["skipped_reasons"]), strict=True)),
         )
     n = len(decoded.labels)
     if (decoded.images.dtype != np.uint8 or decoded.images.ndim != 4 or len(decoded.images) != n
-            or decoded.origin.shape != (n,)):
+            or decoded.origin.shape != (n,) or decoded.ids.shape != (n,)):
         raise ValueError("cache arrays have inconsistent shapes")
     return decoded
 
@@ -81,6 +82,7 @@ def _write_cache(path: str, key: str, decoded: Decoded) -> None:
         class_names=np.array(decoded.class_names, dtype=str),
         origin=decoded.origin,
         origins=np.array(decoded.origins, dtype=str),
+        ids=np.asarray(decoded.ids, dtype=str),
         skipped_paths=np.array([p for p, _ in decoded.skipped], dtype=str),
         skipped_reasons=np.array([r for _, r in decoded.skipped], dtype=str),
     )

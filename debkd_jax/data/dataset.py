@@ -15,7 +15,11 @@ from debkd_jax.data import split as split_lib
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Decoded, split data. Images uint8 (N, S, S, 3), labels int32 (N,) in [0, num_classes)."""
+    """Decoded, split data. Images uint8 (N, S, S, 3), labels int32 (N,) in [0, num_classes).
+
+    `<split>_ids` (N,) str: each image's stable id -- its path relative to the data folder (`folder:`),
+    '<tfds split>/<index>' (`tfds:`), 'digits/<index>' (digits); None for a Dataset built by hand.
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -26,6 +30,9 @@ class Dataset:
     class_names: tuple[str, ...]
     source: str
     skipped: tuple[tuple[str, str], ...] = ()
+    train_ids: np.ndarray | None = None
+    val_ids: np.ndarray | None = None
+    test_ids: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -99,6 +106,7 @@ def load_dataset(
         val_images=decoded.images[val], val_labels=decoded.labels[val],
         test_images=decoded.images[test], test_labels=decoded.labels[test],
         class_names=decoded.class_names, source=plan.name, skipped=skipped,
+        train_ids=decoded.ids[train], val_ids=decoded.ids[val], test_ids=decoded.ids[test],
     )
 
 

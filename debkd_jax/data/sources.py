@@ -37,7 +37,8 @@ class Decoded:
     """A source's examples before the split: what the cache holds.
 
     `origin[i]` indexes `origins`, the source split example i came from (tfds; ('all',) otherwise).
-    `skipped` paths are relative to the folder for folder sources.
+    `ids[i]` is example i's stable id (`image_ids`). `skipped` paths are relative to the folder for folder
+    sources.
     """
 
     images: np.ndarray
@@ -45,6 +46,7 @@ class Decoded:
     class_names: tuple[str, ...]
     origin: np.ndarray
     origins: tuple[str, ...]
+    ids: np.ndarray
     skipped: tuple[tuple[str, str], ...] = ()
 
 
@@ -146,10 +148,11 @@ def _array_to_image(x: np.ndarray) -> Image.Image:
     return Image.fromarray(x.astype(np.uint8))
 
 
-def _decoded(images, labels, class_names, image_size, *, origin=None, origins=("all",), skipped=()
+def _decoded(images, labels, class_names, image_size, ids, *, origin=None, origins=("all",), skipped=()
              ) -> Decoded:
     n = len(labels)
     return Decoded(
+        ids=np.asarray(list(ids), dtype=str).reshape(n),
         images=np.stack(images) if n else np.zeros((0, image_size, image_size, 3), np.uint8),
         labels=np.asarray(labels, np.int32).reshape(n),
         class_names=tuple(class_names),
@@ -157,6 +160,24 @@ def _decoded(images, labels, class_names, image_size, *, origin=None, origins=("
         origins=tuple(origins),
         skipped=tuple((str(p), str(r)) for p, r in skipped),
     )
+
+
+# ----------------------------------------------------------------------------- image ids
+
+
+def digits_id(index: int) -> str:
+    """'digits/<index>': the image's index in scikit-learn's `load_digits()` (0..1796)."""
+    return f"digits/{index}"
+
+
+def folder_id(relative_path: str) -> str:
+    """The image's path relative to the data folder, '/'-separated: 'cat/0001.jpg'."""
+    return relative_path.replace(os.sep, "/")
+
+
+def tfds_id(split: str, index: int) -> str:
+    """'<split>/<index>': the record's index in `tfds.data_source(name, split=split)`: 'train/17'."""
+    return f"{split}/{index}"
 
 
 # ----------------------------------------------------------------------------- digits
@@ -176,7 +197,8 @@ def decode_digits(digits_classes: int, image_size: int, max_per_class: int | Non
         grey = np.asarray(grey.resize((image_size, image_size), Image.Resampling.BILINEAR))
         grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
         images.append(np.repeat(grey[..., None], 3, axis=-1))
-    return _decoded(images, labels[keep], DIGITS_CLASS_NAMES[digits_classes], image_size)
+    ids = [digits_id(int(i)) for i in keep]
+    return _decoded(images, labels[keep], DIGITS_CLASS_NAMES[digits_classes], image_size, ids)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -269,14 +291,15 @@ def _decode_folder(
     results = _parallel_map(
         functools.partial(decode_file, image_size=image_size), paths, progress, f"decoding {root}"
     )
-    images, labels, skipped = [], [], [(p, r) for p, r in listing.unstattable]
+    images, labels, ids, skipped = [], [], [], [(p, r) for p, r in listing.unstattable]
     for i, (image, reason) in zip(keep, results, strict=True):
         if image is None:
             skipped.append((listing.paths[i], reason))
         else:
             images.append(image)
             labels.append(listing.labels[i])
-    return _decoded(images, labels, listing.class_names, image_size, skipped=sorted(skipped))
+            ids.append(folder_id(listing.paths[i]))
+    return _decoded(images, labels, listing.class_names, image_size, ids, skipped=sorted(skipped))
 
 
 def _num_workers() -> int:
@@ -364,7 +387,7 @@ def read_tfds_example(source, index: int, image_size: int):
 def _decode_tfds(builder, name, data_dir, origins, image_size, max_per_class, progress) -> Decoded:
     """Reads every split in `origins`; with `max_per_class`, in a fixed seeded order until full."""
     class_names = tuple(builder.info.features["label"].names)
-    images, labels, origin, skipped = [], [], [], []
+    images, labels, origin, ids, skipped = [], [], [], [], []
     for split_id, split in enumerate(origins):
         source = _open_tfds_split(name, split, data_dir)
         n = len(source)
@@ -390,8 +413,9 @@ def _decode_tfds(builder, name, data_dir, origins, image_size, max_per_class, pr
                         images.append(image)
                         labels.append(label)
                         origin.append(split_id)
+                        ids.append(tfds_id(split, i))
                         bar.update(1)
                 if max_per_class is not None and counts.min() >= max_per_class:
                     break
-    return _decoded(images, labels, class_names, image_size, origin=origin, origins=origins,
+    return _decoded(images, labels, class_names, image_size, ids, origin=origin, origins=origins,
                     skipped=skipped)
