@@ -66,6 +66,9 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.teacher.checkpoint = ""  # a finished run's teacher/ folder to reuse instead of training
     # An .npz of the teacher's logits per image id, instead of a teacher network (docs/teachers.md).
     config.teacher.logits = ""
+    # The variables (orbax folder or Flax msgpack) of a teacher network teacher.model that is not trained
+    # here: a built-in model or any 'package.module:factory' (docs/teachers.md).
+    config.teacher.variables = ""
     config.student = train_config("resnet8", num_epochs=15)
 
     config.methods = ml_collections.ConfigDict({name: methods.preset(name) for name in method_names})
@@ -130,8 +133,16 @@ def validate_config(config) -> None:
             raise UserError(str(e)) from e
     for part in ("teacher", "student"):
         c = config[part]
-        if c.model not in models.MODELS:
-            raise UserError(f"{part}.model={c.model!r} is not one of {sorted(models.MODELS)}.")
+        if models.is_factory_spec(c.model):
+            try:
+                models.load_factory(c.model)
+            except UserError as e:
+                raise UserError(f"{part}.{e}") from e
+        elif c.model not in models.MODELS:
+            raise UserError(
+                f"{part}.model={c.model!r} is not one of {sorted(models.MODELS)}, nor a Flax module factory "
+                "'package.module:factory' (docs/teachers.md)."
+            )
         for field in ("num_epochs", "batch_size", "eval_batch_size"):
             if not (_is_int(c[field]) and c[field] >= 1):
                 raise UserError(f"{part}.{field}={c[field]!r} must be an integer >= 1.")
@@ -174,18 +185,20 @@ def validate_config(config) -> None:
 
 
 def validate_teacher_logits(config) -> None:
-    """`teacher.logits`: a path, not together with `teacher.checkpoint`, and only methods that need nothing
-    but the teacher's logits (not FKD's features, not targets from the teacher run on each batch)."""
+    """`teacher.logits` / `teacher.variables`: paths, at most one of them and `teacher.checkpoint`; with
+    `teacher.logits`, only methods that need nothing but the teacher's logits (not FKD's features, not targets from the teacher run on each batch)."""
+    variables = config.teacher.get("variables", "")
+    if not isinstance(variables, str):
+        raise UserError(f"teacher.variables={variables!r} must be a path (a string).")
     path = config.teacher.get("logits", "")
     if not isinstance(path, str):
         raise UserError(f"teacher.logits={path!r} must be a path (a string) to an .npz file.")
+    given = [f"teacher.{f}={config.teacher.get(f, '')!r}" for f in ("checkpoint", "logits", "variables")]
+    given = [g for g in given if not g.endswith("=''")]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} each name a teacher; keep one of them.")
     if not path:
         return
-    if config.teacher.get("checkpoint", ""):
-        raise UserError(
-            f"teacher.logits={path!r} and teacher.checkpoint={config.teacher.checkpoint!r} both name a teacher; "
-            "keep one of them."
-        )
     for name, mcfg in config.methods.items():
         if mcfg.hint_weight:
             raise UserError(

@@ -136,7 +136,7 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
 
 def _training_fields(train_cfg) -> dict:
     """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint)."""
-    skip = ("eval_batch_size", "checkpoint", "logits")
+    skip = ("eval_batch_size", "checkpoint", "logits", "variables")
     return {k: v for k, v in train_cfg.to_dict().items() if k not in skip}
 
 
@@ -186,6 +186,57 @@ def teacher_from_logits_file(config, dataset) -> tuple[dict[str, np.ndarray | No
     }
     log.info("teacher: logits from %s (splits %s)", path, ", ".join(meta["splits"]))
     return t_logits, meta
+
+
+def check_models(config, dataset, with_teacher: bool) -> None:
+    """Builds the student (and the teacher network, `with_teacher`) abstractly on one image before anything
+    is written: a factory that fails, logits of the wrong shape, or features FKD cannot tap are `UserError`s."""
+    x = jax.ShapeDtypeStruct((1, *dataset.train_images.shape[1:]), jnp.float32)
+    uses_hints = any(m.hint_weight for m in config.methods.values())
+    for part in ("student", "teacher") if with_teacher else ("student",):
+        name = config[part].model
+        try:
+            model = models.get_model(name, dataset.num_classes, config.dtype)
+            _, features = jax.eval_shape(lambda v, m=model: m.init_with_output(jax.random.key(0), v, train=False)[0], x)
+            if uses_hints:
+                models.check_features_for_hints(name, features)
+        except UserError as e:
+            raise UserError(f"{part}.{e}") from e
+        except Exception as e:  # noqa: BLE001 - the user's module failing on these images
+            if not models.is_factory_spec(name):
+                raise
+            raise UserError(
+                f"{part}.model={name!r} fails on images of shape {x.shape} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); check data.image_size and the module."
+            ) from e
+
+
+def teacher_from_variables(config, dataset) -> tuple[dict, dict]:
+    """`teacher.variables` with `teacher.model`: (the variables, checked against the model on one image, the
+    teacher's metadata). `UserError` for variables that are unreadable or do not fit the model."""
+    path = workdir_lib.expand(config.teacher.variables)
+    variables = teachers.read_variables(path)
+    model = models.get_model(config.teacher.model, dataset.num_classes, config.dtype)
+    x = jax.ShapeDtypeStruct((1, *dataset.train_images.shape[1:]), jnp.float32)
+    try:
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - flax's shape/missing-variable errors
+        raise UserError(
+            f"teacher.variables={path!r} do not fit teacher.model={config.teacher.model!r} with "
+            f"{dataset.num_classes} classes ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the "
+            "variables of that model."
+        ) from e
+    meta = {
+        "model": config.teacher.model,
+        "variables": path,
+        "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names),
+        "image_size": int(dataset.train_images.shape[1]),
+        "dtype": config.dtype,
+    }
+    return variables, meta
 
 
 def placeholder_targets(n: int, k: int) -> targets_lib.Targets:
@@ -427,8 +478,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
         mesh = training.create_mesh()
         dataset = load_data(config)
         from_file = bool(config.teacher.get("logits", ""))
-        if from_file:  # checked before anything is written
+        given_vars = bool(config.teacher.get("variables", ""))
+        check_models(config, dataset, with_teacher=not from_file)
+        # A teacher from elsewhere is checked before anything is written.
+        if from_file:
             t_logits, teacher_meta = teacher_from_logits_file(config, dataset)
+        elif given_vars:
+            teacher_vars, teacher_meta = teacher_from_variables(config, dataset)
         wd.write_config(config)
         log.info(
             "data: %s, %d classes %s, train/val/test = %d/%d/%d",
@@ -446,11 +502,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             log.warning(
                 "data: skipped %d unreadable file(s), listed in %s", len(dataset.skipped), skipped_csv
             )
+        teacher_dir = os.path.join(workdir, "teacher")
         if from_file:
             teacher_vars = None
         else:
-            teacher_dir = os.path.join(workdir, "teacher")
-            teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
+            if not given_vars:
+                teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
             t_logits = teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
         teacher_test = None  # a logits file without the test split: the teacher's row says so
         if t_logits["test"] is not None:

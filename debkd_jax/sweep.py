@@ -165,11 +165,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     points = sweep_points(config)
     training.initialize_distributed(config)
     config_lib.validate_config(config)
-    if config.teacher.get("logits", ""):
-        raise UserError(
-            f"teacher.logits={config.teacher.logits!r}: sweeps do not take a logits file yet; run "
-            "python -m debkd_jax.main with it, or leave teacher.logits empty."
-        )
+    for field in ("logits", "variables"):
+        if config.teacher.get(field, ""):
+            raise UserError(
+                f"teacher.{field}={config.teacher[field]!r}: sweeps do not take a teacher from elsewhere yet; "
+                f"run python -m debkd_jax.main with it, or leave teacher.{field} empty."
+            )
     workdir = workdir_lib.expand(workdir)
     basename = _basename(config)
     sweep_dir = os.path.join(workdir, "sweeps", basename[len("sweep-") :])

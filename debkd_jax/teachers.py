@@ -7,6 +7,8 @@ TFDS '<split>/<index>', or 'digits/<index>'). The rows may instead come in pairs
 Rows for images the dataset does not have are ignored, so one file can serve several subsets of the data.
 
 Every check raises `UserError` with one line naming the problem, the count and a few example ids.
+
+`read_variables` reads a teacher network's variables (`teacher.variables`): orbax folder or Flax msgpack.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from debkd_jax import workdir_lib
 from debkd_jax.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -149,3 +152,31 @@ def align_logits(file: LogitsFile, dataset) -> dict[str, np.ndarray | None]:
             )
         out[split] = rows if found.all() else None
     return out
+
+
+def read_variables(path: str) -> dict:
+    """A Flax variables dict ({'params': ..., 'batch_stats': ...}) from an orbax checkpoint folder (as
+    `workdir_lib.save_variables` writes, e.g. a run's teacher/final) or a Flax msgpack file
+    (`flax.serialization.to_bytes(variables)`); `UserError` for a missing or unreadable one."""
+    fix = "give an orbax checkpoint folder or a file of flax.serialization.to_bytes(variables)"
+    if os.path.isdir(path):
+        variables = workdir_lib.restore_variables(path)
+    elif os.path.isfile(path):
+        from flax import serialization
+
+        try:
+            with open(path, "rb") as f:
+                variables = serialization.msgpack_restore(f.read())
+        except Exception as e:  # noqa: BLE001 - msgpack raises several types for a file of another format
+            raise UserError(
+                f"teacher.variables={path!r} is not a Flax msgpack file ({type(e).__name__}); {fix}."
+            ) from e
+    else:
+        raise UserError(f"teacher.variables={path!r}: no such file or folder; {fix}.")
+    if not isinstance(variables, dict) or "params" not in variables:
+        keys = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
+        raise UserError(
+            f"teacher.variables={path!r} holds {keys}, not a variables dict with 'params' (and 'batch_stats' "
+            f"for BatchNorm); {fix}."
+        )
+    return dict(variables)

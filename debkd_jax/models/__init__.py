@@ -3,6 +3,7 @@
     conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward
     resnet.py   BasicBlock, Bottleneck, ResNet, the presets (MODELS), get_model, feature_taps, count_params
     hints.py    HintRegressor
+    external.py any Flax module as a model: "package.module:factory" (Adapted, load_factory)
 """
 
 from debkd_jax.models.conv import (
@@ -15,6 +16,7 @@ from debkd_jax.models.conv import (
     conv_general_dilated_materialized,
     fusion_barrier,
 )
+from debkd_jax.models.external import Adapted, check_features_for_hints, is_factory_spec, load_factory
 from debkd_jax.models.hints import HintRegressor
 from debkd_jax.models.resnet import (
     MODELS,
@@ -36,6 +38,10 @@ from debkd_jax.models.resnet import (
 )
 
 __all__ = [
+    "Adapted",
+    "check_features_for_hints",
+    "is_factory_spec",
+    "load_factory",
     "CONV_BACKWARDS",
     "CONV_BACKWARD_SETTINGS",
     "MODELS",

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from debkd_jax.models import external
 from debkd_jax.models.conv import ModuleDef, conv_backward_of, conv_for
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -147,11 +148,16 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 }
 
 
-def get_model(name: str, num_classes: int, dtype: Any = "float32", conv_backward: str = "xla") -> ResNet:
+def get_model(name: str, num_classes: int, dtype: Any = "float32", conv_backward: str = "xla") -> nn.Module:
     """The preset `name` with a `num_classes`-way head computing in `dtype` ('float32', 'bfloat16', ...), its
-    convs built from `CONV_BACKWARDS[conv_backward]` ("xla" or "materialized"; same values either way)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+    convs built from `CONV_BACKWARDS[conv_backward]` ("xla" or "materialized"; same values either way).
+
+    `name` may instead be 'package.module:factory' (`external.build`): the factory's module, adapted to
+    return (logits, features) like the presets; `conv_backward` does not reach its convs."""
+    if name not in MODELS and not external.is_factory_spec(name):
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}, or 'package.module:factory'"
+        )
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     try:
@@ -160,6 +166,8 @@ def get_model(name: str, num_classes: int, dtype: Any = "float32", conv_backward
         raise ValueError(f"unknown dtype {dtype!r}") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"compute dtype must be floating, got {dtype}")
+    if external.is_factory_spec(name):
+        return external.build(name, num_classes, dtype)
     return MODELS[name](num_classes=num_classes, dtype=dtype, conv=conv_for(conv_backward))
 
 
