@@ -180,3 +180,12 @@ def read_variables(path: str) -> dict:
             f"for BatchNorm); {fix}."
         )
     return dict(variables)
+
+
+def write_logits_file(path: str, dataset, t_logits: dict) -> None:
+    """Writes the `read_logits_file` format: `ids` and `logits` of every split `t_logits` has (not None),
+    in the dataset's order; atomic (`workdir_lib.write_npz`)."""
+    splits = [s for s in SPLITS if t_logits.get(s) is not None]
+    ids = np.concatenate([np.asarray(getattr(dataset, f"{s}_ids")).astype(str) for s in splits])
+    logits = np.concatenate([np.asarray(t_logits[s], np.float32) for s in splits])
+    workdir_lib.write_npz(path, ids=ids, logits=logits)
