@@ -186,7 +186,8 @@ def validate_config(config) -> None:
 
 def validate_teacher_logits(config) -> None:
     """`teacher.logits` / `teacher.variables`: paths, at most one of them and `teacher.checkpoint`; with
-    `teacher.logits`, only methods that need nothing but the teacher's logits (not FKD's features, not targets from the teacher run on each batch)."""
+    `teacher.logits`, only methods that need nothing but the teacher's logits (not FKD's features, not
+    targets from the teacher run on each batch)."""
     variables = config.teacher.get("variables", "")
     if not isinstance(variables, str):
         raise UserError(f"teacher.variables={variables!r} must be a path (a string).")

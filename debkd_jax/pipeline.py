@@ -152,7 +152,9 @@ def teacher_identity(config, meta: dict) -> dict:
     }
 
 
-def student_identity(config, method_cfg, seed: int, dataset, t_logits, teacher_meta: dict | None = None) -> dict:
+def student_identity(
+    config, method_cfg, seed: int, dataset, t_logits, teacher_meta: dict | None = None
+) -> dict:
     """What decides a student: a run folder with another identity is refused (`workdir_lib.claim_run_dir`).
     The teacher enters through its logits (the splits it has) and, for a logits file, the file's sha256."""
     identity = {
@@ -162,7 +164,9 @@ def student_identity(config, method_cfg, seed: int, dataset, t_logits, teacher_m
         "dtype": config.dtype,
         "augment": config.data.augment,
         "data": _fingerprint(dataset.train_images, dataset.train_labels),
-        "teacher_logits": _fingerprint(*(t_logits[s] for s in ("train", "val", "test") if t_logits[s] is not None)),
+        "teacher_logits": _fingerprint(
+            *(t_logits[s] for s in ("train", "val", "test") if t_logits[s] is not None)
+        ),
     }
     if teacher_meta and teacher_meta.get("logits_sha256"):
         identity["teacher_logits_file"] = teacher_meta["logits_sha256"]
@@ -190,14 +194,16 @@ def teacher_from_logits_file(config, dataset) -> tuple[dict[str, np.ndarray | No
 
 def check_models(config, dataset, with_teacher: bool) -> None:
     """Builds the student (and the teacher network, `with_teacher`) abstractly on one image before anything
-    is written: a factory that fails, logits of the wrong shape, or features FKD cannot tap are `UserError`s."""
+    is written: a failing factory, logits of the wrong shape, or features FKD cannot tap are `UserError`s."""
     x = jax.ShapeDtypeStruct((1, *dataset.train_images.shape[1:]), jnp.float32)
     uses_hints = any(m.hint_weight for m in config.methods.values())
     for part in ("student", "teacher") if with_teacher else ("student",):
         name = config[part].model
         try:
             model = models.get_model(name, dataset.num_classes, config.dtype)
-            _, features = jax.eval_shape(lambda v, m=model: m.init_with_output(jax.random.key(0), v, train=False)[0], x)
+            _, features = jax.eval_shape(
+                lambda v, m=model: m.init_with_output(jax.random.key(0), v, train=False)[0], x
+            )
             if uses_hints:
                 models.check_features_for_hints(name, features)
         except UserError as e:

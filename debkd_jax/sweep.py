@@ -168,8 +168,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for field in ("logits", "variables"):
         if config.teacher.get(field, ""):
             raise UserError(
-                f"teacher.{field}={config.teacher[field]!r}: sweeps do not take a teacher from elsewhere yet; "
-                f"run python -m debkd_jax.main with it, or leave teacher.{field} empty."
+                f"teacher.{field}={config.teacher[field]!r}: sweeps do not take a teacher from elsewhere "
+                f"yet; run python -m debkd_jax.main with it, or leave teacher.{field} empty."
             )
     workdir = workdir_lib.expand(workdir)
     basename = _basename(config)

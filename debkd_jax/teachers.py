@@ -29,7 +29,7 @@ EXAMPLES = 3
 
 
 class LogitsFile(NamedTuple):
-    """A checked logits file: `ids` (N,) str, unique; `logits` (N, k) float32, finite; `sha256` of its bytes."""
+    """A checked logits file: `ids` (N,) str, unique; `logits` (N, k) float32, finite; sha256 of the file."""
 
     path: str
     ids: np.ndarray
@@ -59,14 +59,16 @@ def file_sha256(path: str) -> str:
 def read_logits_file(path: str) -> LogitsFile:
     """Reads and checks `path` (format above); `UserError` for a missing or unreadable file, missing or
     mis-shaped arrays, non-numeric logits, fewer than 2 classes, duplicate ids, or NaN/Inf."""
-    fix = "write it with third_party/write_logits.py or as np.savez(PATH, ids=..., logits=...) (docs/teachers.md)"
+    fix = "write it with third_party/write_logits.py or np.savez(PATH, ids=..., logits=...), docs/teachers.md"
     if not os.path.isfile(path):
         raise UserError(f"teacher.logits={path!r}: no such file; {fix}.")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"teacher.logits={path!r} is not a readable .npz file ({type(e).__name__}: {e}); {fix}.")
+        raise UserError(
+            f"teacher.logits={path!r} is not a readable .npz file ({type(e).__name__}: {e}); {fix}."
+        ) from e
     pairs = [("ids", "logits")] + [(f"{s}_ids", f"{s}_logits") for s in SPLITS]
     present = [(i, lg) for i, lg in pairs if i in arrays or lg in arrays]
     if not present:
@@ -87,7 +89,8 @@ def read_logits_file(path: str) -> LogitsFile:
             )
         if lg.ndim != 2 or len(lg) != len(i) or lg.dtype.kind not in "fiu":
             raise UserError(
-                f"teacher.logits={path!r}: {logit_key!r} must be a ({len(i)}, k) float array, one row per id, "
+                f"teacher.logits={path!r}: {logit_key!r} must be a ({len(i)}, k) float array, one row per "
+                "id, "
                 f"got dtype {lg.dtype} shape {lg.shape}; {fix}."
             )
         ids.append(i.astype(str))
@@ -108,14 +111,15 @@ def read_logits_file(path: str) -> LogitsFile:
     bad = ~np.all(np.isfinite(logits_all), axis=1)
     if bad.any():
         raise UserError(
-            f"teacher.logits={path!r}: {int(bad.sum())} row(s) hold NaN or Inf, e.g. {examples(ids_all[bad])}; "
+            f"teacher.logits={path!r}: {int(bad.sum())} row(s) hold NaN or Inf, e.g. "
+            f"{examples(ids_all[bad])}; "
             "re-export the teacher's logits."
         )
     return LogitsFile(path, ids_all, logits_all, file_sha256(path))
 
 
 def rows_for(file: LogitsFile, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits of `wanted` ids in their order (M, k) -- rows of missing ids are NaN --, bool mask of found)."""
+    """(logits (M, k) of the `wanted` ids in their order, NaN rows for missing ids; bool mask of found)."""
     order = np.argsort(file.ids)
     sorted_ids = file.ids[order]
     pos = np.searchsorted(sorted_ids, wanted)
@@ -136,7 +140,8 @@ def align_logits(file: LogitsFile, dataset) -> dict[str, np.ndarray | None]:
     k = dataset.num_classes
     if file.num_classes != k:
         raise UserError(
-            f"teacher.logits={file.path!r} has {file.num_classes} logits per image but the data has {k} classes "
+            f"teacher.logits={file.path!r} has {file.num_classes} logits per image but the data has {k} "
+            "classes "
             f"{list(dataset.class_names)}; export the teacher for the same classes, in this order."
         )
     out: dict[str, np.ndarray | None] = {}
@@ -147,7 +152,8 @@ def align_logits(file: LogitsFile, dataset) -> dict[str, np.ndarray | None]:
             missing = ids[~found]
             raise UserError(
                 f"teacher.logits={file.path!r} misses {len(missing)} of the {len(ids)} training images, e.g. "
-                f"{examples(missing)} (ids are paths relative to the data folder, '<split>/<index>' for TFDS, "
+                f"{examples(missing)} (ids are paths relative to the data folder, '<split>/<index>' for "
+                "TFDS, "
                 f"'digits/<index>' for digits; the file has e.g. {examples(file.ids)}); add their rows."
             )
         out[split] = rows if found.all() else None

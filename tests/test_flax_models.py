@@ -1,8 +1,8 @@
 """Any Flax module as student or teacher ('package.module:factory'), and image sizes other than 32.
 
-The students are defined here: `small_mlp` (no BatchNorm, logits only) and `small_mobilenet` (depthwise-separable
-blocks with BatchNorm, returning (logits, features) for FKD). This file's folder is on sys.path under pytest, so
-they are named 'test_flax_models:small_mlp'.
+The students are defined here: `small_mlp` (no BatchNorm, logits only) and `small_mobilenet`
+(depthwise-separable blocks with BatchNorm, returning (logits, features) for FKD). This file's folder is on
+sys.path under pytest, so they are named 'test_flax_models:small_mlp'.
 """
 
 import os
@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from flax import serialization
 
 from debkd_jax import config_lib, data, models, pipeline, training, workdir_lib
 from debkd_jax.errors import UserError
-
-from conftest import REPO_ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,7 +35,7 @@ class SmallMLP(nn.Module):
 
 
 class SmallMobileNet(nn.Module):
-    """Stem conv, two depthwise-separable blocks (depthwise 3x3, pointwise 1x1, BatchNorm, ReLU), pool, dense."""
+    """Stem conv, two depthwise-separable blocks (depthwise 3x3, pointwise 1x1, BatchNorm, ReLU), dense."""
 
     num_classes: int
     dtype: object = jnp.float32
@@ -47,8 +46,14 @@ class SmallMobileNet(nn.Module):
         x = nn.relu(norm()(nn.Conv(8, (3, 3), use_bias=False, dtype=self.dtype)(x)))
         features = []
         for width, stride in ((16, 1), (16, 2)):
-            x = nn.Conv(x.shape[-1], (3, 3), (stride, stride), feature_group_count=x.shape[-1], use_bias=False,
-                        dtype=self.dtype)(x)
+            x = nn.Conv(
+                x.shape[-1],
+                (3, 3),
+                (stride, stride),
+                feature_group_count=x.shape[-1],
+                use_bias=False,
+                dtype=self.dtype,
+            )(x)
             x = nn.relu(norm()(nn.Conv(width, (1, 1), use_bias=False, dtype=self.dtype)(x)))
             features.append(x)
         return nn.Dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2))), tuple(features)
@@ -182,9 +187,18 @@ def test_teacher_variables_of_another_model_are_refused(cache_dir, tmp_path):
 
 def test_cli_names_a_module_that_does_not_import(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "debkd_jax.main", "--config=configs/debkd.py:smoke", f"--workdir={tmp_path}/w",
-         "--config.student.model=no_such_module_xyz:net"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "debkd_jax.main",
+            "--config=configs/debkd.py:smoke",
+            f"--workdir={tmp_path}/w",
+            "--config.student.model=no_such_module_xyz:net",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

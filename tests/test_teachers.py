@@ -1,5 +1,5 @@
-"""Teachers from elsewhere: image ids in the data layer, logits files (read, checked, aligned) and the main job
-distilling from one."""
+"""Teachers from elsewhere: image ids in the data layer, logits files (read, checked, aligned) and the main
+job distilling from one."""
 
 import json
 import os
@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
 from debkd_jax import config_lib, data, pipeline, report, teachers
 from debkd_jax.errors import UserError
-
-from conftest import REPO_ROOT
 
 SMALL = dict(max_per_class=10, digits_classes=2, image_size=16)
 
@@ -55,7 +54,9 @@ def test_digits_ids_name_the_sklearn_image_and_survive_the_cache(digits, cache_d
     target = load_digits().target
     for split in ("train", "val", "test"):
         index = [int(i.split("/")[1]) for i in getattr(digits, f"{split}_ids")]
-        np.testing.assert_array_equal((target[index] >= 5).astype(np.int32), getattr(digits, f"{split}_labels"))
+        np.testing.assert_array_equal(
+            (target[index] >= 5).astype(np.int32), getattr(digits, f"{split}_labels")
+        )
     again = data.load_dataset("digits", cache_dir=cache_dir, progress=False, **SMALL)  # from the cache
     assert list(os.listdir(cache_dir)) and len(os.listdir(cache_dir)) == 1
     np.testing.assert_array_equal(again.train_ids, digits.train_ids)
@@ -72,7 +73,10 @@ def test_folder_ids_are_paths_relative_to_the_folder(tmp_path):
     d = data.load_dataset(f"folder:{tmp_path}", cache_dir=None, progress=False, image_size=8)
     for split in ("train", "val", "test"):
         for image_id, label, image in zip(
-            getattr(d, f"{split}_ids"), getattr(d, f"{split}_labels"), getattr(d, f"{split}_images"), strict=True
+            getattr(d, f"{split}_ids"),
+            getattr(d, f"{split}_labels"),
+            getattr(d, f"{split}_images"),
+            strict=True,
         ):
             assert image_id.split("/")[0] == d.class_names[label]
             np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / image_id).convert("RGB")), image)
@@ -86,7 +90,9 @@ def test_aligned_logits_follow_the_dataset_order_whatever_the_file_order(digits,
     order = np.random.default_rng(1).permutation(len(ids))
     extra_ids = np.array(["digits/99999"])  # an image this subset lacks: ignored
     path = write_file(
-        tmp_path / "t.npz", np.concatenate([ids[order], extra_ids]), np.concatenate([logits[order], logits[:1]])
+        tmp_path / "t.npz",
+        np.concatenate([ids[order], extra_ids]),
+        np.concatenate([logits[order], logits[:1]]),
     )
     aligned = teachers.align_logits(teachers.read_logits_file(path), digits)
     n_train, n_val = len(digits.train_ids), len(digits.val_ids)
@@ -186,7 +192,9 @@ def logits_config(cache_dir, path, method_names):
 
 def test_every_logits_only_method_distils_from_a_file(cache_dir, tmp_path):
     methods = ("CE", "KD", "KD+KI", "DeBKD", "BTKD-swap", "DKD")
-    dataset = data.load_dataset("digits", cache_dir=cache_dir, progress=False, max_per_class=40, image_size=16)
+    dataset = data.load_dataset(
+        "digits", cache_dir=cache_dir, progress=False, max_per_class=40, image_size=16
+    )
     path = write_file(tmp_path / "t.npz", *teacher_rows(dataset))
     results = pipeline.train_and_evaluate(logits_config(cache_dir, path, methods), str(tmp_path / "w"))
     assert set(results["methods"]) == set(methods)
@@ -200,7 +208,9 @@ def test_every_logits_only_method_distils_from_a_file(cache_dir, tmp_path):
 
 
 def test_a_train_only_file_gives_a_teacher_row_that_says_so(cache_dir, tmp_path):
-    dataset = data.load_dataset("digits", cache_dir=cache_dir, progress=False, max_per_class=40, image_size=16)
+    dataset = data.load_dataset(
+        "digits", cache_dir=cache_dir, progress=False, max_per_class=40, image_size=16
+    )
     path = write_file(tmp_path / "t.npz", *teacher_rows(dataset, ("train",)))
     workdir = tmp_path / "w"
     results = pipeline.train_and_evaluate(logits_config(cache_dir, path, ("KD",)), str(workdir))
@@ -214,16 +224,27 @@ def test_cli_refuses_a_file_missing_training_images_before_writing(cache_dir, tm
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "config.json").write_text('{"earlier": true}')
-    dataset = data.load_dataset("digits", cache_dir=cache_dir, progress=False, max_per_class=40, image_size=16)
+    dataset = data.load_dataset(
+        "digits", cache_dir=cache_dir, progress=False, max_per_class=40, image_size=16
+    )
     ids, logits = teacher_rows(dataset)
     path = write_file(tmp_path / "t.npz", ids[5:], logits[5:])
     proc = subprocess.run(
         [
-            sys.executable, "-m", "debkd_jax.main", "--config=configs/debkd.py:smoke", f"--workdir={workdir}",
-            f"--config.teacher.logits={path}", f"--config.data.cache_dir={cache_dir}",
-            "--config.data.image_size=16", "--config.data.max_per_class=40",
+            sys.executable,
+            "-m",
+            "debkd_jax.main",
+            "--config=configs/debkd.py:smoke",
+            f"--workdir={workdir}",
+            f"--config.teacher.logits={path}",
+            f"--config.data.cache_dir={cache_dir}",
+            "--config.data.image_size=16",
+            "--config.data.max_per_class=40",
         ],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

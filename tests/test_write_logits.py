@@ -1,5 +1,5 @@
-"""Teachers through a logits file: a JAX teacher's file gives the in-process student bit for bit, and a PyTorch
-teacher written by third_party/write_logits.py trains a student end to end."""
+"""Teachers through a logits file: a JAX teacher's file gives the in-process student bit for bit, and a
+PyTorch teacher written by third_party/write_logits.py trains a student end to end."""
 
 import os
 import subprocess
@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 from debkd_jax import config_lib, models, pipeline, teachers, training, workdir_lib
-
-from conftest import REPO_ROOT
 
 DATA_FLAGS = dict(image_size=16, max_per_class=40)
 
@@ -57,9 +56,19 @@ def test_a_jax_teachers_file_gives_the_in_process_student_bit_for_bit(cache_dir,
 def command(tmp_path, cache_dir, *flags):
     data = [f"--config.data.{k}={v}" for k, v in DATA_FLAGS.items()]
     return subprocess.run(
-        [sys.executable, "-m", "third_party.write_logits", "--config=configs/debkd.py:smoke",
-         f"--config.data.cache_dir={cache_dir}", *data, *flags],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "third_party.write_logits",
+            "--config=configs/debkd.py:smoke",
+            f"--config.data.cache_dir={cache_dir}",
+            *data,
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -81,7 +90,9 @@ def test_a_pytorch_teacher_through_the_file_trains_a_student(cache_dir, tmp_path
     torch.save(peer.state_dict(), tmp_path / "teacher.pt")
 
     out = tmp_path / "teacher_logits.npz"
-    proc = command(tmp_path, cache_dir, "--model=resnet_tiny", f"--weights={tmp_path / 'teacher.pt'}", f"--out={out}")
+    proc = command(
+        tmp_path, cache_dir, "--model=resnet_tiny", f"--weights={tmp_path / 'teacher.pt'}", f"--out={out}"
+    )
     assert proc.returncode == 0, proc.stderr
     file = teachers.read_logits_file(str(out))
     aligned = teachers.align_logits(file, dataset)
@@ -105,7 +116,9 @@ def test_weights_of_another_model_give_one_error_line_and_no_file(cache_dir, tmp
 
     torch.save(torch_peer.get_model("resnet8", 2).state_dict(), tmp_path / "resnet8.pt")
     out = tmp_path / "t.npz"
-    proc = command(tmp_path, cache_dir, "--model=resnet_tiny", f"--weights={tmp_path / 'resnet8.pt'}", f"--out={out}")
+    proc = command(
+        tmp_path, cache_dir, "--model=resnet_tiny", f"--weights={tmp_path / 'resnet8.pt'}", f"--out={out}"
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not load into --model" in errors[0], proc.stderr

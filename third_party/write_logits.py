@@ -1,7 +1,8 @@
-"""Runs a PyTorch model over the data as debkd_jax reads it and writes the teacher-logits file (docs/teachers.md).
+"""Runs a PyTorch model over the data as debkd_jax reads it; writes a teacher-logits file (docs/teachers.md).
 
     python -m third_party.write_logits --config=configs/debkd.py --model=resnet8x4 \
-        --weights=teacher.pt --out=teacher_logits.npz [--config.data.source=folder:data/dogs] [--batch_size=256]
+        --weights=teacher.pt --out=teacher_logits.npz [--config.data.source=folder:data/dogs] \
+        [--batch_size=256]
 
 then `python -m debkd_jax.main --config=configs/debkd.py --config.teacher.logits=teacher_logits.npz`, with the
 same data settings (source, image_size, max_per_class, seed: the split is the config's).
@@ -28,7 +29,9 @@ from debkd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The debkd_jax config whose data settings to read.")
-flags.DEFINE_string("model", None, "A torch_peer model name, or 'module:function' returning a torch.nn.Module.")
+flags.DEFINE_string(
+    "model", None, "A torch_peer model name, or 'module:function' returning a torch.nn.Module."
+)
 flags.DEFINE_string("weights", "", "A state_dict file (torch.save) to load into the model; empty: as built.")
 flags.DEFINE_string("out", None, "The .npz file to write (ids, logits).")
 flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
@@ -43,9 +46,7 @@ def build_model(spec: str, num_classes: int):
         return torch_peer.get_model(spec, num_classes)
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        raise UserError(
-            f"--model={spec!r} is not one of {sorted(torch_peer.MODELS)} nor 'module:function'."
-        )
+        raise UserError(f"--model={spec!r} is not one of {sorted(torch_peer.MODELS)} nor 'module:function'.")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any failure of the user's module
@@ -62,7 +63,9 @@ def load_weights(model, path: str) -> None:
     import torch
 
     if not os.path.isfile(path):
-        raise UserError(f"--weights={path!r}: no such file; save it with torch.save(model.state_dict(), PATH).")
+        raise UserError(
+            f"--weights={path!r}: no such file; save it with torch.save(model.state_dict(), PATH)."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -112,7 +115,9 @@ def write_logits(config, spec: str, weights: str, out: str, batch_size: int) -> 
     }
     bad = [s for s, v in logits.items() if not np.all(np.isfinite(v))]
     if bad:
-        raise UserError(f"--model gave NaN/Inf logits on the {', '.join(bad)} images; check the model and weights.")
+        raise UserError(
+            f"--model gave NaN/Inf logits on the {', '.join(bad)} images; check the model and weights."
+        )
     teachers.write_logits_file(out, dataset, logits)
     return logits
 

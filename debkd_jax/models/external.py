@@ -38,9 +38,9 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import-time failure of the user's module
-        detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise UserError(
-            f"model {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {detail}); check the name "
+            f"model {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {first_line(e)}); check "
+            "the name "
             "and put its folder on PYTHONPATH (or run from the folder that holds it)."
         ) from e
     factory = module
@@ -54,7 +54,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 class Adapted(nn.Module):
-    """A factory's module with the built-in models' interface: x -> (logits (B, k) float32, features tuple)."""
+    """A factory's module with the built-in models' interface: x -> (float32 logits (B, k), features)."""
 
     inner: nn.Module
     num_classes: int
@@ -71,13 +71,20 @@ class Adapted(nn.Module):
         logits, features = split_outputs(out, self.spec)
         if logits.ndim != 2 or logits.shape != (x.shape[0], self.num_classes):
             raise UserError(
-                f"model {self.spec!r} returned logits of shape {tuple(logits.shape)} for {x.shape[0]} images; "
+                f"model {self.spec!r} returned logits of shape {tuple(logits.shape)} for {x.shape[0]} "
+                "images; "
                 f"they must be ({x.shape[0]}, {self.num_classes}), one per class: build its head with the "
                 "num_classes the factory is given."
             )
         if self.is_initializing() and "batch_stats" not in self.variables:
             self.variable("batch_stats", PLACEHOLDER, lambda: jnp.zeros((), jnp.float32))
         return jnp.asarray(logits, jnp.float32), features
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an error's message, at most 200 characters."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def split_outputs(out, spec: str) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -104,8 +111,8 @@ def build(spec: str, num_classes: int, dtype) -> Adapted:
         module = factory(num_classes=num_classes, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - the user's factory
         raise UserError(
-            f"model {spec!r}: calling {spec.partition(':')[2]}(num_classes={num_classes}, dtype={jnp.dtype(dtype)}) "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the factory must "
+            f"model {spec!r}: calling {spec.partition(':')[2]}(num_classes={num_classes}, "
+            f"dtype={jnp.dtype(dtype)}) failed ({type(e).__name__}: {first_line(e)}); the factory must "
             "take (num_classes, dtype) and return a flax.linen Module."
         ) from e
     if not isinstance(module, nn.Module):
@@ -120,6 +127,7 @@ def check_features_for_hints(spec: str, features) -> None:
     shapes = [tuple(f.shape) for f in features]
     if not shapes or any(len(s) != 4 for s in shapes):
         raise UserError(
-            f"model {spec!r} offers FKD the features {shapes or 'none'}; FKD taps (B, h, w, c) arrays: return "
+            f"model {spec!r} offers FKD the features {shapes or 'none'}; FKD taps (B, h, w, c) arrays: "
+            "return "
             "(logits, (block outputs...)) from __call__, or drop the FKD methods."
         )
