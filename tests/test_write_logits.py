@@ -108,6 +108,37 @@ def test_a_pytorch_teacher_through_the_file_trains_a_student(cache_dir, tmp_path
     assert os.path.isdir(tmp_path / "w" / "students" / "KD-seed0" / "final")
 
 
+def linear_torch_net(num_classes):
+    """A `module:function` factory for the command: flatten (NCHW) then a linear layer with fixed weights."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, num_classes))
+    with torch.no_grad():
+        weight = torch.sin(torch.arange(net[1].weight.numel(), dtype=torch.float32))
+        net[1].weight.copy_(weight.reshape(num_classes, 768))
+        net[1].bias.copy_(torch.arange(num_classes, dtype=torch.float32))
+    return net
+
+
+@pytest.mark.peer
+def test_a_module_function_factory_sees_the_images_as_the_jax_models_do(cache_dir, tmp_path):
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO_ROOT))
+    from third_party import write_logits
+
+    config = small_config(cache_dir)
+    out = str(tmp_path / "t.npz")
+    write_logits.write_logits(config, "test_write_logits:linear_torch_net", "", out, batch_size=7)
+    dataset = pipeline.load_data(config)
+    aligned = teachers.align_logits(teachers.read_logits_file(out), dataset)
+    net = linear_torch_net(dataset.num_classes)
+    w, b = net[1].weight.detach().numpy(), net[1].bias.detach().numpy()
+    for split in ("train", "val", "test"):
+        x = (getattr(dataset, f"{split}_images").astype(np.float32) - 127.5) / 127.5  # NHWC in [-1, 1]
+        expected = x.transpose(0, 3, 1, 2).reshape(len(x), -1) @ w.T + b
+        np.testing.assert_allclose(aligned[split], expected, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.peer
 def test_weights_of_another_model_give_one_error_line_and_no_file(cache_dir, tmp_path):
     torch = pytest.importorskip("torch")

@@ -87,7 +87,7 @@ def torch_logits(model, images: np.ndarray, num_classes: int, batch_size: int) -
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = np.asarray(data.normalize(images[start : start + batch_size]), np.float32)
+            x = np.array(data.normalize(images[start : start + batch_size]), np.float32)  # writable for torch
             y = model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
             y = y[0] if isinstance(y, (tuple, list)) else y
             if tuple(y.shape) != (len(x), num_classes):
