@@ -1,6 +1,8 @@
-"""Test configuration: 8 fake CPU devices and short compile times.
+"""Test configuration: 8 fake CPU devices and short compile times, and the image folders the data, CLI and
+training tests read.
 
-Both must be set before JAX initialises its backends, so they live here, at import time of the test session.
+Both settings must be made before JAX initialises its backends, so they live here, at import time of the test
+session.
 """
 
 import os
@@ -17,12 +19,65 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "dogs_vs_cats_32"
+
+# The generated folder: two classes of 32x32 images, half JPEG and half PNG.
+SHAPE_CLASSES = ("disc", "bar")
+SHAPES_PER_CLASS = 150
+SHAPES_MISLABELED = 0.08  # share of each class folder holding the other class's pattern
+
+
+def draw_shape_image(shape: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """One (size, size, 3) uint8 image: a noisy random background with a warm filled disc (`disc`) or a cool
+    vertical bar (`bar`) of random position, size and shade, plus per-pixel Gaussian noise (sigma 20)."""
+    background = rng.integers(40, 140, size=3)
+    image = np.broadcast_to(background, (size, size, 3)).astype(np.float64)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(8, size - 8, size=2)
+    if shape == "disc":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(5, 9) ** 2
+        colour = (rng.integers(170, 256), rng.integers(60, 140), rng.integers(0, 60))
+    else:
+        mask = (np.abs(xx - cx) <= rng.integers(2, 4)) & (np.abs(yy - cy) <= rng.integers(8, 13))
+        colour = (rng.integers(0, 60), rng.integers(60, 140), rng.integers(170, 256))
+    image[mask] = colour
+    image += rng.normal(0.0, 20.0, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_shape_folder(root: pathlib.Path, per_class: int = SHAPES_PER_CLASS, seed: int = 0) -> pathlib.Path:
+    """Writes `root/<class>/<class>_<i>.jpg|png` for the classes `SHAPE_CLASSES`, `per_class` images each,
+    alternating JPEG (quality 90) and PNG. A seeded `SHAPES_MISLABELED` share of each class folder holds the
+    other class's pattern, so no classifier is perfect on it (a teacher has mistakes to infuse or rectify)."""
+    rng = np.random.default_rng(seed)
+    n_mislabeled = int(round(SHAPES_MISLABELED * per_class))
+    for label, name in enumerate(SHAPE_CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        drawn_as = np.full(per_class, label)
+        drawn_as[rng.choice(per_class, n_mislabeled, replace=False)] = 1 - label
+        for i, shape_index in enumerate(drawn_as):
+            image = Image.fromarray(draw_shape_image(SHAPE_CLASSES[shape_index], rng))
+            if i % 2:
+                image.save(folder / f"{name}_{i}.png")
+            else:
+                image.save(folder / f"{name}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> pathlib.Path:
+    """A generated image folder, `disc/` and `bar/`, 150 images each (half JPEG, half PNG, 32x32 RGB; 8% of
+    each folder drawn as the other class). The tiny models learn it in a few epochs (test_train.py measures
+    it)."""
+    return write_shape_folder(tmp_path_factory.mktemp("shapes") / "shapes")
 
 
 @pytest.fixture(scope="session")

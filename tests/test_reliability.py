@@ -1,8 +1,9 @@
 """Faults and bad inputs: what the tool does with each (docs/reliability.md has the table).
 
-Bad data goes through the real CLI (subprocess); the workdir faults (full disk, unwritable folder, busy
-workdir, diverged loss, damaged or stale files, changed settings) run in-process on small synthetic data, and
-a real full disk (a tiny tmpfs) through the CLI where this machine lets us mount one.
+Bad data goes through the real CLI (subprocess), in folders built from conftest's generated images; the
+workdir faults (full disk, unwritable folder, busy workdir, diverged loss, damaged or stale files, changed
+settings) run in-process on small synthetic data, and a real full disk (a tiny tmpfs) through the CLI where
+this machine lets us mount one.
 """
 
 from __future__ import annotations
@@ -46,26 +47,28 @@ def cache_dir(tmp_path_factory):
 # Bad data, end to end through the CLI.
 
 
-def _photos(dogs_vs_cats_dir, cls: str, n: int) -> list[pathlib.Path]:
-    return sorted((dogs_vs_cats_dir / cls).iterdir())[:n]
+def _images(folder: pathlib.Path, cls: str, n: int) -> list[pathlib.Path]:
+    """The first `n` images of class `cls` of an image folder (the generated one alternates JPEG and PNG)."""
+    return sorted((folder / cls).iterdir())[:n]
 
 
 @pytest.mark.slow
-def test_messy_folder_trains_and_reports_what_it_skipped(dogs_vs_cats_dir, cache_dir, tmp_path):
-    """Valid and corrupt images mixed, a class folder named with a space and non-ASCII letters, file names
-    likewise, a symlink loop, and classes of 40 and 12 images: the run completes, skips and lists the 3 bad
-    files, and splits each class 70/10/20."""
+def test_messy_folder_trains_and_reports_what_it_skipped(shapes_dir, cache_dir, tmp_path):
+    """Valid JPEGs and PNGs and corrupt files mixed, a class folder named with a space and non-ASCII letters,
+    file names likewise, a symlink loop, and classes of 40 and 12 images: the run completes, skips and lists
+    the 3 bad files, and splits each class 70/10/20."""
     root = tmp_path / "photos"
     cats, other = root / "cat", root / "chien dög"
     cats.mkdir(parents=True)
     other.mkdir()
-    for i, src in enumerate(_photos(dogs_vs_cats_dir, "cat", 40)):
-        shutil.copy(src, cats / f"cat {i}.jpg")
-    for i, src in enumerate(_photos(dogs_vs_cats_dir, "dog", 12)):
-        shutil.copy(src, other / f"photo é {i}.jpg")
+    for i, src in enumerate(_images(shapes_dir, "disc", 40)):
+        shutil.copy(src, cats / f"cat {i}{src.suffix}")
+    for i, src in enumerate(_images(shapes_dir, "bar", 12)):
+        shutil.copy(src, other / f"photo é {i}{src.suffix}")
+    assert {p.suffix for p in cats.iterdir()} == {".jpg", ".png"}
     (cats / "empty.jpg").write_bytes(b"")
     (cats / "not an image.jpg").write_text("hello")
-    (cats / "truncated.jpg").write_bytes((cats / "cat 0.jpg").read_bytes()[:200])
+    (cats / "truncated.jpg").write_bytes(next(cats.glob("cat *.jpg")).read_bytes()[:200])
     (cats / "sub").mkdir()
     os.symlink(cats, cats / "sub" / "loop")  # cat/sub/loop -> cat: a cycle
 
@@ -108,13 +111,13 @@ def test_messy_folder_trains_and_reports_what_it_skipped(dogs_vs_cats_dir, cache
         ("one_class", ["only one class", "'cat'"]),
     ],
 )
-def test_unusable_data_folder_is_a_clear_error(layout, needles, dogs_vs_cats_dir, cache_dir, tmp_path):
+def test_unusable_data_folder_is_a_clear_error(layout, needles, shapes_dir, cache_dir, tmp_path):
     root = tmp_path / "photos"
     if layout != "missing":
         root.mkdir()
     if layout == "one_class":
         (root / "cat").mkdir()
-        for src in _photos(dogs_vs_cats_dir, "cat", 5):
+        for src in _images(shapes_dir, "disc", 5):
             shutil.copy(src, root / "cat")
     args = cli_args(tmp_path / "run", cache_dir / "data", f"--config.data.source=folder:{root}")
     proc = run_cli(args, cli_env(cache_dir))
@@ -145,7 +148,8 @@ def test_full_disk_stops_cleanly_and_keeps_what_was_written(cache_dir, tmp_path)
         assert proc.returncode == 2, proc.stderr[-4000:]
         # Orbax's and tensorstore's threads also write to stderr at exit and can share a line with ours.
         errors = [line[line.index("error: ") :] for line in proc.stderr.splitlines() if "error: " in line]
-        # Which write meets the full disk depends on timing; each names the disk or the file it could not write.
+        # Which write meets the full disk depends on timing; each names the disk or the file it could not
+        # write.
         assert len(errors) == 1, errors or proc.stderr[-4000:]
         assert any(w in errors[0] for w in ("the disk is full", "No space left", "cannot write")), errors
         # What was written before is intact: valid JSON, and every committed checkpoint restores.
