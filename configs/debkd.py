@@ -6,7 +6,7 @@
         --config.data.source=folder:../shared/data/dogs_vs_cats_32 --workdir=runs/dogs_vs_cats
 
 Defaults: embedded digits data (binary "0-4" vs "5-9"), ResNet8x4 teacher (6 epochs), ResNet8 students (15
-epochs), DeBKD with knowledge infusion, n = 12 regions, beta = 0.2, T = 4 (SPEC section 1).
+epochs), DeBKD with knowledge infusion, n = 12 regions, beta = 0.2, T = 4 (docs/method.md §3-5).
 """
 
 from debkd_jax import config_lib

@@ -3,7 +3,7 @@
 Shapes: student logits `s` (B, k), teacher logits `z` (B, k), integer labels `y` (B,), region bounds `lo`, `hi`
 (B, k). Scalar losses are batch means; `KL(t || p) = sum_j t_j (log t_j - log p_j)` with `0 log 0 = 0`;
 `CE(s, y) = -log softmax(s)[y]`. Hyperparameters are keyword-only; the string options are static under jit,
-the numeric ones may be traced (a per-epoch schedule does not recompile). See SPEC sections 1.3, 2 and 3.
+the numeric ones may be traced (a per-epoch schedule does not recompile). See docs/method.md §5-9.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
 def debkd_loss(
     student_logits, labels, lo, hi, *, beta=0.2, temperature=4.0, scale_by_t2: bool = True
 ) -> jax.Array:
-    """DeBKD loss (paper eq. 6 with SPEC 1.3's surrogate for eq. 5):
+    """DeBKD loss (paper eq. 6 with docs/method.md §5.1's surrogate for eq. 5):
     `mean_i [beta * T^2 * KL(t_i || p_i) + CE(s_i, y_i)]`. (B, k), (B,), (B, k), (B, k) -> scalar.
     """
     _check_batch(student_logits, labels, lo=lo, hi=hi)
@@ -250,7 +250,7 @@ def btkd_loss(
     rectify: str | None = "swap",
     teacher_correct=None,
 ) -> jax.Array:
-    """BTKD (SPEC 3): `lam * CE + (1 - lam) * (b * L_easy + (1 - b) * L_hard)` with `b = easy_weight`.
+    """BTKD (docs/method.md §9): `lam * CE + (1 - lam) * (b * L_easy + (1 - b) * L_hard)`, `b = easy_weight`.
 
     `L_easy`: mean over teacher-correct samples of `T^2 KL(softmax(z/T) || p)`; `L_hard`: mean over the wrong ones
     against rectified logits (`rectify_logits(z, y, rectify)`, or `z` as given when `rectify is None`, i.e. the

@@ -8,9 +8,9 @@ regions are built (`knowledge_infusion`, `rectify`, in order), `hint_weight > 0`
 every preset's formula and the choices made where the papers are silent.
 
 Schedules use the integer epoch `e = floor(step / steps_per_epoch)`, counted from 0:
-- `cos2`: `b(e) = cos^2(pi/2 * e / E)` (SPEC 3). It is BTKD's easy/hard split `b`; on any other loss it
-  multiplies the distillation weight (KD's `alpha`, DeBKD's `beta`, DKD's `alpha` and `beta`). BTKD without it
-  keeps `b = 1/2`.
+- `cos2`: `b(e) = cos^2(pi/2 * e / E)` (docs/method.md §10). It is BTKD's easy/hard split `b`; on any other
+  loss it multiplies the distillation weight (KD's `alpha`, DeBKD's `beta`, DKD's `alpha` and `beta`). BTKD
+  without it keeps `b = 1/2`.
 - DKD's warm-up: the distillation term is multiplied by `min((e + 1) / warmup_epochs, 1)`, as mdistiller's
   `min(epoch / warmup, 1)` with its epochs counted from 1.
 """
@@ -61,7 +61,7 @@ def method(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**DEFAULTS, **overrides})
 
 
-# The papers' methods and their combinations (SPEC sections 1-3 and DeBKD's Table 3 ablation).
+# The papers' methods and their combinations (docs/method.md §3-9 and DeBKD's Table 3 ablation).
 PRESETS: dict[str, dict] = {
     "CE": dict(loss="ce", transforms=()),
     "KD": dict(loss="kd", transforms=()),

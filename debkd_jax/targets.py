@@ -4,7 +4,7 @@ Every function takes NumPy or jnp arrays, is jittable (string options static) an
 loop over samples. Shapes: teacher logits `Z` (N, k), integer labels `y` (N,).
 
 The composition a method uses is `build_targets`, which returns a `Targets` pytree of per-sample arrays that the
-student's train step gathers rows from. See SPEC sections 1 and 3.
+student's train step gathers rows from. See docs/method.md §2-4 and §9.2.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def apply_infusion(teacher_logits, labels, table) -> jax.Array:
 
 
 def knowledge_infusion(teacher_logits, labels, mode: str = "pooled") -> jax.Array:
-    """DeBKD's knowledge infusion (SPEC 1.1): misclassified rows get the correct samples' mean logits.
+    """DeBKD's knowledge infusion (docs/method.md §3): misclassified rows get the correct samples' mean
+    logits.
 
     After it every sample is classified correctly. (N, k), (N,) -> (N, k).
     """
@@ -124,7 +125,7 @@ def knowledge_infusion(teacher_logits, labels, mode: str = "pooled") -> jax.Arra
 
 
 def debiased_regions(logits, temperature=4.0, num_regions: int = 12) -> tuple[jax.Array, jax.Array]:
-    """Label de-biasing regions (SPEC 1.2): the width-1/n interval holding each soft-label entry.
+    """Label de-biasing regions (docs/method.md §4): the width-1/n interval holding each soft-label entry.
 
     `q = softmax(Z / T)`, `idx = clip(floor(q * n), 0, n - 1)`, `lo = idx / n`, `hi = (idx + 1) / n`.
     (N, k) -> ((N, k), (N, k)).
@@ -155,7 +156,7 @@ def label_interval(lo, hi, labels) -> tuple[jax.Array, jax.Array]:
 
 
 def rectify_logits(teacher_logits, labels, mode: str = "swap") -> jax.Array:
-    """BTKD's bias rectification of misclassified rows (SPEC 3); correct rows are unchanged.
+    """BTKD's bias rectification of misclassified rows (docs/method.md §9.2); correct rows are unchanged.
 
     With `c = argmax z != y`: `swap` exchanges `z[y]` and `z[c]`; `released` (the code's calibrate3) sets
     `z_y' = (z_y + 1) / 2`, `z_c' = z_c / 2`, then scales both by `(z_y + z_c) / (z_y' + z_c')`.
@@ -237,7 +238,7 @@ def build_targets(
     num_regions: int = 12,
     infusion=None,
 ) -> Targets:
-    """Composes the transforms a method's config names into its `Targets` (SPEC 1 and 3).
+    """Composes the transforms a method's config names into its `Targets` (docs/method.md §2).
 
     The logits pass through `transforms` in order ("knowledge_infusion", "rectify"); the regions are taken
     from the result; `correct` always comes from the raw teacher logits. (N, k), (N,) -> Targets of N rows.
