@@ -1,16 +1,16 @@
 """Float64 NumPy references for ``debkd_jax.targets`` and ``debkd_jax.losses``.
 
-Written from ``SPEC.md`` sections 1-3 alone, independently of the JAX code: clarity first, loop-free where
+Written from docs/method.md §2-9 alone, independently of the JAX code: clarity first, loop-free where
 natural. Every function takes array-likes, computes in float64 and returns float64 (or bool / int) NumPy
 arrays.
 
-Conventions (SPEC notation): ``k`` classes; teacher logits ``Z`` (N, k); integer labels ``y`` (N,);
+Conventions (docs/method.md §1): ``k`` classes; teacher logits ``Z`` (N, k); integer labels ``y`` (N,);
 student logits ``s`` (B, k); ``softmax(x / T)`` over the last axis;
 ``KL(t || p) = sum_j t_j (log t_j - log p_j)`` with ``0 log 0 = 0``; ``CE(s, y) = -log softmax(s)[y]`` at
 temperature 1.
 
-The box projection (SPEC 1.3) is computed two ways, both independent of the JAX code's iterative solve:
-for k = 2 by the SPEC's closed-form clip, and for any k by sorting the 2k breakpoints of the piecewise-linear,
+The box projection (docs/method.md §5.2) is computed two ways, both independent of the JAX code's iterative
+solve: for k = 2 by the closed-form clip, and for any k by sorting the 2k breakpoints of the piecewise-linear,
 non-increasing ``f(tau) = sum_j clip(p_j - tau, lo_j, hi_j)`` and interpolating exactly on the segment where
 ``f`` crosses 1.
 """
@@ -72,7 +72,7 @@ def teacher_correct(Z, y):
 
 
 def infusion_table(Z, y, mode="pooled"):
-    """(k, k): row c is the logit vector that a misclassified sample of label c receives (SPEC 1.1)."""
+    """(k, k): row c is the logit vector that a misclassified sample of label c receives (method.md §3)."""
     Z, y = _f64(Z), _labels(y)
     k = Z.shape[-1]
     correct = teacher_correct(Z, y)
@@ -109,7 +109,7 @@ def debiased_regions(logits, temperature=4.0, num_regions=12):
 
 
 def rectify_logits(Z, y, mode="swap"):
-    """Rectify the wrong rows (c = argmax z != y); correct rows unchanged (SPEC 3)."""
+    """Rectify the wrong rows (c = argmax z != y); correct rows unchanged (method.md §9.2)."""
     Z, y = _f64(Z), _labels(y)
     rows = np.arange(Z.shape[0])
     c = np.argmax(Z, axis=-1)
@@ -162,7 +162,7 @@ def build_targets(
 def box_projection_binary(p, lo, hi):
     """k = 2 closed form. The Euclidean projection onto the line t_0 + t_1 = 1 is
     t_0 = (p_0 - p_1 + 1) / 2 (= p_0 when p sums to 1); the box then clips t_0 into
-    [max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)] (SPEC 1.3) and t_1 = 1 - t_0."""
+    [max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)] (method.md §5.2) and t_1 = 1 - t_0."""
     p, lo, hi = _f64(p), _f64(lo), _f64(hi)
     assert p.shape[-1] == 2
     t0 = (p[:, 0] - p[:, 1] + 1.0) / 2.0
@@ -194,7 +194,7 @@ def box_projection_sort(p, lo, hi):
 
 
 def box_projection(p, lo, hi):
-    """The SPEC's projection: the closed-form clip for k = 2, the breakpoint sort for k > 2."""
+    """The projection of method.md §5.2: the closed-form clip for k = 2, the breakpoint sort for k > 2."""
     if np.shape(p)[-1] == 2:
         return box_projection_binary(p, lo, hi)
     return box_projection_sort(p, lo, hi)
@@ -208,7 +208,7 @@ def debiased_kl(s, lo, hi, temperature=4.0):
 
 
 def debkd_loss(s, y, lo, hi, beta=0.2, temperature=4.0, scale_by_t2=True):
-    """mean(beta * T^2 * KL(t || p) + CE(s, y)) (paper eq. 6 with the SPEC's surrogate)."""
+    """mean(beta * T^2 * KL(t || p) + CE(s, y)) (paper eq. 6 with method.md §5.1's surrogate)."""
     scale = temperature**2 if scale_by_t2 else 1.0
     return np.mean(beta * scale * debiased_kl(s, lo, hi, temperature) + cross_entropy(s, y))
 

@@ -1,4 +1,4 @@
-"""Tests of ``debkd_jax.losses`` (SPEC sections 1.3, 2 and 3) against the float64 references in
+"""Tests of ``debkd_jax.losses`` (docs/method.md §5-9) against the float64 references in
 ``reference.py``."""
 
 import jax
@@ -430,7 +430,7 @@ def test_dynamic_weight():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC properties
+# The properties of docs/method.md §5.3
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``debkd_jax.targets`` (SPEC section 1 and the rectification of section 3) against
+"""Tests of ``debkd_jax.targets`` (docs/method.md §2-4 and the rectification of §9.2) against
 ``reference.py``."""
 
 import jax
@@ -238,10 +238,11 @@ def test_binary_regions_are_mirrored(num):
 
 
 def test_binary_regions_on_a_boundary():
-    """q = (0.5, 0.5) with n = 2 (or 4): both classes get [0.5, 1] ([0.5, 0.75]) by SPEC's per-class floor.
+    """q = (0.5, 0.5) with n = 2 (or 4): both classes get [0.5, 1] ([0.5, 0.75]) by the per-class floor of
+    docs/method.md §4.
 
     The box {lo <= t <= hi, sum t = 1} then holds the single point q, so the projection is q and the de-biased
-    term reduces to KD at this point. This pins the SPEC formula; the label-free API cannot return the
+    term reduces to KD at this point. This pins that formula; the label-free API cannot return the
     label-dependent mirror here.
     """
     z = np.zeros((1, 2), np.float32)
@@ -315,7 +316,8 @@ def test_swap_always_makes_the_teacher_right(seed, scale):
 
 
 def test_released_can_leave_the_teacher_wrong():
-    """k = 2, z = [1, -3], y = 1: s = -2, z_y' = -1, z_c' = 0.5, scale 4 -> [2, -4]: still wrong (SPEC 3)."""
+    """k = 2, z = [1, -3], y = 1: s = -2, z_y' = -1, z_c' = 0.5, scale 4 -> [2, -4]: still wrong
+    (docs/method.md §9.2)."""
     z = np.array([[1.0, -3.0], [2.0, 1.5]], np.float32)
     y = np.array([1, 1], np.int32)
     out = np.asarray(_rectify(z, y, mode="released"))
