@@ -1,9 +1,9 @@
-"""Tests of the method matrix (`debkd_jax.methods`, configs/*.py): every preset against SPEC sections 1-3 and
-6, its schedules, each method training a student on real photos, online targets, and k-class DeBKD end to end
-(10-class digits and `tfds:cifar10`).
+"""Tests of the method matrix (`debkd_jax.methods`, configs/*.py): what every preset computes (against
+docs/method.md, through the float64 reference), its schedules, each method training a student on an image
+folder, online targets, and k-class DeBKD end to end (10-class digits and `tfds:cifar10`).
 
-The training tests share one teacher (a module fixture trained once on a small slice of Dogs vs Cats) and one
-tiny model shape, so most of their time is the compilation of each method's train step.
+The training tests share one teacher (a module fixture trained once on a small slice of conftest's generated
+image folder) and one tiny model shape, so most of their time is the compilation of each method's train step.
 """
 
 import math
@@ -18,17 +18,18 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from debkd_jax import config_lib, losses, methods, metrics, models, pipeline, report, sweep, training
+from debkd_jax import config_lib, losses, methods, models, pipeline, report, sweep, training
 from debkd_jax import data as data_lib
 from debkd_jax import targets as targets_lib
+
+try:
+    from . import reference as R
+except ImportError:
+    import reference as R
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # Jitted references: one compile each instead of op-by-op dispatch.
-_kd = jax.jit(losses.kd_loss)
-_debkd = jax.jit(losses.debkd_loss)
-_btkd = jax.jit(losses.btkd_loss, static_argnames="rectify")
-_dkd = jax.jit(losses.dkd_loss)
 _ce = jax.jit(losses.cross_entropy)
 _kl = jax.jit(losses.soft_kl)
 _proj = jax.jit(losses.box_projection)
@@ -83,48 +84,156 @@ def test_every_method_of_the_table_is_a_preset_and_validates():
     assert [name for name, _ in methods.ordered(config.methods)] == ["CE", *TABLE]
 
 
-def test_presets_match_the_spec():
-    p = {name: methods.preset(name) for name in methods.PRESETS}
-    ki = ("knowledge_infusion",)
-    # KD (SPEC 2): alpha 0.9, T 4; KI is a switch.
-    for name, transforms in (("KD", ()), ("KD+KI", ki)):
-        assert (p[name].loss, p[name].alpha, p[name].temperature, p[name].hint_weight) == (
-            "kd",
-            0.9,
-            4.0,
-            0.0,
-        )
-        assert tuple(p[name].transforms) == transforms and p[name].weight_schedule == "constant"
-    # FKD: KD plus hints, the teacher online; KI a switch.
-    for name, transforms in (("FKD", ()), ("FKD+KI", ki)):
-        assert p[name].loss == "kd" and p[name].hint_weight > 0 and tuple(p[name].transforms) == transforms
-        obj = methods.objective(p[name], 10)
-        assert obj.uses_hints and obj.needs_teacher_online
-    # DeBKD (SPEC 1.3): KI, n = 12, beta 0.2, T 4, T^2 on; the ablation drops KI.
-    for name, transforms in (("DeBKD", ki), ("DeBKD-noKI", ())):
-        c = p[name]
-        assert (c.loss, c.num_regions, c.beta, c.temperature, c.scale_by_t2) == ("debkd", 12, 0.2, 4.0, True)
-        assert tuple(c.transforms) == transforms and c.ki_mode == "pooled"
-        assert not methods.objective(c, 10).needs_teacher_online
-    # BTKD (SPEC 3): rectified hard part, lam 0.5, T 4, b(e) = cos^2.
-    for name, mode in (("BTKD-swap", "swap"), ("BTKD-released", "released")):
-        c = p[name]
-        assert (c.loss, c.rectify_mode, c.lam, c.temperature, c.weight_schedule) == (
-            "btkd",
-            mode,
-            0.5,
-            4.0,
-            "cos2",
-        )
-        assert tuple(c.transforms) == ("rectify",)
-    # The combinations: DeBKD regions on BTKD-rectified logits instead of KI; the cos^2 schedule on beta.
-    assert p["DeBKD+BTKD"].loss == "debkd" and tuple(p["DeBKD+BTKD"].transforms) == ("rectify",)
-    assert p["DeBKD-cos2"].loss == "debkd" and p["DeBKD-cos2"].weight_schedule == "cos2"
-    assert tuple(p["DeBKD-cos2"].transforms) == ki
-    # DKD: alpha 1, beta 8, T 4, 20 warm-up epochs, raw teacher logits.
-    c = p["DKD"]
-    assert (c.loss, c.alpha, c.beta, c.temperature, c.warmup_epochs) == ("dkd", 1.0, 8.0, 4.0, 20)
-    assert tuple(c.transforms) == ()
+# What each preset must compute, written from docs/method.md (not from `methods.PRESETS`) with the float64
+# reference: `(s, z, y, e, E, hints) -> loss`, `e` the integer epoch of `E`, `hints` the batch's hint loss.
+def _ki(z, y):
+    return R.knowledge_infusion(z, y, "pooled")  # §3, the default mode
+
+
+def _debkd_reference(s, z_regions, y, beta):  # §5: regions of softmax(z'/T), n = 12, beta, T = 4, T^2 on
+    lo, hi = R.debiased_regions(z_regions, 4.0, 12)
+    return R.debkd_loss(s, y, lo, hi, beta=beta, temperature=4.0)
+
+
+def _cos2(e, E):  # §9.3
+    return math.cos(math.pi / 2 * e / E) ** 2
+
+
+DOCUMENTED_LOSS = {
+    "CE": lambda s, z, y, e, E, h: np.mean(R.cross_entropy(s, y)),
+    "KD": lambda s, z, y, e, E, h: R.kd_loss(s, z, y, alpha=0.9, temperature=4.0),
+    "KD+KI": lambda s, z, y, e, E, h: R.kd_loss(s, _ki(z, y), y, alpha=0.9, temperature=4.0),
+    "FKD": lambda s, z, y, e, E, h: R.kd_loss(s, z, y, alpha=0.9, temperature=4.0) + 1.0 * h,
+    "FKD+KI": lambda s, z, y, e, E, h: R.kd_loss(s, _ki(z, y), y, alpha=0.9, temperature=4.0) + 1.0 * h,
+    "DeBKD": lambda s, z, y, e, E, h: _debkd_reference(s, _ki(z, y), y, beta=0.2),
+    "DeBKD-noKI": lambda s, z, y, e, E, h: _debkd_reference(s, z, y, beta=0.2),
+    "BTKD-swap": lambda s, z, y, e, E, h: R.btkd_loss(
+        s, z, y, easy_weight=_cos2(e, E), lam=0.5, temperature=4.0, rectify="swap"
+    ),
+    "BTKD-released": lambda s, z, y, e, E, h: R.btkd_loss(
+        s, z, y, easy_weight=_cos2(e, E), lam=0.5, temperature=4.0, rectify="released"
+    ),
+    "DeBKD+BTKD": lambda s, z, y, e, E, h: _debkd_reference(s, R.rectify_logits(z, y, "swap"), y, beta=0.2),
+    "DeBKD-cos2": lambda s, z, y, e, E, h: _debkd_reference(s, _ki(z, y), y, beta=0.2 * _cos2(e, E)),
+    # §8 and §10: mdistiller's warm-up min(epoch / 20, 1) with its epochs counted from 1.
+    "DKD": lambda s, z, y, e, E, h: R.dkd_loss(
+        s, z, y, alpha=1.0, beta=8.0, temperature=4.0, warmup=min((e + 1) / 20, 1.0)
+    ),
+}
+
+
+def _teacher_batch(k=3, b=24, seed=0):
+    """Teacher logits with about 30% misclassified rows (both BTKD parts non-empty, KI replacing rows),
+    student logits and labels."""
+    rng = np.random.default_rng(seed)
+    z, y = R.teacher_data(rng, b, k, scale=3.0, wrong_frac=0.3)
+    s = (rng.normal(size=(b, k)) * 2.0).astype(np.float32)
+    return s, z, y
+
+
+def _preset_loss(cfg, s, z, y, *, epoch=0.0, hints=0.0, num_epochs=10):
+    rows = methods.build_targets(cfg, z, y)
+    loss_fn = jax.jit(methods.objective(cfg, num_epochs).loss_fn)
+    return float(loss_fn(jnp.asarray(s), jnp.asarray(y), rows, jnp.float32(hints), jnp.float32(epoch)))
+
+
+def test_every_preset_has_a_documented_loss():
+    assert sorted(DOCUMENTED_LOSS) == sorted(methods.PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_LOSS))
+def test_each_preset_computes_its_documented_loss(name):
+    """A preset's objective on fixed logits, at epochs 0, 3.5 and 9.99 of 10 (schedules use the integer
+    epoch) and with a hint loss of 2, equals the formula of docs/method.md computed in float64 with NumPy: a
+    wrong loss, transform, hyperparameter, schedule or hint weight in a preset fails here."""
+    s, z, y = _teacher_batch(k=3)
+    assert 0 < np.mean(R.teacher_correct(z, y)) < 1
+    cfg = methods.preset(name)
+    rows = methods.build_targets(cfg, z, y)
+    loss_fn = jax.jit(methods.objective(cfg, 10).loss_fn)
+    for epoch in (0.0, 3.5, 9.99):
+        got = loss_fn(jnp.asarray(s), jnp.asarray(y), rows, jnp.float32(2.0), jnp.float32(epoch))
+        want = DOCUMENTED_LOSS[name](s, z, y, math.floor(epoch), 10, 2.0)
+        R.assert_close(got, want, scale=3.0, err_msg=f"{name} at epoch {epoch}")
+    objective = methods.objective(cfg, 10)
+    assert objective.uses_hints == name.startswith("FKD")
+    assert objective.needs_teacher_online == name.startswith("FKD")  # the hints need the batch's features
+
+
+def test_ki_presets_distil_from_the_infused_logits():
+    """KD+KI's targets are KD's after knowledge infusion: the teacher-correct rows are KD's, the others are
+    replaced, and every row then puts the label first. DeBKD and DeBKD-noKI differ in the same way."""
+    _, z, y = _teacher_batch(k=4, b=32, seed=1)
+    correct = R.teacher_correct(z, y)
+    kd, kd_ki = (methods.build_targets(methods.preset(n), z, y) for n in ("KD", "KD+KI"))
+    np.testing.assert_array_equal(np.asarray(kd.logits), z)
+    np.testing.assert_allclose(np.asarray(kd_ki.logits), R.knowledge_infusion(z, y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(kd_ki.logits)[correct], z[correct])
+    assert not np.allclose(np.asarray(kd_ki.logits)[~correct], z[~correct])
+    assert np.all(np.argmax(np.asarray(kd_ki.logits), -1) == y)
+    assert np.mean(np.argmax(np.asarray(kd.logits), -1) == y) < 1
+    debkd, no_ki = (methods.build_targets(methods.preset(n), z, y) for n in ("DeBKD", "DeBKD-noKI"))
+    np.testing.assert_array_equal(np.asarray(debkd.logits), np.asarray(kd_ki.logits))
+    np.testing.assert_array_equal(np.asarray(no_ki.logits), z)
+
+
+def test_debkd_with_many_regions_is_kd_up_to_a_factor():
+    """docs/method.md §5.3: as n grows the regions shrink to the teacher's soft label, and DeBKD(beta) tends
+    to (1 + beta) KD(alpha = beta / (1 + beta)) on the same (infused or raw) logits. With n = 12 it does
+    not."""
+    s, z, y = _teacher_batch(k=3, b=32, seed=2)
+    beta = 9.0  # alpha = 0.9, KD's default
+    for debkd_name, kd_name in (("DeBKD", "KD+KI"), ("DeBKD-noKI", "KD")):
+        kd = _preset_loss(methods.preset(kd_name), s, z, y)
+        many = _preset_loss(methods.preset(debkd_name, beta=beta, num_regions=10**6), s, z, y)
+        np.testing.assert_allclose(many, (1 + beta) * kd, rtol=1e-3, err_msg=debkd_name)
+        twelve = _preset_loss(methods.preset(debkd_name, beta=beta), s, z, y)
+        assert twelve < 0.9 * many, (debkd_name, twelve, many)
+
+
+def test_debkd_leaves_a_student_inside_its_regions_to_the_labels():
+    """A student whose soft predictions equal the (infused) teacher's lies in every region: DeBKD's loss is
+    CE alone, while KD's soft term still weighs the labels by 1 - alpha."""
+    _, z, y = _teacher_batch(k=3, b=16, seed=3)
+    student = R.knowledge_infusion(z, y).astype(np.float32)
+    ce = np.mean(R.cross_entropy(student, y))
+    R.assert_close(_preset_loss(methods.preset("DeBKD"), student, z, y), ce, scale=3.0)
+    R.assert_close(_preset_loss(methods.preset("KD+KI"), student, z, y), 0.1 * ce, scale=3.0)
+
+
+def test_btkd_rectification_acts_on_the_hard_part_only():
+    """BTKD's two rectifications give different losses when the batch has teacher-wrong samples and the same
+    loss when it has none; both differ from distilling the unrectified logits. Rectifying inside the loss (no
+    `rectify` transform) gives the precomputed presets' numbers."""
+    s, z, y = _teacher_batch(k=3, b=24, seed=4)
+    swap, released = (
+        _preset_loss(methods.preset(name), s, z, y, epoch=5.0) for name in ("BTKD-swap", "BTKD-released")
+    )
+    unrectified = R.btkd_loss(s, z, y, easy_weight=_cos2(5, 10), rectify=None)
+    assert min(abs(swap - released), abs(swap - unrectified), abs(released - unrectified)) > 1e-3
+    for name in ("BTKD-swap", "BTKD-released"):
+        in_loss = _preset_loss(methods.preset(name, transforms=()), s, z, y, epoch=5.0)
+        precomputed = _preset_loss(methods.preset(name), s, z, y, epoch=5.0)
+        np.testing.assert_allclose(in_loss, precomputed, rtol=1e-5)
+    right = np.argmax(z, -1).astype(np.int32)  # every sample correct: nothing to rectify
+    np.testing.assert_allclose(
+        _preset_loss(methods.preset("BTKD-swap"), s, z, right, epoch=5.0),
+        _preset_loss(methods.preset("BTKD-released"), s, z, right, epoch=5.0),
+        rtol=1e-6,
+    )
+
+
+def test_debkd_btkd_regions_come_from_the_swapped_logits_not_from_ki():
+    """DeBKD+BTKD's targets, like KI's, put every label first, but a wrong row keeps its own (swapped) logit
+    profile instead of the class means."""
+    _, z, y = _teacher_batch(k=4, b=32, seed=5)
+    wrong = ~R.teacher_correct(z, y)
+    combined = methods.build_targets(methods.preset("DeBKD+BTKD"), z, y)
+    np.testing.assert_allclose(np.asarray(combined.logits), R.rectify_logits(z, y, "swap"), rtol=1e-6)
+    assert np.all(np.argmax(np.asarray(combined.logits), -1) == y)
+    np.testing.assert_array_equal(np.sort(np.asarray(combined.logits), -1), np.sort(z, -1))
+    infused = methods.build_targets(methods.preset("DeBKD"), z, y)
+    assert not np.allclose(np.asarray(combined.lo)[wrong], np.asarray(infused.lo)[wrong])
 
 
 @pytest.mark.parametrize(
@@ -164,42 +273,21 @@ def _batch(k=3, b=12, seed=0, all_correct=None):
     return jnp.asarray(s), jnp.asarray(z), jnp.asarray(y, jnp.int32)
 
 
-def test_objective_formulas_and_schedules():
-    s, z, y = _batch()
+def test_schedules_of_overridden_presets():
+    """BTKD without the cos^2 schedule splits easy and hard at b = 1/2; cos^2 on KD multiplies alpha, on DKD
+    the whole distillation term (with its warm-up); schedules act on the integer epoch (docs/method.md
+    §10)."""
+    s, z, y = _teacher_batch(k=3, b=16, seed=6)
     E = 10
-    cos2 = lambda e: math.cos(math.pi / 2 * e / E) ** 2
-    for name in ("KD", "DeBKD", "DeBKD-cos2", "BTKD-swap", "DKD"):
-        cfg = methods.preset(name)
-        rows = methods.build_targets(cfg, z, y)
-        loss_fn = jax.jit(methods.objective(cfg, E).loss_fn)
-        for epoch in (0.0, 3.5, 9.99):
-            e = math.floor(epoch)  # schedules act on the integer epoch
-            got = float(loss_fn(s, y, rows, 0.0, jnp.float32(epoch)))
-            if name == "KD":
-                want = _kd(s, rows.logits, y, alpha=0.9, temperature=4.0)
-            elif name == "DeBKD":
-                want = _debkd(s, y, rows.lo, rows.hi, beta=0.2, temperature=4.0)
-            elif name == "DeBKD-cos2":
-                want = _debkd(s, y, rows.lo, rows.hi, beta=0.2 * cos2(e), temperature=4.0)
-            elif name == "BTKD-swap":
-                want = _btkd(s, z, y, easy_weight=cos2(e), lam=0.5, temperature=4.0, rectify="swap")
-            else:  # mdistiller's min(epoch / 20, 1) with epochs counted from 1
-                want = _dkd(s, z, y, alpha=1.0, beta=8.0, temperature=4.0, warmup=min((e + 1) / 20, 1))
-            np.testing.assert_allclose(got, float(want), rtol=1e-5, err_msg=f"{name} at epoch {epoch}")
-    # BTKD without the schedule splits easy/hard at b = 1/2; cos2 on KD multiplies alpha.
-    cfg = methods.preset("BTKD-swap", weight_schedule="constant")
-    got = methods.objective(cfg, E).loss_fn(s, y, methods.build_targets(cfg, z, y), 0.0, 4.0)
-    np.testing.assert_allclose(got, _btkd(s, z, y, easy_weight=0.5, rectify="swap"), rtol=1e-5)
-    cfg = methods.preset("KD", weight_schedule="cos2")
-    got = methods.objective(cfg, E).loss_fn(s, y, methods.build_targets(cfg, z, y), 0.0, 4.0)
-    np.testing.assert_allclose(got, _kd(s, z, y, alpha=0.9 * cos2(4)), rtol=1e-5)
-    # Hints add gamma * hint loss.
-    cfg = methods.preset("FKD")
-    rows = methods.build_targets(cfg, z, y)
-    obj = methods.objective(cfg, E)
-    np.testing.assert_allclose(
-        obj.loss_fn(s, y, rows, 2.0, 0.0), _kd(s, z, y) + cfg.hint_weight * 2.0, rtol=1e-5
-    )
+    for epoch in (0.0, 4.5):
+        e = math.floor(epoch)
+        got = _preset_loss(methods.preset("BTKD-swap", weight_schedule="constant"), s, z, y, epoch=epoch)
+        R.assert_close(got, R.btkd_loss(s, z, y, easy_weight=0.5, rectify="swap"), scale=3.0)
+        got = _preset_loss(methods.preset("KD", weight_schedule="cos2"), s, z, y, epoch=epoch)
+        R.assert_close(got, R.kd_loss(s, z, y, alpha=0.9 * _cos2(e, E)), scale=3.0)
+        got = _preset_loss(methods.preset("DKD", weight_schedule="cos2"), s, z, y, epoch=epoch)
+        want = R.dkd_loss(s, z, y, alpha=1.0, beta=8.0, warmup=min((e + 1) / 20, 1.0) * _cos2(e, E))
+        R.assert_close(got, want, scale=3.0)
 
 
 @pytest.mark.parametrize("all_correct", [True, False])
@@ -237,7 +325,7 @@ def test_k_class_path_equals_the_binary_path_for_k_2():
     s = rng.normal(size=(b, 2)).astype(np.float32) * 4
     y = rng.integers(0, 2, size=b).astype(np.int32)
     lo, hi = (np.asarray(a) for a in jax.jit(targets_lib.debiased_regions)(z, T, n))
-    # Closed form (SPEC 1.3): t_0 = clip(p_0, max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)).
+    # Closed form (docs/method.md §5.2): t_0 = clip(p_0, max(lo_0, 1 - hi_1), min(hi_0, 1 - lo_1)).
     p = np.asarray(jax.nn.softmax(s / T), np.float64)
     t0 = np.clip(p[:, 0], np.maximum(lo[:, 0], 1 - hi[:, 1]), np.minimum(hi[:, 0], 1 - lo[:, 1]))
     t = np.stack([t0, 1 - t0], -1)
@@ -265,15 +353,16 @@ def test_k_class_path_equals_the_binary_path_for_k_2():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training on real photos: one teacher, every method
+# Training on an image folder: one teacher, every method
 # ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def dogs(dogs_vs_cats_dir, tmp_path_factory):
-    """A teacher trained once (1 epoch of resnet_tiny) on 32 Dogs vs Cats photos per class, and its logits."""
+def folder_run(shapes_dir, tmp_path_factory):
+    """A teacher trained once (1 epoch of resnet_tiny) on 32 images per class of conftest's generated image
+    folder, and its logits."""
     config = _tiny(config_lib.base_config(("DeBKD",)))
-    config.data.source = f"folder:{dogs_vs_cats_dir}"
+    config.data.source = f"folder:{shapes_dir}"
     dataset = pipeline.load_data(config)
     mesh = training.create_mesh()
     teacher_dir = str(tmp_path_factory.mktemp("teacher"))
@@ -293,17 +382,17 @@ def dogs(dogs_vs_cats_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", TABLE)
-def test_each_method_trains_a_student_on_real_photos(dogs, name):
+def test_each_method_trains_a_student_on_an_image_folder(folder_run, name):
     result = pipeline.train_student(
-        dogs.config,
+        folder_run.config,
         name,
         methods.preset(name),
         0,
-        dogs.dataset,
-        dogs.teacher,
-        dogs.logits,
-        dogs.mesh,
-        str(dogs.root / name),
+        folder_run.dataset,
+        folder_run.teacher,
+        folder_run.logits,
+        folder_run.mesh,
+        str(folder_run.root / name),
     )
     history = [e["train_loss"] for e in result["history"]]
     assert len(history) == 2 and all(np.isfinite(history))
@@ -314,25 +403,25 @@ def test_each_method_trains_a_student_on_real_photos(dogs, name):
 
 
 @pytest.fixture(scope="module")
-def one_step(dogs):
+def one_step(folder_run):
     """`run(cfg, rows, augment=False) -> (params after one step, the batch's loss)`: one train step from one
-    fixed initial state on one fixed batch (16 photos). Steps are compiled once per (method, augment)."""
-    k = dogs.dataset.num_classes
-    teacher_vars, meta = dogs.teacher
-    replicated = NamedSharding(dogs.mesh, P())
-    batch_sharding = NamedSharding(dogs.mesh, P("data"))
-    tx = training.make_optimizer(dogs.config.student, 2)
+    fixed initial state on one fixed batch (16 images). Steps are compiled once per (method, augment)."""
+    k = folder_run.dataset.num_classes
+    teacher_vars, meta = folder_run.teacher
+    replicated = NamedSharding(folder_run.mesh, P())
+    batch_sharding = NamedSharding(folder_run.mesh, P("data"))
+    tx = training.make_optimizer(folder_run.config.student, 2)
     student = training.Student(models.get_model("resnet_tiny", k))
     initial = jax.device_get(
-        training.init_state(jax.random.key(0), student, tx, dogs.dataset.train_images.shape[1:])
+        training.init_state(jax.random.key(0), student, tx, folder_run.dataset.train_images.shape[1:])
     )
     idx = np.arange(16)
-    images = {"image": dogs.dataset.train_images[idx], "label": dogs.dataset.train_labels[idx]}
+    images = {"image": folder_run.dataset.train_images[idx], "label": folder_run.dataset.train_labels[idx]}
     teacher_vars = jax.device_put(teacher_vars, replicated)
     steps = {}
 
     def run(cfg, rows, augment=False):
-        objective = methods.objective(cfg, dogs.config.student.num_epochs)
+        objective = methods.objective(cfg, folder_run.config.student.num_epochs)
         key = (cfg.to_json(), augment)
         if key not in steps:
             spec = training.StepSpec(
@@ -344,14 +433,15 @@ def one_step(dogs):
                 teacher=models.get_model(meta["model"], k) if objective.needs_teacher_online else None,
                 method_cfg=cfg,
             )
-            steps[key] = training.make_train_step(spec, dogs.mesh, seed=0)
+            steps[key] = training.make_train_step(spec, folder_run.mesh, seed=0)
         batch = data_lib.make_global_batch(images, batch_sharding)
         batch["rows"] = jax.tree.map(
             lambda a: jax.make_array_from_process_local_data(batch_sharding, np.asarray(a)[idx]), rows
         )
         infusion = None
         if "knowledge_infusion" in objective.transforms:
-            table = targets_lib.infusion_table(dogs.logits["train"], dogs.dataset.train_labels, cfg.ki_mode)
+            train_labels = folder_run.dataset.train_labels
+            table = targets_lib.infusion_table(folder_run.logits["train"], train_labels, cfg.ki_mode)
             infusion = jax.device_put(table, replicated)
         state = jax.device_put(jax.tree.map(np.array, initial), replicated)  # the step donates it
         acc = jax.device_put(training.zero_metrics(), replicated)
@@ -363,15 +453,15 @@ def one_step(dogs):
 
 
 @pytest.mark.parametrize("name", ["DeBKD", "BTKD-swap"])
-def test_online_targets_without_augmentation_equal_the_precomputed_rows(dogs, one_step, name):
+def test_online_targets_without_augmentation_equal_the_precomputed_rows(folder_run, one_step, name):
     """With online targets the teacher runs inside the jitted step and the same pure transforms build the
     batch's rows (KI's table from the precompute pass). Without augmentation one step from the same state must
     equal the step on the precomputed rows: same loss, same updated parameters. The online step is fed
     meaningless rows, so it cannot pass by reading them."""
     offline = methods.preset(name)
     online = methods.preset(name, online_targets=True)
-    labels = dogs.dataset.train_labels
-    rows = methods.build_targets(offline, dogs.logits["train"], labels)
+    labels = folder_run.dataset.train_labels
+    rows = methods.build_targets(offline, folder_run.logits["train"], labels)
     n, k = rows.logits.shape
     junk = targets_lib.Targets(
         logits=np.zeros((n, k), np.float32),
