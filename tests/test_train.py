@@ -85,10 +85,11 @@ def test_every_config_loads_and_validates(path):
 
 
 def documented_commands(path: pathlib.Path) -> list[list[str]]:
-    """The `--config...` arguments of each `python -m debkd_jax.main|sweep` command in a config's docstring;
-    commands with shell variables (`$d`) are left out."""
+    """The `--config...` arguments of each `python -m debkd_jax.main|sweep` command in a config's docstring
+    (lines continued with a backslash joined); commands with shell variables (`$d`) are left out."""
     commands = []
-    for line in (load_config_module(path).__doc__ or "").splitlines():
+    docstring = (load_config_module(path).__doc__ or "").replace("\\\n", " ")  # join continued lines
+    for line in docstring.splitlines():
         match = re.search(r"python -m debkd_jax\.(?:main|sweep) (.*)", line)
         if match and "$" not in match.group(1):
             commands.append([a for a in match.group(1).split() if a.startswith("--config")])
