@@ -17,7 +17,7 @@
 
 Defaults: the embedded binary digits, ResNet8x4 teacher, ResNet8 students, 15 epochs (so DKD's 20-epoch
 warm-up ramps its distillation term to 15/20 only: --config.methods.DKD.warmup_epochs=N changes it).
-Formulas and the choices made where the papers are silent: docs/methods.md. Results: workdir/results.md.
+Formulas and the choices made where the papers are silent: docs/method.md. Results: workdir/results.md.
 """
 
 from debkd_jax import config_lib

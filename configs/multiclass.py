@@ -16,7 +16,7 @@ copy DIR here and add `--config.data.tfds_data_dir=DIR` (or leave it out for TFD
 ~/tensorflow_datasets). `--config.data.use_dataset_test_split=True` keeps CIFAR's own test split as the test
 set (the train split is then split train/val 7:1). With CIFAR-100's 100 classes most of the teacher's
 probabilities lie in the bottom region [0, 1/n), which a student meets easily: the de-biased term acts mainly
-on the target class and the few likely ones (docs/methods.md).
+on the target class and the few likely ones (docs/method.md §5.3).
 """
 
 from debkd_jax import config_lib

@@ -4,8 +4,8 @@ into (target transforms, loss function).
 A method config is a flat `ml_collections.ConfigDict` with the fields of `DEFAULTS`. `loss` picks the loss
 (`ce`, `kd`, `debkd`, `btkd`, `dkd`), `transforms` the teacher-logit transforms applied before targets and
 regions are built (`knowledge_infusion`, `rectify`, in order), `hint_weight > 0` adds FitNets hints (FKD), and
-`weight_schedule` puts BTKD's `cos^2` schedule on the distillation weight of any loss. docs/methods.md gives
-every preset's formula and the choices made where the papers are silent.
+`weight_schedule` puts BTKD's `cos^2` schedule on the distillation weight of any loss. docs/methods.md lists
+the presets; docs/method.md gives their formulas and the choices made where the papers are silent (§15).
 
 Schedules use the integer epoch `e = floor(step / steps_per_epoch)`, counted from 0:
 - `cos2`: `b(e) = cos^2(pi/2 * e / E)` (docs/method.md §10). It is BTKD's easy/hard split `b`; on any other
