@@ -150,6 +150,7 @@ def e2e_run(cache_dir, dogs_vs_cats_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # pays for the module's e2e_run (one CLI run, up to 300 s)
 def test_end_to_end_on_real_photos_writes_everything_and_learns(e2e_run):
     workdir, proc = e2e_run["workdir"], e2e_run["proc"]
     for name in ("config.json", "results.json", "results.md", "val_accuracy.png"):
@@ -225,6 +226,7 @@ def _same_outputs(a: pathlib.Path, b: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four CLI runs, each bounded by its own timeout, plus e2e_run if first
 def test_killed_runs_resume_to_the_same_results(e2e_run, cache_dir, tmp_path):
     """Three SIGKILLs -- inside the teacher-logits write, inside a checkpoint commit, and from outside right
     after a checkpoint appeared mid-training -- then a plain re-run: every result file is identical to the
@@ -276,6 +278,7 @@ def test_killed_runs_resume_to_the_same_results(e2e_run, cache_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two CLI runs, plus e2e_run if first
 def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_dir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(e2e_run["workdir"], workdir)
@@ -304,6 +307,7 @@ def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_
     )
 
 
+@pytest.mark.timeout(600)  # a CLI run, plus e2e_run if first
 def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, tmp_path):
     teacher = e2e_run["workdir"] / "teacher"
     args = [
