@@ -30,7 +30,7 @@ import time
 import pytest
 from test_cli import REPO, assert_clean_error, cli_args, cli_env, read_jsonl, run_cli, shared_cache_dir
 
-from debkd_jax import config_lib, train
+from debkd_jax import config_lib, training
 from debkd_jax.errors import UserError
 
 # The embedded digits (1,797 images, "0-4" vs "5-9") at their native 8x8, tiny ResNets, a global batch of 64:
@@ -398,7 +398,7 @@ def _cluster(distributed=True, **fields):
 )
 def test_bad_cluster_values_are_refused_before_anything_starts(config, needles):
     with pytest.raises(UserError) as info:
-        train.validate_config(config)
+        config_lib.validate_config(config)
     for needle in needles:
         assert needle in str(info.value), str(info.value)
 
@@ -407,7 +407,7 @@ def test_cluster_fields_reach_jax_distributed_initialize():
     config = _cluster(
         coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, heartbeat_timeout=20
     )
-    assert train.distributed_kwargs(config) == {
+    assert training.distributed_kwargs(config) == {
         "coordinator_address": "10.0.0.1:1234",
         "num_processes": 4,
         "process_id": 3,
@@ -416,7 +416,7 @@ def test_cluster_fields_reach_jax_distributed_initialize():
         "shutdown_timeout_seconds": 20,
     }
     # Unset fields are left to JAX's cluster detection (TPU pods, SLURM, Open MPI, Kubernetes).
-    assert set(train.distributed_kwargs(_cluster())) == {
+    assert set(training.distributed_kwargs(_cluster())) == {
         "initialization_timeout",
         "heartbeat_timeout_seconds",
         "shutdown_timeout_seconds",
