@@ -197,9 +197,8 @@ def launch(workdir, cache_dir, config_file, logs: pathlib.Path, *flags, processe
 def one_process_two_devices(cache_dir, config_file, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_process") / "run"
     t0 = time.perf_counter()
-    proc = run_cli(
-        cli_args(workdir, cache_dir / "data", config=str(config_file)), cli_env(cache_dir, devices=2)
-    )
+    args = cli_args(workdir, cache_dir / "data", config=str(config_file))
+    proc = run_cli(args, cli_env(cache_dir, devices=2), timeout=JOB_SECONDS)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return {"workdir": workdir, "seconds": time.perf_counter() - t0}
 
