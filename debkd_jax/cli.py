@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+import jax
 from absl import flags
 
 from debkd_jax import config_lib
@@ -32,6 +33,14 @@ def fail(message: str, status: int = EXIT_USER_ERROR):
     print(f"error: {message}", file=sys.stderr, flush=True)
     logging.disable(logging.CRITICAL)
     sys.exit(status)
+
+
+def fail_now(message: str, status: int = EXIT_USER_ERROR):
+    """Prints `error: message` and exits at once, skipping the exit handlers: once another process of the job
+    has died, `jax.distributed`'s exit handler would wait for it and then abort with a stack trace."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _config_spec(argv) -> str | None:
@@ -160,3 +169,34 @@ def user_errors(workdir: str | None = None):
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
             fail(f"cannot write {e.filename or workdir}: {e.strerror}. Finished files are kept.")
         raise
+    except Exception as e:
+        lost = lost_process_error(e)
+        if lost is None:
+            raise
+        fail_now(str(lost))
+
+
+_LOST_PROCESS_SIGNS = (
+    "Connection closed by peer",  # Gloo (CPU collectives): the other side of a TCP pair exited
+    "Connection reset by peer",
+    "Gloo",
+    "heartbeat timeout",  # the coordination service declared a silent process dead
+    "CoordinationServiceError",
+    "Barrier failed",
+)
+
+
+def lost_process_error(error: BaseException) -> UserError | None:
+    """The `UserError` to report when `error` means that another process of a multi-process job died or became
+    unreachable (a collective or a barrier with it failed); None for any other error."""
+    if isinstance(error, UserError) or not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return None
+    text = str(error)
+    if not any(sign in text for sign in _LOST_PROCESS_SIGNS):
+        return None
+    first = " ".join(text.strip().splitlines()[0].split())[:300] if text.strip() else type(error).__name__
+    return UserError(
+        f"process {jax.process_index()} of {jax.process_count()}: another process of this job stopped or "
+        f"cannot be reached ({first}), so this one stops too. Committed checkpoints are kept: re-launch "
+        "every process with the same command to resume."
+    )

@@ -36,6 +36,25 @@ def train_config(model: str, num_epochs: int, batch_size: int = 64, learning_rat
     )
 
 
+def cluster_config() -> ml_collections.ConfigDict:
+    """How the processes of a `distributed=True` job find each other (README, "Multi-device and multi-host").
+
+    JAX detects Cloud TPU, SLURM, Open MPI and Kubernetes jobs: leave the first three fields unset there. Set
+    all three where it does not (two processes on one machine, say). Not part of a run's settings.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            coordinator_address="",  # "host:port" where process 0 serves the job's coordination; "" = detect
+            num_processes=0,  # 0 = detect
+            process_id=-1,  # this process, 0 .. num_processes - 1; -1 = detect
+            initialization_timeout=300,  # seconds to wait for the coordinator and every process to join
+            # A process silent this long (killed, its host down) is declared dead and the others stop with
+            # an error; also the longest wait at exit for the other processes to finish.
+            heartbeat_timeout=30,
+        )
+    )
+
+
 def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -50,7 +69,8 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     # folders are renamed <folder>.<time>, never deleted. False: reuse finished work, resume interrupted work,
     # refuse a folder whose settings differ (docs/reliability.md).
     config.overwrite = False
-    config.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
+    config.distributed = False  # call jax.distributed.initialize(): several processes (hosts) form one job
+    config.cluster = cluster_config()
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "digits"  # "digits" | "folder:PATH" | "tfds:NAME"
@@ -124,6 +144,7 @@ def validate_config(config) -> None:
     Raises `UserError` (the CLI prints it and exits with status 2). With `config.distributed`, call
     `training.initialize_distributed` first: the batch-size check needs the global device count.
     """
+    validate_cluster(config)
     if not config.methods:
         raise UserError("config.methods is empty: name at least one method, e.g. 'DeBKD'.")
     for name, mcfg in config.methods.items():
@@ -211,3 +232,39 @@ def validate_teacher_logits(config) -> None:
                 f"method {name!r} runs the teacher on every batch (online_targets=True), which "
                 f"teacher.logits={path!r} cannot do; set online_targets=False or use a teacher network."
             )
+def validate_cluster(config) -> None:
+    """Checks `config.cluster` (the multi-process settings), with one message per bad value."""
+    cluster = config.get("cluster")
+    if cluster is None:
+        return
+    address = cluster.coordinator_address
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not isinstance(address, str) or (address and not (host and port.isdigit() and 0 < int(port) < 65536)):
+        raise UserError(
+            f"cluster.coordinator_address={address!r} must be 'host:port' (say 'localhost:12355' or "
+            "'10.0.0.1:12355', process 0's host) or '' to let JAX detect it."
+        )
+    if not (_is_int(cluster.num_processes) and cluster.num_processes >= 0):
+        raise UserError(
+            f"cluster.num_processes={cluster.num_processes!r} must be an integer >= 1 (0 = detect)."
+        )
+    if not (_is_int(cluster.process_id) and cluster.process_id >= -1):
+        raise UserError(f"cluster.process_id={cluster.process_id!r} must be an integer >= 0 (-1 = detect).")
+    if cluster.num_processes and cluster.process_id >= cluster.num_processes:
+        raise UserError(
+            f"cluster.process_id={cluster.process_id} must be below cluster.num_processes="
+            f"{cluster.num_processes} (processes are numbered 0 .. {cluster.num_processes - 1})."
+        )
+    for field in ("initialization_timeout", "heartbeat_timeout"):
+        if not (_is_int(cluster[field]) and cluster[field] >= 1):
+            raise UserError(f"cluster.{field}={cluster[field]!r} must be a whole number of seconds >= 1.")
+    given = [
+        f
+        for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1))
+        if cluster[f] != unset
+    ]
+    if given and not config.distributed:
+        raise UserError(
+            f"cluster.{given[0]} is set but distributed=False: add --config.distributed=True to run as one "
+            "process of a multi-process job."
+        )

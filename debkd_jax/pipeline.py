@@ -88,7 +88,7 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         workdir_lib.check_teacher_matches(saved, meta, source)
         variables = workdir_lib.restore_variables(os.path.join(source, "final"))
         log.info("teacher: reusing %s (%s)", source, saved["model"])
-        if source != run_dir:
+        if source != run_dir and jax.process_index() == 0:
             os.makedirs(run_dir, exist_ok=True)
         return variables, saved
     if not trains_here:

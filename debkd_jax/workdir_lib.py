@@ -269,8 +269,8 @@ class Workdir:
 
     def __enter__(self) -> Workdir:
         try:
-            os.makedirs(self.path, exist_ok=True)
-            if self.writer:
+            if self.writer:  # the other processes of a job only read the folder that process 0 creates
+                os.makedirs(self.path, exist_ok=True)
                 probe = os.path.join(self.path, f".write_probe.{os.getpid()}")
                 with open(probe, "w") as f:
                     f.write("ok")

@@ -224,6 +224,7 @@ def check_run_writes_everything_and_learns(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # pays for the module's e2e_run (one CLI run, up to 300 s)
 def test_end_to_end_on_the_generated_folder_writes_everything_and_learns(e2e_run):
     """60 test images, chance 50% (one standard error 6.5 points): 70% is 3 standard errors above chance."""
     check_run_writes_everything_and_learns(
@@ -237,6 +238,7 @@ def test_end_to_end_on_the_generated_folder_writes_everything_and_learns(e2e_run
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # one CLI run on real photos, bounded by its own timeout
 def test_end_to_end_on_real_photos_writes_everything_and_learns(cache_dir, dogs_vs_cats_dir, tmp_path):
     """2,000 real Kaggle JPEGs, harder than the generated shapes: 400 test photos, chance 50% (one standard
     error 2.5 points)."""
@@ -280,6 +282,7 @@ def _same_outputs(a: pathlib.Path, b: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four CLI runs, each bounded by its own timeout, plus e2e_run if first
 def test_killed_runs_resume_to_the_same_results(e2e_run, cache_dir, tmp_path):
     """Three SIGKILLs -- inside the teacher-logits write, inside a checkpoint commit, and from outside right
     after a checkpoint appeared mid-training -- then a plain re-run: every result file is identical to the
@@ -331,6 +334,7 @@ def test_killed_runs_resume_to_the_same_results(e2e_run, cache_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two CLI runs, plus e2e_run if first
 def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_dir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(e2e_run["workdir"], workdir)
@@ -360,6 +364,7 @@ def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_
     )
 
 
+@pytest.mark.timeout(600)  # a CLI run, plus e2e_run if first
 def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, tmp_path):
     teacher = e2e_run["workdir"] / "teacher"
     args = [

@@ -53,6 +53,7 @@ def _images(folder: pathlib.Path, cls: str, n: int) -> list[pathlib.Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a CLI run bounded by its own 240 s timeout
 def test_messy_folder_trains_and_reports_what_it_skipped(shapes_dir, cache_dir, tmp_path):
     """Valid JPEGs and PNGs and corrupt files mixed, a class folder named with a space and non-ASCII letters,
     file names likewise, a symlink loop, and classes of 40 and 12 images: the run completes, skips and lists
@@ -133,6 +134,7 @@ def _can_mount_tmpfs(path: pathlib.Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a CLI run bounded by its own 240 s timeout
 def test_full_disk_stops_cleanly_and_keeps_what_was_written(cache_dir, tmp_path):
     """A real full disk (a 300 KiB tmpfs): the teacher's second checkpoint does not fit. One clear error, exit
     status 2, and the files and checkpoints written before are intact. (Resuming once there is space again is

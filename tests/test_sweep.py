@@ -168,6 +168,7 @@ def _tiny_sweep_config():
     return config
 
 
+@pytest.mark.timeout(900)  # a sweep in-process, then the CLI (its own 300 s timeout)
 def test_sweep_end_to_end_and_rerun_from_the_command_line(tmp_path):
     config = _tiny_sweep_config()
     assert config.seeds == 1 and config.data.source == "digits" and config.student.model == "resnet_tiny"

@@ -172,7 +172,7 @@ def test_distributed_without_a_cluster_is_a_clear_error(monkeypatch):
     config = smoke_config()
     config.distributed = True
 
-    def no_cluster():
+    def no_cluster(**kwargs):
         raise ValueError("coordinator_address should be defined.")
 
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)

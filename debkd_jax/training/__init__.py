@@ -3,10 +3,12 @@ tests), the mesh and multi-process helpers, and the `fit` loop with checkpoints 
 
 from debkd_jax.training.distributed import (
     create_mesh,
+    distributed_kwargs,
     initialize_distributed,
     process_local,
     resolve_conv_backward,
     sync_processes,
+    wait_for_coordinator,
 )
 from debkd_jax.training.loop import FitResult, NonFiniteLoss, checkpoint_error, fit
 from debkd_jax.training.state import (
@@ -36,6 +38,7 @@ __all__ = [
     "build_step_spec",
     "checkpoint_error",
     "create_mesh",
+    "distributed_kwargs",
     "fit",
     "host_copy",
     "init_state",
@@ -49,5 +52,6 @@ __all__ = [
     "resolve_conv_backward",
     "sync_processes",
     "variables_of",
+    "wait_for_coordinator",
     "zero_metrics",
 ]

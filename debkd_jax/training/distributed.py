@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from debkd_jax import models
+from debkd_jax import config_lib, models
 from debkd_jax.errors import UserError
+
+log = logging.getLogger("debkd_jax")
 
 
 def create_mesh(devices=None) -> Mesh:
@@ -31,17 +37,77 @@ def resolve_conv_backward(setting: str, mesh: Mesh) -> str:
 
 def initialize_distributed(config) -> None:
     """With `config.distributed`, `jax.distributed.initialize()` (once, before anything touches the devices):
-    several processes (hosts) then form one job; each feeds its share of every batch, process 0 writes."""
+    several processes (hosts) then form one job; each feeds its share of every batch, process 0 writes.
+
+    `config.cluster` names the coordinator, the process count and this process's id where JAX does not detect
+    them, and the timeouts. On CPU the processes' collectives run over Gloo (TCP).
+    """
+    config_lib.validate_cluster(config)
     if not config.get("distributed", False) or jax.distributed.is_initialized():
         return
+    kwargs = distributed_kwargs(config)
+    if kwargs.get("process_id", 0) != 0:  # process 0 serves the coordinator itself
+        wait_for_coordinator(kwargs.get("coordinator_address"), kwargs["initialization_timeout"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects CPU devices only
     try:
-        jax.distributed.initialize()
-    except (RuntimeError, ValueError) as e:
+        jax.distributed.initialize(**kwargs)
+        log.info(
+            "distributed: process %d of %d, %d of the job's %d devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_device_count(),
+            jax.device_count(),
+        )
+    except (RuntimeError, ValueError, TypeError) as e:
         raise UserError(
             f"distributed=True but jax.distributed.initialize() failed: {str(e).splitlines()[0][:300]}. It "
-            "needs a multi-process launch (a Cloud TPU pod slice, SLURM, or JAX_COORDINATOR_ADDRESS / "
-            "JAX_NUM_PROCESSES / JAX_PROCESS_ID set for each process); on one machine leave distributed=False."
+            "needs a multi-process launch (a Cloud TPU pod slice, SLURM, Open MPI, or every process given "
+            "--config.cluster.coordinator_address / num_processes / process_id); on one machine and one "
+            "process leave distributed=False."
         ) from e
+
+
+def distributed_kwargs(config) -> dict:
+    """The arguments of `jax.distributed.initialize` that `config.cluster` sets; unset ones are detected."""
+    cluster = config.get("cluster") or {}
+    kwargs = {
+        "initialization_timeout": int(cluster.get("initialization_timeout", 300)),
+        "heartbeat_timeout_seconds": int(cluster.get("heartbeat_timeout", 30)),
+        "shutdown_timeout_seconds": int(cluster.get("heartbeat_timeout", 30)),
+    }
+    if cluster.get("coordinator_address", ""):
+        kwargs["coordinator_address"] = cluster["coordinator_address"]
+    if cluster.get("num_processes", 0) > 0:
+        kwargs["num_processes"] = int(cluster["num_processes"])
+    if cluster.get("process_id", -1) >= 0:
+        kwargs["process_id"] = int(cluster["process_id"])
+    return kwargs
+
+
+def wait_for_coordinator(address: str | None, timeout: float) -> None:
+    """Waits until the coordinator at `address` ("host:port") accepts TCP connections, for `timeout` seconds.
+
+    JAX aborts the process with a stack trace when it cannot reach the coordinator: this check turns the usual
+    cases (a wrong address, a coordinator not started, a firewall) into one clear error first.
+    """
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(1.0, min(5.0, timeout))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"cannot reach the coordinator at {address} within cluster.initialization_timeout="
+                    f"{timeout:g} s ({e.strerror or e}). Start process 0 first, check the address and port "
+                    "(process 0's host, a free port, the same on every process) and the firewall, or raise "
+                    "--config.cluster.initialization_timeout."
+                ) from None
+            time.sleep(0.5)
 
 
 def process_local(order: np.ndarray) -> np.ndarray:

@@ -79,7 +79,7 @@ def fit(
             restored = ckpt.restore(
                 latest,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(state),
+                    state=ocp.args.StandardRestore(host_copy(state)),
                     best_variables=ocp.args.StandardRestore(best_variables),
                     history=ocp.args.JsonRestore(),
                 ),
@@ -170,7 +170,9 @@ def fit(
                 ckpt,
                 epoch + 1,
                 ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
+                    # A host copy: orbax writes host arrays from process 0 alone, while replicated device
+                    # arrays would be split among the processes (each writing its part of the checkpoint).
+                    state=ocp.args.StandardSave(host_copy(state)),
                     best_variables=ocp.args.StandardSave(best_variables),
                     history=ocp.args.JsonSave({"epochs": history, "best": best}),
                 ),
