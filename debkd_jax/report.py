@@ -448,6 +448,49 @@ def targets_table(results: dict) -> str:
     return markdown_table(header, rows) if rows else ""
 
 
+def headline_table(studies: dict[str, dict], method: str = "DeBKD") -> str:
+    """One row per study (`{name: results}`): the teacher, CE, KD and `method` (test accuracy, mean ± std), the
+    paired differences of `method` against KD and CE (mean and 95% interval, pp), and the best method."""
+    rows = []
+    for name, results in studies.items():
+        rows_by_method = results["methods"]
+
+        def acc(m, rows_by_method=rows_by_method):
+            return stat_cell(rows_by_method[m]["test"]["accuracy"]) if m in rows_by_method else ""
+
+        def diff(ref, results=results):
+            d = results.get("paired", {}).get(ref, {}).get(method)
+            if d is None:
+                return ""
+            ci = "" if d["ci"] is None else f" ({_pp(d['ci'][0])} to {_pp(d['ci'][1])})"
+            return f"{_pp(d['mean'])}{ci}, {d['wins']}/{d['n']}"
+
+        best = max(rows_by_method, key=lambda m: rows_by_method[m]["test"]["accuracy"]["mean"])
+        rows.append(
+            [
+                name,
+                stat_cell(results["teacher"]["test"]["accuracy"]),
+                acc("CE"),
+                acc("KD"),
+                acc(method),
+                diff("KD"),
+                diff("CE"),
+                f"{best} ({stat_cell(rows_by_method[best]['test']['accuracy'])})",
+            ]
+        )
+    header = [
+        "study",
+        "teacher",
+        "CE",
+        "KD",
+        method,
+        f"{method} − KD (pp), wins",
+        f"{method} − CE (pp), wins",
+        "best",
+    ]
+    return markdown_table(header, rows)
+
+
 def render(json_path: str) -> list[str]:
     """Regenerates the Markdown report and the plots beside a main job's `results.json` from that file alone
     (they are derived from it, so they are rewritten). Returns the paths written."""

@@ -118,3 +118,20 @@ def test_verdict_follows_the_interval(diff, want):
     sentence = report.verdict("DeBKD", "KD", diff)
     assert want in sentence and f"better in {diff['wins']} of {diff['n']} seeds" in sentence
     assert math.isclose(float(sentence.split(": ")[1].split(" pp")[0]), 100 * diff["mean"])
+
+
+def test_headline_row_agrees_with_the_json(study):
+    _, _, results = study
+    table = report.headline_table({"smoke": results}).splitlines()
+    assert len(table) == 3 and table[2].startswith(
+        f"| smoke | {report.stat_cell(results['teacher']['test']['accuracy'])} |"
+    )
+    for ref in ("KD", "CE"):
+        d = results["paired"][ref]["DeBKD"]
+        assert (
+            f"{100 * d['mean']:+.2f} ({100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}), {d['wins']}/2"
+            in table[2]
+        )
+    rows = results["methods"]
+    best = max(rows, key=lambda m: rows[m]["test"]["accuracy"]["mean"])
+    assert table[2].endswith(f"| {best} ({report.stat_cell(rows[best]['test']['accuracy'])}) |")
