@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp, xlogy
+import optax
+from jax.scipy.special import logsumexp
 
 from debkd_jax import targets as targets_lib
 
@@ -35,10 +36,10 @@ def _check_batch(student_logits, labels=None, **others) -> None:
 
 
 def cross_entropy(logits, labels) -> jax.Array:
-    """`CE(s, y) = logsumexp(s) - s_y` per sample. (B, k), (B,) -> (B,).
+    """`CE(s, y) = logsumexp(s) - s_y` per sample, in float32. (B, k), (B,) -> (B,).
 
-    Written as optax writes it: the label's logit is gathered from the input, so no (B, k) log-softmax is
-    materialized.
+    `optax.losses.softmax_cross_entropy_with_integer_labels`: the label's logit is gathered from the input,
+    so no (B, k) log-softmax is materialized. The checks here name the argument.
     """
     if jnp.shape(labels) != jnp.shape(logits)[:-1]:
         raise ValueError(f"labels must have shape {jnp.shape(logits)[:-1]} to match logits {jnp.shape(logits)}, "
@@ -46,14 +47,15 @@ def cross_entropy(logits, labels) -> jax.Array:
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
     s = jnp.asarray(logits, jnp.float32)
-    return logsumexp(s, axis=-1) - jnp.take_along_axis(s, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+    return optax.losses.softmax_cross_entropy_with_integer_labels(s, jnp.asarray(labels))
 
 
 def soft_kl(teacher_logits, student_logits, *, temperature=4.0) -> jax.Array:
-    """`KL(softmax(z / T) || softmax(s / T))` per sample, without the T^2 factor. (B, k), (B, k) -> (B,)."""
+    """`KL(q || p) = sum_j q_j (log q_j - log p_j)` per sample, `q = softmax(z / T)`, `p = softmax(s / T)`,
+    without the T^2 factor (`optax.losses.kl_divergence_with_log_targets`). (B, k), (B, k) -> (B,)."""
     log_q = jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature, axis=-1)
     log_p = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
-    return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+    return optax.losses.kl_divergence_with_log_targets(log_p, log_q)
 
 
 def _count(mask) -> jax.Array:
@@ -142,7 +144,8 @@ def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
     p = jax.lax.stop_gradient(jnp.exp(log_p))
     inside = jnp.all((p >= lo) & (p <= hi), axis=-1)
     t = jnp.where(inside[..., None], p, box_projection(p, lo, hi))
-    kl = jnp.sum(xlogy(t, t) - t * log_p, axis=-1)
+    # `sum_j t_j (log t_j - log p_j)` with `0 log 0 = 0`; t has no gradient, so log 0 is never differentiated.
+    kl = optax.losses.kl_divergence(log_p, t)
     # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient (p - t) / T.
     kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
     return jnp.where(inside, 0.0, kl)
@@ -233,8 +236,8 @@ def dkd_loss(
 
     s_bin, s_nt = binary_and_nontarget(student_logits)
     t_bin, t_nt = binary_and_nontarget(teacher_logits)
-    tckd = jnp.sum(jnp.exp(t_bin) * (t_bin - s_bin), axis=-1)
-    nckd = jnp.sum(jnp.where(gt, 0.0, jnp.exp(t_nt) * (t_nt - s_nt)), axis=-1)
+    tckd = optax.losses.kl_divergence_with_log_targets(s_bin, t_bin)
+    nckd = optax.losses.kl_divergence_with_log_targets(s_nt, t_nt, where=~gt)
     distill = temperature**2 * (alpha * tckd + beta * nckd)
     return jnp.mean(cross_entropy(student_logits, labels) + warmup * distill)
 
@@ -280,5 +283,10 @@ def btkd_loss(
 
 
 def dynamic_weight(epoch, num_epochs):
-    """BTKD's dynamic weight `b(e) = cos^2(pi/2 * e / E)`: 1 at the first epoch, 0 at `E` (easy first)."""
-    return jnp.cos(jnp.pi / 2 * jnp.asarray(epoch, jnp.float32) / num_epochs) ** 2
+    """BTKD's dynamic weight `b(e) = cos^2(pi/2 * e / E)`: 1 at the first epoch, 0 at `E` (easy first).
+
+    Computed as optax's cosine decay over the progress `e / E`: `cos^2(x / 2) = (1 + cos x) / 2`, held at 0
+    past `E`. Both arguments may be traced.
+    """
+    progress = jnp.asarray(epoch, jnp.float32) / num_epochs
+    return optax.cosine_decay_schedule(1.0, decay_steps=1)(progress)

@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -427,6 +428,15 @@ def test_dynamic_weight():
     assert float(losses.dynamic_weight(240, 240)) == pytest.approx(0.0, abs=1e-7)
     assert float(losses.dynamic_weight(120, 240)) == pytest.approx(0.5, abs=1e-6)
     assert float(_dw(jnp.int32(10), jnp.int32(40))) == pytest.approx(np.cos(np.pi / 8) ** 2, rel=1e-6)
+
+
+def test_dynamic_weight_is_optax_cosine_decay():
+    """`cos^2(pi/2 * e / E) = (1 + cos(pi * e / E)) / 2`: the spec's form equals optax's cosine decay over E."""
+    for E in (1, 3, 15, 50, 240):
+        e = np.arange(E + 1, dtype=np.float32)
+        spec_form = np.cos(np.pi / 2 * e.astype(np.float64) / E) ** 2
+        np.testing.assert_allclose(np.asarray(optax.cosine_decay_schedule(1.0, E)(e)), spec_form, atol=2e-7)
+        np.testing.assert_allclose(np.asarray(_dw(e, E)), spec_form, atol=2e-7)
 
 
 # ----------------------------------------------------------------------------------------------------------
