@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from debkd_jax import losses, targets
 
@@ -157,10 +158,11 @@ def schedule_weight(cfg, epoch, num_epochs: int):
 
 
 def warmup_weight(cfg, epoch):
-    """DKD's warm-up factor at (fractional, possibly traced) `epoch`: `min((floor(epoch) + 1) / W, 1)`."""
+    """DKD's warm-up factor at (fractional, possibly traced) `epoch`: `min((floor(epoch) + 1) / W, 1)`,
+    optax's linear schedule from 0 to 1 over `W` epochs counted from 1."""
     if not cfg.warmup_epochs:
         return jnp.float32(1.0)
-    return jnp.minimum((jnp.floor(epoch) + 1.0) / cfg.warmup_epochs, 1.0)
+    return optax.linear_schedule(0.0, 1.0, transition_steps=cfg.warmup_epochs)(jnp.floor(epoch) + 1.0)
 
 
 def objective(cfg, num_epochs: int) -> Objective:

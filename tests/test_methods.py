@@ -574,3 +574,13 @@ def test_paper_config_defaults_and_bad_arguments():
     assert (config.teacher.model, config.student.model, config.seeds) == ("resnet50", "resnet8", 3)
     with pytest.raises(ValueError, match="unknown config argument 'cifar'"):
         paper.get_config("cifar,resnet8")
+
+
+def test_dkd_warmup_is_a_linear_schedule_over_epochs_counted_from_1():
+    """`min((floor(epoch) + 1) / W, 1)` at fractional epochs, within float32 rounding; 1 without a warm-up."""
+    for W in (1, 3, 20):
+        cfg = methods.preset("DKD", warmup_epochs=W)
+        for epoch in (0.0, 0.5, 1.0, 2.99, W - 1.0, W + 0.5, 3 * W):
+            want = min((math.floor(epoch) + 1) / W, 1.0)
+            assert float(methods.warmup_weight(cfg, jnp.float32(epoch))) == pytest.approx(want, abs=6e-8)
+    assert float(methods.warmup_weight(methods.preset("DKD", warmup_epochs=0), 5.0)) == 1.0
