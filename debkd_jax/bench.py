@@ -349,7 +349,7 @@ class JaxStep:
         method_cfg = methods.preset(method, **method_overrides)
         objective = methods.objective(method_cfg, 15)
         labels, t_logits = synthetic_teacher_logits(batch, num_classes, seed)
-        targets = methods.build_targets(method_cfg, t_logits, labels)
+        targets = methods.method_targets(method_cfg, t_logits, labels)
         kw = {}
         self.teacher_vars = None
         if objective.needs_teacher_online:
@@ -833,7 +833,7 @@ def loss_inputs(batch: int, k: int, case: str, seed: int = 0):
     from debkd_jax import methods
 
     labels, t_logits = synthetic_teacher_logits(batch, k, seed)
-    targets = methods.build_targets(methods.preset("DeBKD"), t_logits, labels)
+    targets = methods.method_targets(methods.preset("DeBKD"), t_logits, labels)
     rng = np.random.default_rng(seed + 1)
     if case == "realistic":
         noise = 1.5 if k == 2 else 3.0

@@ -67,7 +67,7 @@ def run(source: str, out_dir: str, batch_size: int = 128, steps: int = 10) -> di
     teacher_logits = rng.normal(size=(len(dataset.train_labels), k)).astype(np.float32)
     teacher_logits[np.arange(len(teacher_logits)), dataset.train_labels] += 2.0
     method_cfg = methods.preset("DeBKD")
-    targets = jax.tree.map(np.asarray, methods.build_targets(method_cfg, teacher_logits, dataset.train_labels))
+    targets = jax.tree.map(np.asarray, methods.method_targets(method_cfg, teacher_logits, dataset.train_labels))
 
     deliver_batches(dataset, targets, batch_size, mesh, limit=2)  # warm-up
     delivered, deliver_s = _timed(lambda: deliver_batches(dataset, targets, batch_size, mesh, epoch=1))

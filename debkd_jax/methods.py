@@ -230,7 +230,7 @@ def objective(cfg, num_epochs: int) -> Objective:
     )
 
 
-def build_targets(cfg, teacher_logits, labels, infusion=None) -> targets.Targets:
+def method_targets(cfg, teacher_logits, labels, infusion=None) -> targets.Targets:
     """The method's `Targets` for a set of teacher logits: `targets.build_targets` with the config's options.
 
     On host arrays the inputs are validated here (clear errors, e.g. knowledge infusion with no

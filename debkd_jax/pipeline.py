@@ -305,7 +305,7 @@ def train_student(
     teacher_vars, teacher_meta = teacher
     scfg = config.student
     objective = methods.objective(method_cfg, scfg.num_epochs)
-    train_targets = methods.build_targets(method_cfg, t_logits["train"], dataset.train_labels)
+    train_targets = methods.method_targets(method_cfg, t_logits["train"], dataset.train_labels)
     infusion = None
     if "knowledge_infusion" in objective.transforms:
         infusion = targets_lib.infusion_table(t_logits["train"], dataset.train_labels, method_cfg.ki_mode)
@@ -362,7 +362,7 @@ def train_student(
     )
     hits = None
     if t_logits["test"] is not None:  # a logits file may lack the test split
-        test_targets = methods.build_targets(
+        test_targets = methods.method_targets(
             method_cfg, t_logits["test"], dataset.test_labels, infusion=infusion
         )
         hits = np.asarray(
@@ -414,7 +414,7 @@ def target_diagnostics(method_cfg, teacher_logits: np.ndarray, labels: np.ndarra
     """What a method's targets do to the teacher's training logits: the share of images they classify wrongly
     after the method's transforms, the share of images the transforms changed, and (for the de-biased loss)
     the mean width of the interval the true class's target may take (`targets.label_interval`)."""
-    built = methods.build_targets(method_cfg, teacher_logits, labels)
+    built = methods.method_targets(method_cfg, teacher_logits, labels)
     logits = np.asarray(built.logits)
     lo_y, hi_y = targets_lib.label_interval(built.lo, built.hi, labels)
     return {

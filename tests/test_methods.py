@@ -132,7 +132,7 @@ def _teacher_batch(k=3, b=24, seed=0):
 
 
 def _preset_loss(cfg, s, z, y, *, epoch=0.0, hints=0.0, num_epochs=10):
-    rows = methods.build_targets(cfg, z, y)
+    rows = methods.method_targets(cfg, z, y)
     loss_fn = jax.jit(methods.objective(cfg, num_epochs).loss_fn)
     return float(loss_fn(jnp.asarray(s), jnp.asarray(y), rows, jnp.float32(hints), jnp.float32(epoch)))
 
@@ -149,7 +149,7 @@ def test_each_preset_computes_its_documented_loss(name):
     s, z, y = _teacher_batch(k=3)
     assert 0 < np.mean(R.teacher_correct(z, y)) < 1
     cfg = methods.preset(name)
-    rows = methods.build_targets(cfg, z, y)
+    rows = methods.method_targets(cfg, z, y)
     loss_fn = jax.jit(methods.objective(cfg, 10).loss_fn)
     for epoch in (0.0, 3.5, 9.99):
         got = loss_fn(jnp.asarray(s), jnp.asarray(y), rows, jnp.float32(2.0), jnp.float32(epoch))
@@ -165,14 +165,14 @@ def test_ki_presets_distil_from_the_infused_logits():
     replaced, and every row then puts the label first. DeBKD and DeBKD-noKI differ in the same way."""
     _, z, y = _teacher_batch(k=4, b=32, seed=1)
     correct = R.teacher_correct(z, y)
-    kd, kd_ki = (methods.build_targets(methods.preset(n), z, y) for n in ("KD", "KD+KI"))
+    kd, kd_ki = (methods.method_targets(methods.preset(n), z, y) for n in ("KD", "KD+KI"))
     np.testing.assert_array_equal(np.asarray(kd.logits), z)
     np.testing.assert_allclose(np.asarray(kd_ki.logits), R.knowledge_infusion(z, y), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(kd_ki.logits)[correct], z[correct])
     assert not np.allclose(np.asarray(kd_ki.logits)[~correct], z[~correct])
     assert np.all(np.argmax(np.asarray(kd_ki.logits), -1) == y)
     assert np.mean(np.argmax(np.asarray(kd.logits), -1) == y) < 1
-    debkd, no_ki = (methods.build_targets(methods.preset(n), z, y) for n in ("DeBKD", "DeBKD-noKI"))
+    debkd, no_ki = (methods.method_targets(methods.preset(n), z, y) for n in ("DeBKD", "DeBKD-noKI"))
     np.testing.assert_array_equal(np.asarray(debkd.logits), np.asarray(kd_ki.logits))
     np.testing.assert_array_equal(np.asarray(no_ki.logits), z)
 
@@ -228,11 +228,11 @@ def test_debkd_btkd_regions_come_from_the_swapped_logits_not_from_ki():
     profile instead of the class means."""
     _, z, y = _teacher_batch(k=4, b=32, seed=5)
     wrong = ~R.teacher_correct(z, y)
-    combined = methods.build_targets(methods.preset("DeBKD+BTKD"), z, y)
+    combined = methods.method_targets(methods.preset("DeBKD+BTKD"), z, y)
     np.testing.assert_allclose(np.asarray(combined.logits), R.rectify_logits(z, y, "swap"), rtol=1e-6)
     assert np.all(np.argmax(np.asarray(combined.logits), -1) == y)
     np.testing.assert_array_equal(np.sort(np.asarray(combined.logits), -1), np.sort(z, -1))
-    infused = methods.build_targets(methods.preset("DeBKD"), z, y)
+    infused = methods.method_targets(methods.preset("DeBKD"), z, y)
     assert not np.allclose(np.asarray(combined.lo)[wrong], np.asarray(infused.lo)[wrong])
 
 
@@ -295,7 +295,7 @@ def test_schedules_of_overridden_presets():
 def test_btkd_on_a_batch_with_one_empty_subset_is_finite(name, all_correct):
     s, z, y = _batch(k=2, b=16, seed=3, all_correct=all_correct)
     cfg = methods.preset(name)
-    rows = methods.build_targets(cfg, z, y)
+    rows = methods.method_targets(cfg, z, y)
     assert bool(jnp.all(rows.correct)) == all_correct and not bool(jnp.any(rows.correct)) == (not all_correct)
     obj = methods.objective(cfg, 10)
     for epoch in (0.0, 5.0):
@@ -461,7 +461,7 @@ def test_online_targets_without_augmentation_equal_the_precomputed_rows(folder_r
     offline = methods.preset(name)
     online = methods.preset(name, online_targets=True)
     labels = folder_run.dataset.train_labels
-    rows = methods.build_targets(offline, folder_run.logits["train"], labels)
+    rows = methods.method_targets(offline, folder_run.logits["train"], labels)
     n, k = rows.logits.shape
     junk = targets_lib.Targets(
         logits=np.zeros((n, k), np.float32),
@@ -528,7 +528,7 @@ def test_tfds_cifar10_config_reads_ten_classes_with_mock_data():
     # The method's targets for 10 classes: regions that hold the teacher's soft labels.
     rng = np.random.default_rng(0)
     z = rng.normal(size=(len(dataset.train_labels), 10)).astype(np.float32) * 3
-    rows = methods.build_targets(methods.preset("DeBKD"), z, dataset.train_labels)
+    rows = methods.method_targets(methods.preset("DeBKD"), z, dataset.train_labels)
     q = np.asarray(jax.nn.softmax(rows.logits / 4.0))
     assert rows.lo.shape == (len(z), 10) and np.all((rows.lo <= q + 1e-6) & (q <= rows.hi + 1e-6))
     assert np.all(np.argmax(np.asarray(rows.logits), -1) == dataset.train_labels)  # after KI

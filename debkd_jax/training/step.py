@@ -96,7 +96,7 @@ def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
             if spec.method_cfg.online_targets:
                 # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's easy/hard
                 # split matches the rows that were rectified or infused; KI's table is the precomputed one.
-                rows = methods.build_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
+                rows = methods.method_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
         epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch
 
         def loss_fn(params):
