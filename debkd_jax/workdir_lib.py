@@ -138,10 +138,27 @@ def read_npz(path: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def checkpoint_rank(metrics: dict) -> tuple[float, int]:
+    """Orders checkpoints by `metrics = {"epoch", "val_accuracy"}`: the higher validation accuracy is better,
+    and of equal ones the earlier epoch."""
+    return metrics["val_accuracy"], -metrics["epoch"]
+
+
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
-    """Keeps the newest complete checkpoint; orbax commits each by an atomic rename, so a killed save leaves
-    only a temporary folder that is ignored (and cleaned) on the next start."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
+    """Keeps two checkpoints: the newest (to resume from) and the best by `checkpoint_rank` of the `metrics`
+    saved with it (`best_step()`); they are one when the newest is the best. Orbax commits each by an atomic
+    rename and deletes the others only after that, so a killed save leaves only a temporary folder that is
+    ignored (and cleaned) on the next start."""
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        best_fn=checkpoint_rank,
+        best_mode="max",
+        preservation_policy=policies.AnyPreservationPolicy(
+            [policies.LatestN(n=1), policies.BestN(get_metric_fn=checkpoint_rank, n=1)]
+        ),
+        create=True,
+        cleanup_tmp_directories=True,
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 

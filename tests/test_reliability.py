@@ -351,8 +351,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert "NaN/Inf at step 5 of 12 (epoch 2)" in message and "last good checkpoint (epoch 1)" in message
     with workdir_lib.checkpoint_manager(str(tmp_path / "checkpoints")) as manager:
         assert manager.all_steps() == [1]
-        restored = manager.restore(1, args=ocp.args.Composite(best_variables=ocp.args.StandardRestore()))
-    leaves = jax.tree.leaves(restored["best_variables"])
+        restored = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    leaves = jax.tree.leaves(restored["state"])
     assert leaves and all(np.isfinite(leaf).all() for leaf in leaves)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1] and np.isfinite(records[0]["train_loss"])

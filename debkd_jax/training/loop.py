@@ -1,4 +1,8 @@
-"""`fit`: trains one model for its epochs with the train step, checkpoints every epoch (orbax) and resumes."""
+"""`fit`: trains one model for its epochs with the train step, checkpoints every epoch (orbax) and resumes.
+
+The checkpoint manager keeps the newest checkpoint and the best one on validation accuracy
+(`workdir_lib.checkpoint_manager`); each holds the train state and the history up to its epoch.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ def fit(
     show_progress: bool = True,
 ) -> FitResult:
     """Trains `spec.model` for `train_cfg.num_epochs`, checkpointing every epoch (orbax) and resuming from the
-    last complete checkpoint in `run_dir`. The best epoch on validation accuracy is kept; returns it."""
+    last complete checkpoint in `run_dir`. Returns the variables of the best epoch on validation accuracy (of
+    equal ones the earliest), restored from its checkpoint."""
     n_train = len(dataset.train_labels)
     steps_per_epoch = n_train // train_cfg.batch_size
     if steps_per_epoch < 1:
@@ -68,26 +73,26 @@ def fit(
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     history: list[dict] = []
-    best = {"epoch": -1, "val_accuracy": -1.0}
-    best_variables = host_copy(variables_of(state))
 
     ckpt = workdir_lib.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
     writer = None
     try:
         latest = ckpt.latest_step()
         if latest is not None:
+            if ckpt.best_step() is None:
+                raise UserError(
+                    f"{name}: the checkpoints in {run_dir}/checkpoints were written by an older debkd_jax "
+                    "(no validation metrics beside them); re-run with --config.overwrite=True (the old run "
+                    "is set aside) or a new --workdir."
+                )
             restored = ckpt.restore(
                 latest,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(host_copy(state)),
-                    best_variables=ocp.args.StandardRestore(best_variables),
-                    history=ocp.args.JsonRestore(),
+                    state=ocp.args.StandardRestore(host_copy(state)), history=ocp.args.JsonRestore()
                 ),
             )
             state = jax.device_put(restored["state"], replicated)
-            best_variables = host_copy(restored["best_variables"])
             history = list(restored["history"]["epochs"])
-            best = restored["history"]["best"]
             log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
 
         step_fn = make_train_step(spec, mesh, seed)
@@ -163,9 +168,6 @@ def fit(
                 "val_accuracy": val_acc,
             }
             history.append(record)
-            if val_acc > best["val_accuracy"]:
-                best = {"epoch": epoch + 1, "val_accuracy": val_acc}
-                best_variables = host_copy(variables_of(state))
             _save_checkpoint(
                 ckpt,
                 epoch + 1,
@@ -173,9 +175,9 @@ def fit(
                     # A host copy: orbax writes host arrays from process 0 alone, while replicated device
                     # arrays would be split among the processes (each writing its part of the checkpoint).
                     state=ocp.args.StandardSave(host_copy(state)),
-                    best_variables=ocp.args.StandardSave(best_variables),
-                    history=ocp.args.JsonSave({"epochs": history, "best": best}),
+                    history=ocp.args.JsonSave({"epochs": history}),
                 ),
+                {"epoch": epoch + 1, "val_accuracy": val_acc},
                 run_dir,
             )
             seconds = time.perf_counter() - t0
@@ -196,6 +198,15 @@ def fit(
                     val_acc,
                     seconds,
                 )
+        _wait_for_checkpoint(ckpt, run_dir)
+        best_epoch = ckpt.best_step()
+        if best_epoch is None:  # no epoch trained
+            best_epoch, best_variables = -1, host_copy(variables_of(state))
+        else:
+            best_state = ckpt.restore(
+                best_epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(host_copy(state)))
+            )["state"]
+            best_variables = host_copy(variables_of(best_state))
     finally:
         # Also on an error or Ctrl-C: the last epoch's (asynchronous) checkpoint is committed before leaving.
         try:
@@ -204,12 +215,12 @@ def fit(
             ckpt.close()
             if writer is not None:
                 writer.close()
-    return FitResult(best_variables=best_variables, history=history, best_epoch=best["epoch"])
+    return FitResult(best_variables=best_variables, history=history, best_epoch=best_epoch)
 
 
-def _save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args, run_dir: str) -> None:
+def _save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args, metrics: dict, run_dir: str) -> None:
     try:
-        ckpt.save(step, args=args)
+        ckpt.save(step, args=args, metrics=metrics)
     except (OSError, ValueError, RuntimeError) as e:
         error = checkpoint_error(e, run_dir)
         if error is e:
