@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from benchmarks import peer as peer_lib
-from benchmarks import steps, timing
+from benchmarks import steps, timing, workers
 from benchmarks.modes import MODES, SECTIONS, Context, Mode
 from benchmarks.render import render
 
@@ -135,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-    results = run(MODES[args.mode or "quick"], args.out, only, log)
+    try:
+        results = run(MODES[args.mode or "quick"], args.out, only, log)
+    except (workers.WorkerTimeout, workers.WorkerFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(render(results))
     print(
         f"\nwrote {os.path.join(args.out, 'BENCHMARKS.md')} and benchmarks.json "

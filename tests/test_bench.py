@@ -224,7 +224,7 @@ def test_a_one_shot_worker_past_its_timeout_is_killed_with_its_children():
             cmd, env=dict(os.environ), timeout=2, section="levers", what="the default worker (x)"
         )
     assert time.monotonic() - t0 < 10
-    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, timeout=10).stdout.split()
     assert alive == []
 
 
@@ -275,3 +275,15 @@ def test_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         run.main(["--smoke", "--only=nonsense"])
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_a_peer_hang_ends_the_run_with_one_line_naming_the_section(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(
+        run, "start_peer", lambda mode, log: (peer.Peer(1, timeout=2, command=HANGS_AFTER_HELLO), None)
+    )
+    t0 = time.monotonic()
+    assert run.main(["--smoke", "--only=train_step", f"--out={tmp_path}"]) == 1
+    assert time.monotonic() - t0 < 120
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: train_step: the PyTorch peer worker did not answer 'train_step'")
+    assert not (tmp_path / "benchmarks.json").exists()
