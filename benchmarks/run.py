@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+import benchmarks
 from benchmarks import peer as peer_lib
 from benchmarks import steps, timing, workers
 from benchmarks.modes import MODES, SECTIONS, Context, Mode
@@ -122,7 +123,9 @@ def write(results: dict, out_dir: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=benchmarks.__doc__.split("\n\n")[0]
+    )
     group = parser.add_mutually_exclusive_group()
     for name in MODES:
         group.add_argument(f"--{name}", dest="mode", action="store_const", const=name)
