@@ -38,7 +38,7 @@ def header(meta: dict) -> list[str]:
         "",
         f"Written by `python -m benchmarks --{meta['mode']}` on {meta['date']}. Machine: {meta['cpu']}, "
         f"{meta['cpus']} CPU(s); jax {v['jax']}, flax {v['flax']}, "
-        f"torch {v.get('torch') or 'not installed'}. Load average before/after: "
+        f"torch {v.get('torch') or 'not used'}. Load average before/after: "
         f"{meta['load_before']:.2f} / {meta['load_after']:.2f}{noisy}",
         "",
         f"XLA_FLAGS: `{meta['env']['XLA_FLAGS'] or '(none)'}`.",

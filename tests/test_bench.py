@@ -147,6 +147,8 @@ def test_lever_pairs_alternate_and_each_ratio_is_its_pairs_ratio():
     assert calls == [d, y, y, d, d, y, y, d]
     assert [p["order"] for p in pairs] == [[d, y], [y, d], [d, y], [y, d]]
     assert [p["lever_over_default"] for p in pairs] == [2.0, 2.0, 3.0, 1.0]
+    # A side that always gains 1.5x by running first: per-pair ratios r*1.5, r/1.5, ... -> geometric mean r.
+    assert levers.geometric_mean([2 * 1.5, 2 / 1.5, 2 * 1.5, 2 / 1.5]) == pytest.approx(2.0)
 
 
 def test_lever_environments_differ_only_in_the_lever():
