@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.render import fmt, ratio, table
-from debkd_jax import config_lib, methods, train
+from debkd_jax import config_lib, methods, training
 from debkd_jax import data as data_lib
 
 DEFAULT_SOURCE = "folder:../shared/data/dogs_vs_cats_32"
@@ -35,7 +35,7 @@ def _timed(fn):
 
 
 def global_batch(dataset, host_targets, idx, sharding) -> dict:
-    """One batch exactly as `train.fit` builds it: images, labels and target rows sharded on 'data'."""
+    """One batch exactly as `training.fit` builds it: images, labels and target rows sharded on 'data'."""
     batch = data_lib.make_global_batch(
         {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, sharding
     )
@@ -48,7 +48,7 @@ def global_batch(dataset, host_targets, idx, sharding) -> dict:
 def deliver_batches(
     dataset, host_targets, batch_size: int, mesh, *, epoch: int = 0, limit: int | None = None
 ):
-    """One epoch of batches as `train.fit` builds them; returns the number of images delivered."""
+    """One epoch of batches as `training.fit` builds them; returns the number of images delivered."""
     sharding = NamedSharding(mesh, P("data"))
     order = data_lib.batch_indices(len(dataset.train_labels), batch_size, seed=0, epoch=epoch)
     delivered = 0
@@ -70,18 +70,18 @@ def step_images_per_s(dataset, targets, method_cfg, model: str, batch_size: int,
     cfg = config_lib.train_config(model, num_epochs=1, batch_size=batch_size)
     steps_per_epoch = len(dataset.train_labels) // batch_size
     objective = methods.objective(method_cfg, cfg.num_epochs)
-    spec = train._step_spec(
+    spec = training.build_step_spec(
         cfg, dataset.num_classes, "float32", objective, steps_per_epoch, False, method_cfg=method_cfg
     )
     replicated, sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = train.init_state(
+    state = training.init_state(
         jax.random.key(0),
         spec.model,
-        train.make_optimizer(cfg, steps_per_epoch),
+        training.make_optimizer(cfg, steps_per_epoch),
         dataset.train_images.shape[1:],
     )
-    state, acc = jax.device_put(state, replicated), jax.device_put(train.zero_metrics(), replicated)
-    step = train.make_train_step(spec, mesh, seed=0)
+    state, acc = jax.device_put(state, replicated), jax.device_put(training.zero_metrics(), replicated)
+    step = training.make_train_step(spec, mesh, seed=0)
     order = data_lib.batch_indices(len(dataset.train_labels), batch_size, seed=0, epoch=0)
     batches = [global_batch(dataset, targets, idx, sharding) for idx in order[: steps + 2]]
     for b in batches[:2]:
@@ -109,7 +109,7 @@ def measure_source(source: str, batch_size: int = 128, steps: int = 10, model: s
     results.update(
         images=n, decode_and_cache_images_per_s=n / decode_s, cached_load_images_per_s=n / cached_s
     )
-    mesh = train.create_mesh()
+    mesh = training.create_mesh()
     method_cfg = methods.preset("DeBKD")
     targets = synthetic_targets(dataset, method_cfg)
     deliver_batches(dataset, targets, batch_size, mesh, limit=2)  # warm-up

@@ -12,7 +12,7 @@ import numpy as np
 from benchmarks.render import table
 from benchmarks.steps import get_step
 from benchmarks.timing import block, interleaved
-from debkd_jax import models, train
+from debkd_jax import models, training
 
 CONVENTION = (
     "FLOPs = 2 x multiply-accumulates of Conv and Dense layers (BatchNorm, ReLU, adds, pooling and the "
@@ -94,7 +94,7 @@ def model_flops(name: str) -> dict:
     macs = conv_dense_macs(name)
     model = models.get_model(name, 2)
     variables = jax.eval_shape(functools.partial(_abstract_init, model))
-    predict = train.make_predict_fn(model, jnp.float32)
+    predict = training.make_predict_fn(model, jnp.float32)
     images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.uint8)
     return {
         "macs_per_image": macs["forward"],

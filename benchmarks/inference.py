@@ -13,7 +13,7 @@ import numpy as np
 from benchmarks.render import fmt, table
 from benchmarks.steps import init_variables
 from benchmarks.timing import block, interleaved, paired_ratio, summary
-from debkd_jax import export, models, train, workdir_lib
+from debkd_jax import export, models, training, workdir_lib
 
 
 def dir_size(path: str) -> int:
@@ -30,7 +30,7 @@ def measure_model(ctx, name: str, tmp: str) -> dict:
     workdir_lib.save_variables(ckpt, variables)
     exported = export.export_model(model, variables, 32)
     call = jax.jit(exported.call)
-    predict = train.make_predict_fn(model, jnp.float32)
+    predict = training.make_predict_fn(model, jnp.float32)
     rng = np.random.default_rng(0)
     big = jnp.asarray(rng.integers(0, 256, (mode.inference_batch, 32, 32, 3), dtype=np.uint8))
     one = big[:1]
@@ -107,6 +107,6 @@ def render(r: dict) -> list[str]:
     return lines + [
         "",
         "Exported: `debkd_jax.export` (StableHLO via jax.export, BatchNorm folded, uint8 in, normalization "
-        "inside). Flax eval: `train.make_predict_fn`.",
+        "inside). Flax eval: `training.make_predict_fn`.",
         "",
     ]

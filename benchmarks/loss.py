@@ -37,7 +37,7 @@ def newton_iterations(p, lo, hi) -> int:
     """How many Newton/bisection steps `losses.box_projection` takes on these rows (0 for k = 2: a clip)."""
     if p.shape[-1] == 2:
         return 0
-    return int(losses._projection_shift(*(jnp.asarray(a, jnp.float32) for a in (p, lo, hi)))[1])
+    return int(losses.projection_shift(*(jnp.asarray(a, jnp.float32) for a in (p, lo, hi)))[1])
 
 
 def _functions():

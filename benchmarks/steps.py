@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.timing import block
-from debkd_jax import config_lib, methods, models, train
+from debkd_jax import config_lib, methods, models, training
 
 
 def unoptimized_jit_call(fn, *args):
@@ -41,7 +41,7 @@ def synthetic_teacher_logits(n: int, k: int, seed: int = 0, accuracy_margin: flo
 
 
 class JaxStep:
-    """One `train.make_train_step` step of a student on one fixed synthetic batch; calling it runs a step.
+    """One `training.make_train_step` step of a student on one fixed synthetic batch; calling it runs a step.
 
     conv_backward: as `config.conv_backward` ("auto" resolves to "materialized" on CPU; "xla" is the plain
     backward); `self.conv_backward` is the resolved value.
@@ -60,8 +60,8 @@ class JaxStep:
         conv_backward: str = "auto",
         **method_overrides,
     ):
-        mesh = train.create_mesh()
-        self.conv_backward = train.resolve_conv_backward(conv_backward, mesh)
+        mesh = training.create_mesh()
+        self.conv_backward = training.resolve_conv_backward(conv_backward, mesh)
         method_cfg = methods.preset(method, **method_overrides)
         cfg = config_lib.train_config(model_name, num_epochs=15, batch_size=batch)
         objective = methods.objective(method_cfg, cfg.num_epochs)
@@ -71,17 +71,17 @@ class JaxStep:
         if objective.needs_teacher_online:
             kw["teacher"] = models.get_model(teacher_name, num_classes, dtype, self.conv_backward)
             self.teacher_vars = init_variables(kw["teacher"], seed + 1)
-        self.spec = train._step_spec(
+        self.spec = training.build_step_spec(
             cfg, num_classes, dtype, objective, 100, False, self.conv_backward, method_cfg=method_cfg, **kw
         )
-        state = train.init_state(
-            jax.random.key(seed), self.spec.model, train.make_optimizer(cfg, 100), (32, 32, 3)
+        state = training.init_state(
+            jax.random.key(seed), self.spec.model, training.make_optimizer(cfg, 100), (32, 32, 3)
         )
-        self.step = train.make_train_step(self.spec, mesh, seed)
-        # As `train.fit` places them: state (and teacher) replicated, the batch sharded over the 'data' axis.
+        self.step = training.make_train_step(self.spec, mesh, seed)
+        # As `training.fit` places them: state (and teacher) replicated, the batch sharded on 'data'.
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.state = jax.device_put(state, replicated)
-        self.acc = jax.device_put(train.zero_metrics(), replicated)
+        self.acc = jax.device_put(training.zero_metrics(), replicated)
         if self.teacher_vars is not None:
             self.teacher_vars = jax.device_put(self.teacher_vars, replicated)
         rng = np.random.default_rng(seed)
@@ -117,12 +117,12 @@ def clear_steps() -> None:
 
 
 class TeacherPass:
-    """Eval-mode logits of one batch (`train.make_predict_fn`): the pass that precomputes the targets."""
+    """Eval-mode logits of one batch (`training.make_predict_fn`): the pass that precomputes the targets."""
 
     def __init__(self, model_name: str, batch: int, num_classes: int = 2, seed: int = 1):
         model = models.get_model(model_name, num_classes)
         self.variables = init_variables(model, seed)
-        self.predict = train.make_predict_fn(model, jnp.float32)
+        self.predict = training.make_predict_fn(model, jnp.float32)
         rng = np.random.default_rng(0)
         self.images_array = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
         self.images = batch
