@@ -36,7 +36,8 @@ def header(meta: dict) -> list[str]:
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `python -m benchmarks --{meta['mode']}` on {meta['date']}. Machine: {meta['cpu']}, "
+        f"Written by `{meta.get('command') or 'python -m benchmarks --' + meta['mode']}` on {meta['date']}. "
+        f"Machine: {meta['cpu']}, "
         f"{meta['cpus']} CPU(s); jax {v['jax']}, flax {v['flax']}, "
         f"torch {v.get('torch') or 'not used'}. Load average before/after: "
         f"{meta['load_before']:.2f} / {meta['load_after']:.2f}{noisy}",

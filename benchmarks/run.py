@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
 import json
@@ -84,10 +85,11 @@ def measure_sections(ctx: Context, only: Sequence[str]) -> None:
             ctx.results[name] = importlib.import_module(f"benchmarks.{name}").measure(ctx)
 
 
-def run(mode: Mode, out_dir: str, only: Sequence[str] = SECTIONS, log=print) -> dict:
+def run(mode: Mode, out_dir: str, only: Sequence[str] = SECTIONS, log=print, command: str = "") -> dict:
     needs_peer = {"train_step", "epoch", "memory", "inference"} & set(only)
     peer, skipped = start_peer(mode, log) if needs_peer else (None, "no section that uses it")
     results: dict[str, Any] = {"meta": meta_of(mode, only, peer, skipped), "notes": []}
+    results["meta"]["command"] = command or f"python -m benchmarks --{mode.name}"
     t0 = time.perf_counter()
     previous_opt, previous_settle = jax.config.values["jax_disable_most_optimizations"], timing.SETTLE_S
     if mode.name == "smoke":  # seconds, not minutes: the smoke run checks the plumbing, not the speed
@@ -122,6 +124,17 @@ def write(results: dict, out_dir: str) -> None:
         f.write(render(results) + "\n")
 
 
+def with_lever_options(mode: Mode, pairs: int | None, models: str) -> Mode:
+    if pairs is not None:
+        mode = dataclasses.replace(mode, lever_pairs=pairs)
+    if models:
+        chosen = {m.strip() for m in models.split(",")}
+        mode = dataclasses.replace(
+            mode, lever_workloads=tuple(w for w in mode.lever_workloads if w[1] in chosen)
+        )
+    return mode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=benchmarks.__doc__.split("\n\n")[0]
@@ -131,15 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         group.add_argument(f"--{name}", dest="mode", action="store_const", const=name)
     parser.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument(
+        "--lever-pairs", type=int, default=None, help="levers: pairs per setting and workload"
+    )
+    parser.add_argument("--lever-models", default="", help="levers: only the workloads of these models")
     args = parser.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+    mode = with_lever_options(MODES[args.mode or "quick"], args.lever_pairs, args.lever_models)
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
     try:
-        results = run(MODES[args.mode or "quick"], args.out, only, log)
+        results = run(
+            mode, args.out, only, log, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])])
+        )
     except (workers.WorkerTimeout, workers.WorkerFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

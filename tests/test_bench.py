@@ -289,3 +289,10 @@ def test_a_peer_hang_ends_the_run_with_one_line_naming_the_section(monkeypatch, 
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("error: train_step: the PyTorch peer worker did not answer 'train_step'")
     assert not (tmp_path / "benchmarks.json").exists()
+
+
+def test_lever_options_narrow_the_mode():
+    mode = run.with_lever_options(modes.MODES["quick"], 8, "resnet8,resnet8x4")
+    assert mode.lever_pairs == 8
+    assert mode.lever_workloads == (("train_step", "resnet8", 128), ("teacher_pass", "resnet8x4", 256))
+    assert run.with_lever_options(modes.MODES["quick"], None, "") == modes.MODES["quick"]
