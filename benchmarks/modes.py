@@ -120,8 +120,8 @@ MODES = {
         data_model="resnet_tiny",
         data_steps=2,
         peer_threads=1,
-        peer_timeout_s=120.0,
-        worker_timeout_s=120.0,
+        peer_timeout_s=600.0,
+        worker_timeout_s=600.0,
     ),
     "quick": Mode(
         name="quick",

@@ -30,7 +30,7 @@ def unavailable() -> str | None:
 class Peer:
     """Parent side of the peer worker. `timeout` bounds every request, `start_timeout` the first one."""
 
-    def __init__(self, threads: int, timeout: float, start_timeout: float = 300.0, command=None):
+    def __init__(self, threads: int, timeout: float, start_timeout: float = 600.0, command=None):
         self.timeout = timeout
         env = workers.child_env(OMP_NUM_THREADS=str(threads), **PEER_THREAD_ENV)
         cmd = command or [sys.executable, "-m", "benchmarks.peer_worker", f"--threads={threads}"]
