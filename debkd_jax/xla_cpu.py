@@ -2,11 +2,11 @@
 nothing).
 
 XLA:CPU (jax 0.10.2) hands convolutions and reductions to YNNPACK fusions by default. On this project's
-networks its own emitters are faster: measured side by side on a 2-core CPU, the ResNet-8 train step 1.2x,
-ResNet-18 1.8x, ResNet-8x4 inference 1.7x (docs/performance.md). So `python -m debkd_jax.main`, `.sweep`,
-`.bench`, `.export` and `.predict` turn YNNPACK fusions off before JAX creates its backend, unless `XLA_FLAGS`
-already says something about them or `DEBKD_XLA_CPU_DEFAULTS=0` asks for XLA's own defaults. The flag only
-concerns the CPU backend; on GPU/TPU it changes nothing.
+networks its own emitters are faster (measured by `python -m benchmarks`, section `levers`; the figures and
+their artifacts: docs/performance-findings-2026-11.md). So `python -m debkd_jax.main`, `.sweep`, `.export`,
+`.predict` and `python -m benchmarks` turn YNNPACK fusions off before JAX creates its backend, unless
+`XLA_FLAGS` already says something about them or `DEBKD_XLA_CPU_DEFAULTS=0` asks for XLA's own defaults. The
+flag only concerns the CPU backend; on GPU/TPU it changes nothing.
 """
 
 from __future__ import annotations

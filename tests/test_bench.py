@@ -1,67 +1,264 @@
-"""The benchmark module's smallest mode runs end to end and writes both files with the expected keys.
+"""The benchmarks (benchmarks/, outside the package): the report holds what the JSON holds, every ratio is the
+ratio of the recorded samples, lever pairs alternate, and a worker that hangs is killed within its timeout.
 
-No timing assertions: these run on shared, busy machines.
+No assertions on speed: these run on shared, busy machines.
 """
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 
-from debkd_jax import bench
+import numpy as np
+import pytest
+
+from benchmarks import lever_worker, levers, modes, peer, render, run, steps, timing, workers
+from benchmarks.flops import conv_dense_macs, training_flops_per_image
 
 
-def test_smoke_mode_writes_markdown_and_json(tmp_path):
-    assert bench.main(["--smoke", f"--out={tmp_path}"]) == 0
-    results = json.loads((tmp_path / "benchmarks.json").read_text())
-    assert set(bench.SECTIONS) <= set(results)
-    meta = results["meta"]
-    assert meta["mode"] == "smoke" and {"load_before", "load_after", "noisy", "versions"} <= set(meta)
+def median_ratio(a, b):
+    return float(np.median(np.asarray(a) / np.asarray(b)))
 
-    (row,) = results["train_step"]["models"].values()
-    assert {"jax_ce", "jax_debkd", "jax_ce_xla_conv"} <= set(row)
-    assert row["speedup_over_xla_conv"]["ce"] > 0
+
+def section(md: str, heading: str) -> str:
+    """The report's text from `heading` to the next section heading."""
+    return md.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+def row_of(md: str, *first_cells: str) -> list[str]:
+    """The cells of the Markdown table row that starts with `first_cells`."""
+    prefix = "| " + " | ".join(first_cells) + " |"
+    (line,) = [line for line in md.splitlines() if line.startswith(prefix)]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert run.main(["--smoke", f"--out={out}"]) == 0
+    return json.loads((out / "benchmarks.json").read_text()), (out / "BENCHMARKS.md").read_text()
+
+
+def test_smoke_report_is_rendered_from_its_json_alone(smoke):
+    results, md = smoke
+    assert set(modes.SECTIONS) <= set(results)
+    assert md == render.render(results) + "\n"
+
+
+def test_train_step_ratios_and_table_equal_the_recorded_samples(smoke):
+    results, md = smoke
+    ((name, row),) = results["train_step"]["models"].items()
+    batch = results["train_step"]["batch"]
+    for key, label in (("jax_ce", "JAX CE"), ("jax_debkd", "JAX DeBKD, targets precomputed")):
+        s = row[key]["samples_s"]
+        assert row[key]["images_per_s"] == pytest.approx(batch / np.median(s))
+        cells = row_of(md, name, label)
+        assert (
+            cells[2]
+            == f"{render.fmt(row[key]['images_per_s'])} ({render.fmt(row[key]['best_images_per_s'])})"
+        )
+    want = median_ratio(row["jax_ce_xla_conv"]["samples_s"], row["jax_ce"]["samples_s"])
+    assert row["speedup_over_xla_conv"]["ce"] == pytest.approx(want)
+    assert f"conv backward: {want:.2f}x (CE)" in md
     assert row["conv_backward"] == "materialized"  # the default on CPU, compared with the plain XLA conv
-    assert row["jax_ce"]["images_per_s"] > 0
-    if meta["peer_skipped"] is None:
-        assert "torch_ce" in row and row["speedup_vs_torch"]["jax_ce"] > 0
-    epoch = results["epoch"]
-    assert {"jax_debkd_precomputed", "jax_kd_online"} <= set(epoch["rows"])
-    assert epoch["speedup_precomputed_vs_jax_online"] > 0 and epoch["teacher_pass_s"] > 0
-    assert "debkd_over_ce" in results["overhead"]
-    flops = results["flops"]
-    assert flops["gemm"]["flops_per_s"] > 0
-    (model,) = flops["models"].values()
-    assert model["training_flops_per_image"] > 2 * model["forward_flops_per_image"] > 0
-    assert 0 < next(iter(flops["train_step"].values()))["share_of_gemm_peak"]
-    assert results["memory"]["main_job"] == {"skipped": "smoke mode"}
-    assert results["memory"]["batch_sweep"]["rows"]
-    (inf,) = results["inference"]["models"].values()
-    assert inf["exported_bytes"] > 0 and inf["parameters"] > 0 and "exported" in inf["throughput"]
-    ks = {(r["k"], r["case"]) for r in results["loss"]["rows"]}
-    assert ks == {(2, "realistic"), (2, "worst"), (10, "realistic"), (10, "worst")}
-    for r in results["loss"]["rows"]:
-        assert r["debkd_over_ce"] > 0 and r["debkd_over_optax_ce"] > 0
-    assert "bfloat16" in results["levers"]["in_process"]
+    if results["meta"]["peer_skipped"] is None:
+        want = median_ratio(row["torch_ce"]["samples_s"], row["jax_ce"]["samples_s"])
+        assert row["speedup_vs_torch"]["jax_ce"] == pytest.approx(want)
+        assert row_of(md, name, "JAX CE")[3] == f"{want:.2f}x"
 
-    md = (tmp_path / "BENCHMARKS.md").read_text()
-    for heading in ("## a.", "## b.", "## c.", "## d.", "## e.", "## f.", "## g."):
-        assert heading in md
-    assert "plain XLA conv backward" in md and "proposed conv VJP" not in md
+
+def test_epoch_overhead_and_loss_ratios_equal_the_recorded_samples(smoke):
+    results, md = smoke
+    epoch = results["epoch"]
+    rows = epoch["rows"]
+    want = median_ratio(rows["jax_kd_online"]["samples_s"], rows["jax_debkd_precomputed"]["samples_s"])
+    assert epoch["speedup_precomputed_vs_jax_online"] == pytest.approx(want)
+    assert rows["jax_kd_online"]["epoch_s"] == pytest.approx(
+        np.median(rows["jax_kd_online"]["samples_s"]) * epoch["steps_per_epoch"]
+    )
+    p = epoch["teacher_pass"]
+    assert p["seconds"] == pytest.approx(np.median(p["samples_s"]) * p["images"] / p["batch"])
+
+    over = results["overhead"]
+    want = median_ratio(over["rows"]["debkd"]["samples_s"], over["rows"]["ce"]["samples_s"]) - 1
+    assert over["debkd_over_ce"] == pytest.approx(want)
+    assert row_of(section(md, "## c."), "debkd")[2] == f"{100 * want:+.1f}%"
+
+    for r in results["loss"]["rows"]:
+        want = median_ratio(r["samples_s"]["debkd"], r["samples_s"]["ce"])
+        assert r["debkd_over_ce"] == pytest.approx(want)
+        assert row_of(section(md, "## g."), str(r["k"]), r["case"])[7] == f"{want:.2f}x"
+    cases = {(r["k"], r["case"]) for r in results["loss"]["rows"]}
+    assert cases == {(2, "realistic"), (2, "worst"), (10, "realistic"), (10, "worst")}
+
+
+def test_flops_and_inference_rows_follow_from_the_json(smoke):
+    results, md = smoke
+    flops = results["flops"]
+    ((name, model),) = flops["models"].items()
+    assert model["training_flops_per_image"] == training_flops_per_image(conv_dense_macs(name))
+    step = flops["train_step"][name]
+    ips = results["train_step"]["models"][name]["jax_ce"]["images_per_s"]
+    assert step["jax_share_of_gemm_peak"] == pytest.approx(
+        model["training_flops_per_image"] * ips / flops["gemm"]["flops_per_s"]
+    )
+    inf = results["inference"]["models"][name]
+    want = median_ratio(
+        inf["throughput"]["flax_eval"]["samples_s"], inf["throughput"]["exported"]["samples_s"]
+    )
+    assert inf["exported_speedup_vs_flax_eval"] == pytest.approx(want)
+    assert row_of(section(md, "## f."), name, f"{inf['parameters']:,}")[4] == render.fmt(
+        inf["throughput"]["exported"]["images_per_s"]
+    )
+
+
+def test_smoke_peer_ran_in_its_own_process_with_passive_openmp(smoke):
+    results, md = smoke
+    meta = results["meta"]
+    if meta["peer_skipped"]:
+        pytest.skip(meta["peer_skipped"])
+    assert meta["peer"]["pid"] != os.getpid()
+    assert meta["peer"]["threads"] == 1
+    assert meta["peer"]["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert meta["peer"]["env"]["GOMP_SPINCOUNT"] == "0"
+    assert "OMP_WAIT_POLICY=PASSIVE" in md
+
+
+def test_interleaved_rotates_and_records_one_sample_per_round():
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    samples = timing.interleaved(fns, rounds=3, calls={"a": 1, "b": 2, "c": 1}, warmup=0, settle=0)
+    assert order == ["a", "b", "b", "c", "b", "b", "c", "a", "c", "a", "b", "b"]
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_lever_pairs_alternate_and_each_ratio_is_its_pairs_ratio():
+    times = iter([1.0, 2.0, 4.0, 2.0, 1.0, 3.0, 5.0, 5.0])
+    calls = []
+
+    def fake_run(name):
+        calls.append(name)
+        return {"median_s": next(times)}
+
+    pairs = levers.alternating_pairs(fake_run, "ynnpack_on", 4)
+    d, y = "default", "ynnpack_on"
+    assert calls == [d, y, y, d, d, y, y, d]
+    assert [p["order"] for p in pairs] == [[d, y], [y, d], [d, y], [y, d]]
+    assert [p["lever_over_default"] for p in pairs] == [2.0, 2.0, 3.0, 1.0]
+    # A side that always gains 1.5x by running first: per-pair ratios r*1.5, r/1.5, ... -> geometric mean r.
+    assert levers.geometric_mean([2 * 1.5, 2 / 1.5, 2 * 1.5, 2 / 1.5]) == pytest.approx(2.0)
+
+
+def test_lever_environments_differ_only_in_the_lever():
+    default = levers.lever_env(None)
+    on = levers.lever_env(modes.YNNPACK_ON)
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in default["XLA_FLAGS"].split()
+    assert "xla_cpu_experimental_ynn_fusion_type" not in on["XLA_FLAGS"]
+    assert (
+        "xla_force_host_platform_device_count" not in default["XLA_FLAGS"]
+    )  # the test session's fake devices
+    eigen = levers.lever_env(modes.LEVERS_FULL[1])
+    assert eigen["XLA_FLAGS"].split() == default["XLA_FLAGS"].split() + ["--xla_cpu_multi_thread_eigen=false"]
+
+
+def test_one_lever_pair_runs_two_fresh_workers():
+    mode = dataclasses.replace(modes.MODES["smoke"], lever_pairs=1)
+    ctx = modes.Context(mode, None, lambda msg: None, {})
+    result = levers.measure_lever(ctx, ("train_step", "resnet_tiny", 8), modes.YNNPACK_ON)
+    (pair,) = result["pairs"]
+    assert pair["order"] == ["default", "ynnpack_on"]
+    assert pair["default"]["xla_flags"] == result["xla_flags"]["default"]
+    assert pair["lever"]["xla_flags"] == result["xla_flags"]["lever"] != result["xla_flags"]["default"]
+    assert pair["lever_over_default"] == pair["lever"]["median_s"] / pair["default"]["median_s"]
+    assert result["median_lever_over_default"] == pair["lever_over_default"]
+
+
+def test_teacher_pass_worker_reports_its_samples():
+    got = lever_worker.measure("teacher_pass", "resnet_tiny", 4, 3)
+    assert len(got["samples_s"]) == 3
+    assert got["images_per_s"] == pytest.approx(4 / np.median(got["samples_s"]))
+
+
+HANGS = [sys.executable, "-c", "import time; time.sleep(600)"]
+# Answers the first request, then hangs: a peer stuck inside a step.
+HANGS_AFTER_HELLO = [
+    sys.executable,
+    "-c",
+    "import json, sys, time\n"
+    "sys.stdin.readline()\n"
+    "print(json.dumps({'torch': 'fake', 'threads': 1, 'env': {}, 'pid': 0}), flush=True)\n"
+    "time.sleep(600)\n",
+]
+
+
+def test_a_hanging_worker_is_killed_within_its_timeout_and_named():
+    worker = workers.LineWorker(HANGS, env=dict(os.environ), name="the PyTorch peer worker")
+    t0 = time.monotonic()
+    with pytest.raises(
+        workers.WorkerTimeout, match=r"train_step: the PyTorch peer worker did not answer 'time'"
+    ):
+        worker.request("time", timeout=2, section="train_step", key="train_step resnet8, batch 128")
+    assert time.monotonic() - t0 < 10
+    assert worker.proc.poll() is not None  # killed, not left running
+
+
+def test_a_peer_that_hangs_in_a_step_fails_the_section_within_its_timeout():
+    p = peer.Peer(1, timeout=2, start_timeout=60, command=HANGS_AFTER_HELLO)
+    t0 = time.monotonic()
+    with pytest.raises(workers.WorkerTimeout, match=r"epoch: .* 'train_step'"):
+        p.train_step("epoch", "resnet8", 64, teacher="resnet50")
+    assert time.monotonic() - t0 < 10
+    assert p.worker.proc.poll() is not None
+
+
+def test_a_one_shot_worker_past_its_timeout_is_killed_with_its_children():
+    marker = "bench-test-grandchild"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)", marker]
+    spawn = f"import subprocess, time; subprocess.Popen({sleeper!r});"
+    cmd = [sys.executable, "-c", spawn + " time.sleep(600)", marker]
+    t0 = time.monotonic()
+    with pytest.raises(
+        workers.WorkerTimeout, match=r"levers: the default worker .* did not finish within 2 s"
+    ):
+        workers.run_json(
+            cmd, env=dict(os.environ), timeout=2, section="levers", what="the default worker (x)"
+        )
+    assert time.monotonic() - t0 < 10
+    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, timeout=10).stdout.split()
+    assert alive == []
+
+
+@pytest.mark.peer
+def test_the_peer_worker_runs_torch_with_explicit_threads():
+    pytest.importorskip("torch")
+    p = peer.Peer(1, timeout=120)
+    try:
+        assert p.info["pid"] != os.getpid() and p.info["threads"] == 1
+        assert p.info["env"] == {"OMP_NUM_THREADS": "1", **peer.PEER_THREAD_ENV}
+        sampler = p.train_step("train_step", "resnet_tiny", 4)
+        seconds = timing.interleaved({"peer": sampler}, rounds=2, calls=1, warmup=1, settle=0)["peer"]
+        assert len(seconds) == 2
+    finally:
+        p.close()
+    assert p.worker.proc.poll() == 0  # it quit when asked
 
 
 def test_steps_use_the_models_conv_backward():
-    from debkd_jax import models
-
-    assert callable(models.conv_general_dilated_materialized)
-    assert not hasattr(bench, "conv_general_dilated_materialized")  # moved to models.py
-    default = bench.get_step("resnet_tiny", "CE", batch=8)
-    plain = bench.get_step("resnet_tiny", "CE", batch=8, conv_backward="xla")
+    default = steps.get_step("resnet_tiny", "CE", batch=8)
+    plain = steps.get_step("resnet_tiny", "CE", batch=8, conv_backward="xla")
     assert (default.conv_backward, plain.conv_backward) == ("materialized", "xla")
     assert default.spec.model.backbone.conv_backward == "materialized"
     assert plain.spec.model.backbone.conv_backward == "xla"
-    default()  # the step runs
+    before = int(default.state.step)
+    default()
+    assert int(default.state.step) == before + 1
+    steps.clear_steps()
 
 
 def test_closed_form_flops_count_every_conv_and_dense():
-    macs = bench.conv_dense_macs("resnet8")
+    macs = conv_dense_macs("resnet8")
     # stem 32*32*16*27, stage 1: 2 convs 32*32*16*144, stage 2: 16*16*32*(144 + 288) + proj 16*16*32*16,
     # stage 3: 8*8*64*(288 + 576) + proj 8*8*64*32, head 64*2.
     want = (
@@ -73,12 +270,29 @@ def test_closed_form_flops_count_every_conv_and_dense():
     )
     assert macs["forward"] == want
     assert macs["first_layer"] == 32 * 32 * 16 * 27
-    assert bench.training_flops_per_image(macs) == 2 * (3 * want - macs["first_layer"])
+    assert training_flops_per_image(macs) == 2 * (3 * want - macs["first_layer"])
 
 
 def test_unknown_section_is_a_usage_error(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
-        bench.main(["--smoke", "--only=nonsense"])
+        run.main(["--smoke", "--only=nonsense"])
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_a_peer_hang_ends_the_run_with_one_line_naming_the_section(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(
+        run, "start_peer", lambda mode, log: (peer.Peer(1, timeout=2, command=HANGS_AFTER_HELLO), None)
+    )
+    t0 = time.monotonic()
+    assert run.main(["--smoke", "--only=train_step", f"--out={tmp_path}"]) == 1
+    assert time.monotonic() - t0 < 120
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: train_step: the PyTorch peer worker did not answer 'train_step'")
+    assert not (tmp_path / "benchmarks.json").exists()
+
+
+def test_lever_options_narrow_the_mode():
+    mode = run.with_lever_options(modes.MODES["quick"], 8, "resnet8,resnet8x4")
+    assert mode.lever_pairs == 8
+    assert mode.lever_workloads == (("train_step", "resnet8", 128), ("teacher_pass", "resnet8x4", 256))
+    assert run.with_lever_options(modes.MODES["quick"], None, "") == modes.MODES["quick"]

@@ -25,8 +25,8 @@ def create_mesh(devices=None) -> Mesh:
 
 def resolve_conv_backward(setting: str, mesh: Mesh) -> str:
     """`config.conv_backward` for the models trained on `mesh`: "auto" is "materialized" when every device is
-    a CPU (the conv VJP through a fusion barrier, 1.15-1.24x faster there) and "xla" otherwise (on GPU/TPU the
-    barrier's `lax.cond` would cost a device-to-host sync). Gradients are the same either way."""
+    a CPU (the conv VJP through a fusion barrier, faster there: docs/performance.md) and "xla" otherwise (on
+    GPU/TPU the barrier's `lax.cond` would cost a device-to-host sync). Gradients are the same either way."""
     if setting not in models.CONV_BACKWARD_SETTINGS:
         raise UserError(f"conv_backward={setting!r} is not one of {models.CONV_BACKWARD_SETTINGS}.")
     if setting != "auto":

@@ -1,0 +1,66 @@
+"""BENCHMARKS.md from the results: a header, then each section's own `render`. Only measured figures."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.modes import SECTIONS
+
+
+def fmt(x, digits: int = 0) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}x"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def header(meta: dict) -> list[str]:
+    v = meta["versions"]
+    noisy = (
+        " -- a busy machine: absolute numbers are low and noisy; read the ratios, measured side by side."
+        if meta["noisy"]
+        else "."
+    )
+    peer = meta.get("peer") or {}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `{meta.get('command') or 'python -m benchmarks --' + meta['mode']}` on {meta['date']}. "
+        f"Machine: {meta['cpu']}, "
+        f"{meta['cpus']} CPU(s); jax {v['jax']}, flax {v['flax']}, "
+        f"torch {v.get('torch') or 'not used'}. Load average before/after: "
+        f"{meta['load_before']:.2f} / {meta['load_after']:.2f}{noisy}",
+        "",
+        f"XLA_FLAGS: `{meta['env']['XLA_FLAGS'] or '(none)'}`.",
+        "",
+        "Every figure below was measured in this run. Images/s are medians over rounds (best round in "
+        "brackets); ratios are medians of per-round ratios (> 1: the first is faster).",
+        "",
+    ]
+    if meta.get("peer_skipped"):
+        lines += [f"PyTorch peer rows skipped: {meta['peer_skipped']}.", ""]
+    elif peer:
+        settings = ", ".join(f"{k}={val}" for k, val in peer["env"].items() if val)
+        lines += [f"PyTorch peer: its own process, {peer['threads']} thread(s), {settings}.", ""]
+    return lines
+
+
+def render(results: dict) -> str:
+    lines = header(results["meta"])
+    for name in SECTIONS:
+        if name in results:
+            lines += importlib.import_module(f"benchmarks.{name}").render(results[name])
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Runs the chosen sections of one mode and writes BENCHMARKS.md and benchmarks.json."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+import benchmarks
+from benchmarks import peer as peer_lib
+from benchmarks import steps, timing, workers
+from benchmarks.modes import MODES, SECTIONS, Context, Mode
+from benchmarks.render import render
+
+NOISY_LOAD = 1.5
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions(peer) -> dict:
+    import flax
+    import jaxlib
+
+    v = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+    }
+    if peer is not None:
+        v["torch"] = peer.info["torch"]
+    return v
+
+
+def start_peer(mode: Mode, log):
+    """(the peer worker or None, why it is skipped or None)."""
+    reason = peer_lib.unavailable()
+    if reason:
+        return None, reason
+    threads = mode.peer_threads or os.cpu_count() or 1
+    log(f"peer: starting its worker process ({threads} thread(s))")
+    return peer_lib.Peer(threads, timeout=mode.peer_timeout_s), None
+
+
+def meta_of(mode: Mode, only: Sequence[str], peer, skipped) -> dict:
+    return {
+        "mode": mode.name,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": jax.device_count(),
+        "versions": versions(peer),
+        "peer_skipped": skipped,
+        "peer": None if peer is None else peer.info,
+        "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS")},
+        "load_before": os.getloadavg()[0],
+        "sections": list(only),
+    }
+
+
+def measure_sections(ctx: Context, only: Sequence[str]) -> None:
+    for name in SECTIONS:
+        if name in only:
+            ctx.results[name] = importlib.import_module(f"benchmarks.{name}").measure(ctx)
+
+
+def run(mode: Mode, out_dir: str, only: Sequence[str] = SECTIONS, log=print, command: str = "") -> dict:
+    needs_peer = {"train_step", "epoch", "memory", "inference"} & set(only)
+    peer, skipped = start_peer(mode, log) if needs_peer else (None, "no section that uses it")
+    results: dict[str, Any] = {"meta": meta_of(mode, only, peer, skipped), "notes": []}
+    results["meta"]["command"] = command or f"python -m benchmarks --{mode.name}"
+    t0 = time.perf_counter()
+    previous_opt, previous_settle = jax.config.values["jax_disable_most_optimizations"], timing.SETTLE_S
+    if mode.name == "smoke":  # seconds, not minutes: the smoke run checks the plumbing, not the speed
+        jax.config.update("jax_disable_most_optimizations", True)
+        timing.SETTLE_S = 0.0
+    try:
+        measure_sections(Context(mode, peer, log, results), only)
+    finally:
+        steps.clear_steps()
+        jax.config.update("jax_disable_most_optimizations", previous_opt)
+        timing.SETTLE_S = previous_settle
+        if peer is not None:
+            peer.close()
+    meta = results["meta"]
+    meta["load_after"] = os.getloadavg()[0]
+    meta["noisy"] = max(meta["load_before"], meta["load_after"]) > NOISY_LOAD
+    meta["seconds"] = time.perf_counter() - t0
+    if mode.name == "quick":
+        results["notes"].append(
+            "Quick mode: epochs are extrapolated from a few steps, the main job's memory is "
+            "that of the smoke config (`configs/debkd.py:smoke`), few rounds."
+        )
+    write(results, out_dir)
+    return results
+
+
+def write(results: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "benchmarks.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    with open(os.path.join(out_dir, "BENCHMARKS.md"), "w", encoding="utf-8") as f:
+        f.write(render(results) + "\n")
+
+
+def with_lever_options(mode: Mode, pairs: int | None, models: str) -> Mode:
+    if pairs is not None:
+        mode = dataclasses.replace(mode, lever_pairs=pairs)
+    if models:
+        chosen = {m.strip() for m in models.split(",")}
+        mode = dataclasses.replace(
+            mode, lever_workloads=tuple(w for w in mode.lever_workloads if w[1] in chosen)
+        )
+    return mode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=benchmarks.__doc__.split("\n\n")[0]
+    )
+    group = parser.add_mutually_exclusive_group()
+    for name in MODES:
+        group.add_argument(f"--{name}", dest="mode", action="store_const", const=name)
+    parser.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument(
+        "--lever-pairs", type=int, default=None, help="levers: pairs per setting and workload"
+    )
+    parser.add_argument("--lever-models", default="", help="levers: only the workloads of these models")
+    args = parser.parse_args(argv)
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+    mode = with_lever_options(MODES[args.mode or "quick"], args.lever_pairs, args.lever_models)
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    try:
+        results = run(
+            mode, args.out, only, log, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])])
+        )
+    except (workers.WorkerTimeout, workers.WorkerFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(render(results))
+    print(
+        f"\nwrote {os.path.join(args.out, 'BENCHMARKS.md')} and benchmarks.json "
+        f"({results['meta']['seconds']:.0f} s)",
+        file=sys.stderr,
+    )
+    return 0
