@@ -146,6 +146,15 @@ class _OneLineLibraryErrors(logging.Filter):
         return True
 
 
+def start(argv) -> None:
+    """What every absl command line does first: refuse positional arguments, quiet the libraries' logs."""
+    if len(argv) > 1:
+        fail(
+            f"unexpected arguments: {' '.join(argv[1:])} (flags: --config=..., --workdir=..., --config.X=V)."
+        )
+    quiet_libraries()
+
+
 def quiet_libraries() -> None:
     """absl at WARNING, and orbax's logged tracebacks of failed background writes as one line each."""
     from absl import logging as absl_logging

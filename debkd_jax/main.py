@@ -23,11 +23,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        cli.fail(
-            f"unexpected arguments: {' '.join(argv[1:])} (flags: --config=..., --workdir=..., --config.X=V)."
-        )
-    cli.quiet_libraries()
+    cli.start(argv)
     from debkd_jax import pipeline, report
 
     report.log_to_stderr()

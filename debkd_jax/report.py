@@ -270,6 +270,18 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def teacher_line(ax, results: dict) -> None:
+    """The teacher's test accuracy (%) as a dashed line, when the results have it."""
+    if results["teacher"].get("test"):
+        ax.axhline(
+            100 * results["teacher"]["test"]["accuracy"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"teacher ({results['teacher']['model']})",
+        )
+
+
 def plot_test_accuracy(results: dict, path: str) -> None:
     """Every seed's test accuracy per method (points) with the mean (a bar), the teacher as a line."""
     import matplotlib
@@ -284,14 +296,7 @@ def plot_test_accuracy(results: dict, path: str) -> None:
         offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
         ax.plot(i + np.asarray(offsets), values, "o", color="C0", alpha=0.7, markersize=5)
         ax.hlines(np.mean(values), i - 0.3, i + 0.3, color="C3", linewidth=2)
-    if results["teacher"]["test"]:
-        ax.axhline(
-            100 * results["teacher"]["test"]["accuracy"],
-            color="black",
-            linestyle="--",
-            linewidth=1,
-            label=f"teacher ({results['teacher']['model']})",
-        )
+    teacher_line(ax, results)
     ax.plot([], [], "o", color="C0", label="one seed")
     ax.plot([], [], color="C3", linewidth=2, label="mean over seeds")
     ax.set_xticks(range(len(names)))

@@ -323,13 +323,7 @@ def plot(results: dict, path: str) -> None:
                 linestyle="none",
                 label="chosen on validation",
             )
-    ax.axhline(
-        100 * results["teacher"]["test"]["accuracy"],
-        color="black",
-        linestyle="--",
-        linewidth=1,
-        label=f"teacher ({results['teacher']['model']})",
-    )
+    report.teacher_line(ax, results)
     ax.set_xticks(x)
     ax.set_xticklabels([r["label"] for r in rows])
     ax.set_xlabel(results["sweep"]["x_label"])
@@ -350,11 +344,7 @@ def plot(results: dict, path: str) -> None:
 def main(argv) -> int:
     from absl import flags
 
-    if len(argv) > 1:
-        cli.fail(
-            f"unexpected arguments: {' '.join(argv[1:])} (flags: --config=..., --workdir=..., --config.X=V)."
-        )
-    cli.quiet_libraries()
+    cli.start(argv)
     report.log_to_stderr()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     with cli.user_errors(workdir):
