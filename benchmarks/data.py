@@ -36,13 +36,7 @@ def _timed(fn):
 
 def global_batch(dataset, host_targets, idx, sharding) -> dict:
     """One batch exactly as `training.fit` builds it: images, labels and target rows sharded on 'data'."""
-    batch = data_lib.make_global_batch(
-        {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, sharding
-    )
-    batch["rows"] = jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(sharding, a[idx]), host_targets
-    )
-    return batch
+    return data_lib.gather_batch(dataset, host_targets, idx, sharding)
 
 
 def deliver_batches(

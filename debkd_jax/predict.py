@@ -25,11 +25,9 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from debkd_jax import cli, xla_cpu
+from debkd_jax import cli, export, xla_cpu
 from debkd_jax import data as data_lib
 from debkd_jax.errors import UserError
-
-EXPORT_FORMAT = "debkd_jax.export/1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +85,8 @@ def load(model_path: str) -> Deployed:
         ) from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the sidecar {side}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{side} is not a debkd_jax export sidecar (format {EXPORT_FORMAT!r} expected).")
+    if not isinstance(meta, dict) or meta.get("format") != export.FORMAT:
+        raise UserError(f"{side} is not a debkd_jax export sidecar (format {export.FORMAT!r} expected).")
     try:
         with open(path, "rb") as f:
             blob = f.read()

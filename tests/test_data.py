@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 import zipfile
 
 import jax
@@ -649,3 +650,26 @@ def test_make_global_batch_shards_batch_axis():
         for i, shard in enumerate(shards):
             assert shard.data.shape[0] == 2
             np.testing.assert_array_equal(np.asarray(shard.data), ref[2 * i: 2 * i + 2])
+
+
+def test_gather_batch_takes_the_same_rows_of_images_labels_and_targets():
+    from debkd_jax import targets as targets_lib
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    rng = np.random.default_rng(0)
+    n, k = 40, 3
+    dataset = types.SimpleNamespace(
+        train_images=rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+        train_labels=rng.integers(0, k, n).astype(np.int32),
+    )
+    logits = rng.normal(size=(n, k)).astype(np.float32)
+    rows = targets_lib.Targets(logits=logits, lo=logits * 0, hi=logits * 0 + 1, correct=np.arange(n) % 2 == 0)
+    idx = rng.permutation(n)[:16]
+    batch = data.gather_batch(dataset, rows, idx, sharding)
+    np.testing.assert_array_equal(np.asarray(batch["image"]), dataset.train_images[idx])
+    np.testing.assert_array_equal(np.asarray(batch["label"]), dataset.train_labels[idx])
+    assert isinstance(batch["rows"], targets_lib.Targets)
+    for got, full in zip(jax.tree.leaves(batch["rows"]), jax.tree.leaves(rows), strict=True):
+        assert got.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(got), full[idx])

@@ -4,10 +4,10 @@
     sources.py    digits, image folders, TFDS; decode_file for one image file
     cache.py      the decoded arrays as one .npz per source and preprocessing
     split.py      the per-class subset and the stratified, seeded split
-    batching.py   normalize, augment (jittable), batch_indices, make_global_batch
+    batching.py   normalize, augment (jittable), batch_indices, make_global_batch, gather_batch
 """
 
-from debkd_jax.data.batching import augment, batch_indices, make_global_batch, normalize
+from debkd_jax.data.batching import augment, batch_indices, gather_batch, make_global_batch, normalize
 from debkd_jax.data.dataset import Dataset, load_dataset
 from debkd_jax.data.sources import DIGITS_CLASS_NAMES, IMAGE_EXTENSIONS, SOURCE_FORMS, decode_file
 
@@ -20,6 +20,7 @@ __all__ = [
     "batch_indices",
     "decode_file",
     "load_dataset",
+    "gather_batch",
     "make_global_batch",
     "normalize",
 ]

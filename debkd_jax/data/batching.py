@@ -86,12 +86,18 @@ def batch_indices(
     return padded.reshape(num_batches, batch_size)
 
 
-def make_global_batch(
-    arrays: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
-) -> dict[str, jax.Array]:
-    """This process's rows (B_local, ...) -> global arrays (B_local * processes, ...) on `sharding`.
+def make_global_batch(arrays, sharding: jax.sharding.NamedSharding):
+    """This process's rows (B_local, ...) -> global arrays (B_local * processes, ...) on `sharding`, for every
+    leaf of the pytree `arrays`.
 
     With one process the local rows are the whole batch; B must divide over the batch mesh axis.
     """
-    make = jax.make_array_from_process_local_data
-    return {k: make(sharding, np.asarray(v)) for k, v in arrays.items()}
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), arrays)
+
+
+def gather_batch(dataset, targets, idx: np.ndarray, sharding: jax.sharding.NamedSharding) -> dict:
+    """The train step's batch for rows `idx` of this process: {'image', 'label', 'rows'} as global arrays on
+    `sharding` (`rows`: the same rows of the `targets` pytree, e.g. a `targets.Targets` of host arrays)."""
+    rows = jax.tree.map(lambda a: a[idx], targets)
+    local = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx], "rows": rows}
+    return make_global_batch(local, sharding)

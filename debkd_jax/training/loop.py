@@ -128,13 +128,7 @@ def fit(
                 unit="step",
             )
             for idx in steps:
-                batch = data_lib.make_global_batch(
-                    {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
-                )
-                batch["rows"] = jax.tree.map(
-                    lambda a, idx=idx: jax.make_array_from_process_local_data(batch_sharding, a[idx]),
-                    host_targets,
-                )
+                batch = data_lib.gather_batch(dataset, host_targets, idx, batch_sharding)
                 state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
             acc = jax.device_get(acc)
             if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:
