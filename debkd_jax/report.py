@@ -205,7 +205,7 @@ def _without_meta(results: dict) -> dict:
 def results_markdown(results: dict) -> str:
     """The whole report, generated from the results JSON alone."""
     d, t = results["dataset"], results["teacher"]
-    seeds = max((len(r["seeds"]) for r in results["methods"].values()), default=0)
+    seeds = max((len(r.get("seeds", [])) for r in results["methods"].values()), default=0)
     lines = [
         "# Results",
         "",
@@ -292,7 +292,9 @@ def plot_test_accuracy(results: dict, path: str) -> None:
     names = list(results["methods"])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(names) + 2), 4.0), dpi=120)
     for i, name in enumerate(names):
-        values = [100 * s["accuracy"] for s in results["methods"][name]["per_seed"]]
+        values = [100 * s["accuracy"] for s in results["methods"][name].get("per_seed", [])]
+        if not values:
+            continue
         offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
         ax.plot(i + np.asarray(offsets), values, "o", color="C0", alpha=0.7, markersize=5)
         ax.hlines(np.mean(values), i - 0.3, i + 0.3, color="C3", linewidth=2)

@@ -162,12 +162,39 @@ def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
 
 
+_IO_FAILURES = {
+    errno.ENOSPC: ("No space left on device", "RESOURCE_EXHAUSTED"),
+    errno.EACCES: ("Permission denied",),
+    errno.EROFS: ("Read-only file system",),
+    errno.EDQUOT: ("Disk quota exceeded",),
+}
+
+
+def write_error(error: Exception, where: str) -> Exception:
+    """Orbax reports a failed write as OSError or, from tensorstore, as ValueError('RESOURCE_EXHAUSTED: ... No
+    space left on device'): those become a `UserError` naming `where`; anything else is returned as is."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return disk_error(where, error)
+    text = str(error)
+    for code, needles in _IO_FAILURES.items():
+        if any(n in text for n in needles):
+            return disk_error(where, OSError(code, os.strerror(code)))
+    return error
+
+
 def save_variables(path: str, variables) -> None:
-    """Saves a variables pytree (params, batch_stats) with orbax, replacing an older save atomically."""
+    """Saves a variables pytree (params, batch_stats) with orbax, replacing an older save atomically. A full or
+    unwritable disk is a `UserError` (`write_error`)."""
     path = expand(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, jax.device_get(variables), force=True)
-        ckptr.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, jax.device_get(variables), force=True)
+            ckptr.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+        error = write_error(e, path)
+        if error is e:
+            raise
+        raise error from e
 
 
 def restore_variables(path: str):

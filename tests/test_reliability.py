@@ -263,12 +263,19 @@ def test_results_are_never_overwritten(tmp_path):
     report.write_results(str(tmp_path), _results(0.7))
     first = (tmp_path / "results.json").read_bytes()
     report.write_results(str(tmp_path), _results(0.7))  # identical: nothing moves
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "val_accuracy.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "results.json",
+        "results.md",
+        "test_accuracy.png",
+        "val_accuracy.png",
+    ]
     report.write_results(str(tmp_path), _results(0.8))  # different: the old files are kept with a timestamp
     report.write_results(str(tmp_path), _results(0.9))
     names = sorted(p.name for p in tmp_path.iterdir())
     kept = [n for n in names if n.startswith("results.") and n.endswith(".json") and n != "results.json"]
-    assert len(kept) == 2 and len([n for n in names if n.startswith("val_accuracy.")]) == 3, names
+    assert len(kept) == 2, names
+    assert len([n for n in names if n.startswith("val_accuracy.")]) == 3, names
+    assert len([n for n in names if n.startswith("test_accuracy.")]) == 3, names
     assert first in [(tmp_path / n).read_bytes() for n in kept]
     assert (
         json.loads((tmp_path / "results.json").read_text())["methods"]["KD"]["test"]["accuracy"]["mean"]

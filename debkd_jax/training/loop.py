@@ -7,7 +7,6 @@ The checkpoint manager keeps the newest checkpoint and the best one on validatio
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import time
@@ -232,22 +231,6 @@ def _wait_for_checkpoint(ckpt: ocp.CheckpointManager, run_dir: str) -> None:
         raise error from e
 
 
-_IO_FAILURES = {
-    errno.ENOSPC: ("No space left on device", "RESOURCE_EXHAUSTED"),
-    errno.EACCES: ("Permission denied",),
-    errno.EROFS: ("Read-only file system",),
-    errno.EDQUOT: ("Disk quota exceeded",),
-}
-
-
 def checkpoint_error(error: Exception, run_dir: str) -> Exception:
-    """Orbax reports a failed write as OSError or, from tensorstore, as ValueError('RESOURCE_EXHAUSTED: ... No
-    space left on device'): those become a `UserError` naming the folder; anything else is re-raised as is."""
-    where = os.path.join(run_dir, "checkpoints")
-    if isinstance(error, OSError) and error.errno is not None:
-        return workdir_lib.disk_error(where, error)
-    text = str(error)
-    for code, needles in _IO_FAILURES.items():
-        if any(n in text for n in needles):
-            return workdir_lib.disk_error(where, OSError(code, os.strerror(code)))
-    return error
+    """A failed checkpoint write of `run_dir` as a `UserError` naming its folder (`workdir_lib.write_error`)."""
+    return workdir_lib.write_error(error, os.path.join(run_dir, "checkpoints"))
