@@ -182,19 +182,25 @@ def write_error(error: Exception, where: str) -> Exception:
     return error
 
 
+@contextlib.contextmanager
+def user_write_errors(where: str):
+    """Inside the block, a failed write that `write_error` recognises is raised as its `UserError`."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as e:
+        error = write_error(e, where)
+        if error is e:
+            raise
+        raise error from e
+
+
 def save_variables(path: str, variables) -> None:
     """Saves a variables pytree (params, batch_stats) with orbax, replacing an older save atomically. A full or
     unwritable disk is a `UserError` (`write_error`)."""
     path = expand(path)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(path, jax.device_get(variables), force=True)
-            ckptr.wait_until_finished()
-    except (OSError, ValueError, RuntimeError) as e:
-        error = write_error(e, path)
-        if error is e:
-            raise
-        raise error from e
+    with user_write_errors(path), ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, jax.device_get(variables), force=True)
+        ckptr.wait_until_finished()
 
 
 def restore_variables(path: str):

@@ -198,12 +198,16 @@ def test_checkpoint_write_errors_become_user_errors(tmp_path):
     full = ValueError(
         'RESOURCE_EXHAUSTED: Error writing local file "x": No space left on device [os_error_code=28]'
     )
-    assert "disk is full" in str(training.checkpoint_error(full, str(tmp_path)))
+    assert "disk is full" in str(workdir_lib.write_error(full, str(tmp_path)))
     assert "not writable" in str(
-        training.checkpoint_error(PermissionError(errno.EACCES, "denied"), str(tmp_path))
+        workdir_lib.write_error(PermissionError(errno.EACCES, "denied"), str(tmp_path))
     )
     bug = ValueError("tree structure mismatch")
-    assert training.checkpoint_error(bug, str(tmp_path)) is bug
+    assert workdir_lib.write_error(bug, str(tmp_path)) is bug
+    with pytest.raises(UserError, match="disk is full"), workdir_lib.user_write_errors(str(tmp_path)):
+        raise full
+    with pytest.raises(ValueError, match="tree structure mismatch"), workdir_lib.user_write_errors("x"):
+        raise bug
 
 
 def test_second_job_on_a_workdir_is_refused_until_the_first_ends(tmp_path):

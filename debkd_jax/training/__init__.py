@@ -10,7 +10,7 @@ from debkd_jax.training.distributed import (
     sync_processes,
     wait_for_coordinator,
 )
-from debkd_jax.training.loop import FitResult, NonFiniteLoss, checkpoint_error, fit
+from debkd_jax.training.loop import FitResult, NonFiniteLoss, fit
 from debkd_jax.training.state import (
     TrainState,
     host_copy,
@@ -36,7 +36,6 @@ __all__ = [
     "Student",
     "TrainState",
     "build_step_spec",
-    "checkpoint_error",
     "create_mesh",
     "distributed_kwargs",
     "fit",

@@ -212,25 +212,10 @@ def fit(
 
 
 def _save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args, metrics: dict, run_dir: str) -> None:
-    try:
+    with workdir_lib.user_write_errors(os.path.join(run_dir, "checkpoints")):
         ckpt.save(step, args=args, metrics=metrics)
-    except (OSError, ValueError, RuntimeError) as e:
-        error = checkpoint_error(e, run_dir)
-        if error is e:
-            raise
-        raise error from e
 
 
 def _wait_for_checkpoint(ckpt: ocp.CheckpointManager, run_dir: str) -> None:
-    try:
+    with workdir_lib.user_write_errors(os.path.join(run_dir, "checkpoints")):
         ckpt.wait_until_finished()
-    except (OSError, ValueError, RuntimeError) as e:
-        error = checkpoint_error(e, run_dir)
-        if error is e:
-            raise
-        raise error from e
-
-
-def checkpoint_error(error: Exception, run_dir: str) -> Exception:
-    """A failed checkpoint write of `run_dir` as a `UserError` naming its folder (`workdir_lib.write_error`)."""
-    return workdir_lib.write_error(error, os.path.join(run_dir, "checkpoints"))
