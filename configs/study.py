@@ -11,13 +11,16 @@ chosen on validation; test metrics are reported with paired differences against 
     BTKD-swap     BTKD with swap rectification and the cos^2 schedule
     DeBKD+BTKD    DeBKD regions on BTKD-rectified logits
 
-The argument is `DATASET[,SCALE][,STUDENT][,smoke]`:
+The argument is `DATASET[,SCALE][,STUDENT][,foldsK][,smoke]`; `foldsK` (K >= 2) sets teacher.folds = K, the
+students' targets on the training images then come from K fold teachers (out-of-fold; docs/teachers.md):
 
     python -m debkd_jax.main --config=configs/study.py:dogs_vs_cats --workdir=runs/study/dogs_vs_cats
     python -m debkd_jax.main --config=configs/study.py:digits --workdir=runs/study/digits
     python -m debkd_jax.main --config=configs/study.py:digits10 --workdir=runs/study/digits10
     python -m debkd_jax.main --config=configs/study.py:dogs_vs_cats,paper,resnet18 --workdir=runs/paper-study
     python -m debkd_jax.main --config=configs/study.py:digits,smoke --workdir=/tmp/study   # a minute
+    python -m debkd_jax.main --config=configs/study.py:dogs_vs_cats,folds3 --workdir=runs/study/dogs_vs_cats_folds3 \
+        --config.teacher.checkpoint=runs/study/dogs_vs_cats/teacher   # optional: reuses the folds=1 study's teacher
 
 Any `--config.data.source=folder:PATH` (or `tfds:NAME`) replaces the dataset's source.
 
@@ -48,9 +51,11 @@ CPU_IMAGES_PER_CLASS = 2860
 
 def get_config(arg: str | None = None):
     tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    dataset, scale, student, smoke = "dogs_vs_cats", "cpu", "resnet8", False
+    dataset, scale, student, smoke, folds = "dogs_vs_cats", "cpu", "resnet8", False, 1
     for token in tokens:
-        if token in DATASETS:
+        if token.startswith("folds") and token[len("folds") :].isdigit() and int(token[len("folds") :]) >= 2:
+            folds = int(token[len("folds") :])
+        elif token in DATASETS:
             dataset = token
         elif token in SCALES:
             scale = token
@@ -60,8 +65,8 @@ def get_config(arg: str | None = None):
             smoke = True
         else:
             raise ValueError(
-                f"unknown config argument {token!r}: give DATASET[,SCALE][,STUDENT][,smoke] with DATASET one "
-                f"of {sorted(DATASETS)}, SCALE one of {SCALES}, STUDENT one of {STUDENTS}."
+                f"unknown config argument {token!r}: give DATASET[,SCALE][,STUDENT][,foldsK][,smoke] with DATASET "
+                f"one of {sorted(DATASETS)}, SCALE one of {SCALES}, STUDENT one of {STUDENTS}, K >= 2."
             )
     config = config_lib.base_config(METHODS)
     config.seeds = 3
@@ -77,6 +82,7 @@ def get_config(arg: str | None = None):
         config.teacher = config_lib.train_config("resnet50", num_epochs=100)
         config.student = config_lib.train_config(student, num_epochs=100)
     config.teacher.checkpoint = ""
+    config.teacher.folds = folds
     if smoke:
         config = config_lib.smoke(config)
         config.data.max_per_class = 40

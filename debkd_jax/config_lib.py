@@ -89,6 +89,10 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     # The variables (orbax folder or Flax msgpack) of a teacher network teacher.model that is not trained
     # here: a built-in model or any 'package.module:factory' (docs/teachers.md).
     config.teacher.variables = ""
+    # K > 1: each training image's teacher logits come from the one of K teachers, each trained on the other
+    # K - 1 folds, that did not see it (out-of-fold); val/test logits from the teacher trained on all of them.
+    # K + 1 teacher trainings in all (docs/teachers.md).
+    config.teacher.folds = 1
     config.student = train_config("resnet8", num_epochs=15)
 
     config.methods = ml_collections.ConfigDict({name: methods.preset(name) for name in method_names})
@@ -219,6 +223,7 @@ def validate_teacher_logits(config) -> None:
     given = [g for g in given if not g.endswith("=''")]
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} each name a teacher; keep one of them.")
+    validate_folds(config, given)
     if not path:
         return
     for name, mcfg in config.methods.items():
@@ -232,6 +237,33 @@ def validate_teacher_logits(config) -> None:
                 f"method {name!r} runs the teacher on every batch (online_targets=True), which "
                 f"teacher.logits={path!r} cannot do; set online_targets=False or use a teacher network."
             )
+
+
+def validate_folds(config, given_teachers: list[str]) -> None:
+    """`teacher.folds`: an integer >= 1; K > 1 trains the fold teachers here, so it needs a teacher network
+    trained here (or `teacher.checkpoint` for the one trained on all images) and targets built once."""
+    folds = config.teacher.get("folds", 1)
+    if not (_is_int(folds) and folds >= 1):
+        raise UserError(
+            f"teacher.folds={folds!r} must be an integer >= 1 (1: the teacher's own logits on its training "
+            "images; K > 1: out-of-fold logits from K teachers)."
+        )
+    if folds == 1:
+        return
+    for given in given_teachers:
+        if not given.startswith("teacher.checkpoint="):
+            raise UserError(
+                f"teacher.folds={folds} trains {folds} fold teachers here, which {given} cannot give; "
+                "drop one of them (a logits file can hold out-of-fold logits itself: docs/teachers.md)."
+            )
+    for name, mcfg in config.methods.items():
+        if mcfg.online_targets:
+            raise UserError(
+                f"method {name!r} builds targets from the teacher run on every batch (online_targets=True), "
+                f"which cannot be out-of-fold; set online_targets=False or teacher.folds=1."
+            )
+
+
 def validate_cluster(config) -> None:
     """Checks `config.cluster` (the multi-process settings), with one message per bad value."""
     cluster = config.get("cluster")

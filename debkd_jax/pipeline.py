@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -63,8 +65,11 @@ def _load_dataset(config, d) -> data_lib.Dataset:
     return dataset
 
 
-def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict]:
-    """Trains (or reloads) the teacher; returns its eval variables and its metadata."""
+def train_teacher(
+    config, dataset, run_dir: str, mesh: Mesh, fold: tuple[int, int] | None = None
+) -> tuple[dict, dict]:
+    """Trains (or reloads) the teacher; returns its eval variables and its metadata. `fold=(k, K)`: the
+    teacher of fold k of K (`dataset` then holds the other folds' training images; `out_of_fold_logits`)."""
     meta = {
         "model": config.teacher.model,
         "num_classes": dataset.num_classes,
@@ -73,6 +78,8 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
         "data": _fingerprint(dataset.train_images, dataset.train_labels),
         "dtype": config.dtype,
     }
+    if fold is not None:
+        meta["fold"] = {"index": fold[0], "of": fold[1], "train_images": len(dataset.train_labels)}
     final = os.path.join(run_dir, "final")
     source = workdir_lib.expand(config.teacher.checkpoint) if config.teacher.checkpoint else run_dir
     # teacher.checkpoint naming this run's own teacher folder means "train it here, or reuse it".
@@ -110,7 +117,7 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
     dummy = placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     started = time.perf_counter()
     result = training.fit(
-        name="teacher",
+        name="teacher" if fold is None else f"teacher of fold {fold[0] + 1}/{fold[1]}",
         spec=spec,
         train_cfg=config.teacher,
         dataset=dataset,
@@ -136,12 +143,12 @@ def train_teacher(config, dataset, run_dir: str, mesh: Mesh) -> tuple[dict, dict
 
 def _training_fields(train_cfg) -> dict:
     """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint)."""
-    skip = ("eval_batch_size", "checkpoint", "logits", "variables")
+    skip = ("eval_batch_size", "checkpoint", "logits", "variables", "folds")
     return {k: v for k, v in train_cfg.to_dict().items() if k not in skip}
 
 
 def teacher_identity(config, meta: dict) -> dict:
-    return {
+    identity = {
         "teacher": _training_fields(config.teacher),
         "seed": config.seed,
         "dtype": config.dtype,
@@ -150,6 +157,9 @@ def teacher_identity(config, meta: dict) -> dict:
         "class_names": meta["class_names"],
         "image_size": meta["image_size"],
     }
+    if "fold" in meta:
+        identity["fold"] = meta["fold"]
+    return identity
 
 
 def student_identity(
@@ -257,27 +267,151 @@ def teacher_logits(
     key = _fingerprint(
         *jax.tree.leaves(jax.tree.map(np.asarray, teacher_vars)), dataset.train_images, dataset.test_images
     )
-    path = os.path.join(teacher_dir, "logits.npz")
+    images = {split: getattr(dataset, f"{split}_images") for split in ("train", "val", "test")}
+    return cached_logits(
+        config,
+        teacher_vars,
+        meta["model"],
+        dataset.num_classes,
+        images,
+        os.path.join(teacher_dir, "logits.npz"),
+        key,
+        mesh,
+        "teacher logits",
+    )
+
+
+def cached_logits(
+    config,
+    variables,
+    model_name: str,
+    num_classes: int,
+    images: dict,
+    path: str,
+    key: str,
+    mesh: Mesh,
+    label: str,
+) -> dict[str, np.ndarray]:
+    """`{name: model_name's eval-mode logits (N, k) on images[name]}`, read from the .npz at `path` when its
+    `key` matches, else computed (with a progress bar `label (name)`) and written there."""
     cached = workdir_lib.read_npz(path)
-    splits = ("train", "val", "test")
-    if cached is not None and str(cached.get("key")) == key and all(s in cached for s in splits):
-        return {s: cached[s] for s in splits}
-    model = models.get_model(meta["model"], dataset.num_classes, config.dtype)
+    if cached is not None and str(cached.get("key")) == key and all(n in cached for n in images):
+        return {n: cached[n] for n in images}
+    model = models.get_model(model_name, num_classes, config.dtype)
     predict = training.make_predict_fn(model, jnp.dtype(config.dtype))
     out = {
-        split: training.predict_logits(
+        name: training.predict_logits(
             predict,
-            teacher_vars,
-            getattr(dataset, f"{split}_images"),
+            variables,
+            x,
             config.teacher.eval_batch_size,
             mesh,
-            progress=f"teacher logits ({split})" if config.progress else None,
+            progress=f"{label} ({name})" if config.progress else None,
         )
-        for split in ("train", "val", "test")
+        for name, x in images.items()
     }
     if jax.process_index() == 0:
         workdir_lib.write_npz(path, key=np.asarray(key), **out)
     return out
+
+
+def check_folds(config, dataset) -> None:
+    """`teacher.folds = K` needs each class's training images spread over K folds: `UserError` when a class
+    has fewer than K (checked before anything is written)."""
+    k = config.teacher.get("folds", 1)
+    counts = np.bincount(dataset.train_labels, minlength=dataset.num_classes)
+    if k > 1 and k > counts.min():
+        smallest = int(np.argmin(counts))
+        raise UserError(
+            f"teacher.folds={k} is more than the {counts[smallest]} training images of class "
+            f"{dataset.class_names[smallest]!r}: every fold needs each class; use teacher.folds <= "
+            f"{counts[smallest]}."
+        )
+
+
+def out_of_fold_logits(config, dataset, teacher_dir: str, mesh: Mesh) -> tuple[np.ndarray, dict]:
+    """`teacher.folds = K > 1`: (each training image's logits (N, k) from the teacher of its fold, which was
+    trained on the other K - 1 folds and never saw it; what was done).
+
+    The folds are `data.stratified_folds(train labels, K, config.seed)`. Teacher k trains (or is reused, or
+    resumes) in `teacher_dir/folds-K/fold-k`, with the teacher config and checkpoint selection on the
+    validation split; `folds-K/out_of_fold.npz` records every image's id, fold and logits.
+    """
+    num_folds = config.teacher.folds
+    folds = data_lib.stratified_folds(dataset.train_labels, num_folds, config.seed)
+    root = os.path.join(teacher_dir, f"folds-{num_folds}")
+    fold_config = copy.deepcopy(config)
+    fold_config.teacher.checkpoint = ""  # fold teachers always train here
+    logits = np.zeros((len(folds), dataset.num_classes), np.float32)
+    done = []
+    log.info(
+        "teacher: %d folds, so %d fold teachers (each on %d-%d training images) besides the teacher trained on all "
+        "%d: %d teacher trainings in all",
+        num_folds,
+        num_folds,
+        len(folds) - np.bincount(folds).max(),
+        len(folds) - np.bincount(folds).min(),
+        len(folds),
+        num_folds + 1,
+    )
+    for k in range(num_folds):
+        held = folds == k
+        kept = ~held
+        subset = dataclasses.replace(
+            dataset,
+            train_images=dataset.train_images[kept],
+            train_labels=dataset.train_labels[kept],
+            train_ids=None if dataset.train_ids is None else dataset.train_ids[kept],
+        )
+        run_dir = os.path.join(root, f"fold-{k}")
+        variables, meta = train_teacher(fold_config, subset, run_dir, mesh, fold=(k, num_folds))
+        heldout = dataset.train_images[held]
+        key = _fingerprint(*jax.tree.leaves(jax.tree.map(np.asarray, variables)), heldout)
+        logits[held] = cached_logits(
+            config,
+            variables,
+            meta["model"],
+            dataset.num_classes,
+            {"heldout": heldout},
+            os.path.join(run_dir, "heldout_logits.npz"),
+            key,
+            mesh,
+            f"teacher of fold {k + 1}/{num_folds}",
+        )["heldout"]
+        done.append(
+            {
+                "fold": k,
+                "train_images": int(kept.sum()),
+                "heldout_images": int(held.sum()),
+                "heldout_accuracy": float(np.mean(np.argmax(logits[held], -1) == dataset.train_labels[held])),
+                "best_epoch": meta.get("best_epoch"),
+                "wall_seconds": meta.get("wall_seconds"),
+            }
+        )
+    if jax.process_index() == 0:
+        record = {"fold": folds, "logits": logits, "labels": dataset.train_labels}
+        if dataset.train_ids is not None:
+            record["ids"] = dataset.train_ids
+        workdir_lib.write_npz(os.path.join(root, "out_of_fold.npz"), **record)
+    return logits, {
+        "folds": num_folds,
+        "seed": config.seed,
+        "teacher_trainings": num_folds + 1,
+        "fold_teachers": done,
+    }
+
+
+def with_out_of_fold_logits(
+    config, dataset, t_logits: dict, teacher_meta: dict, teacher_dir: str, mesh: Mesh
+):
+    """(t_logits, teacher_meta) as they are for `teacher.folds = 1`; for K > 1 the training split's logits
+    replaced by `out_of_fold_logits`, and `teacher_meta["out_of_fold"]` saying what was done (with the
+    teacher's own training accuracy, `train_accuracy_own`)."""
+    if config.teacher.get("folds", 1) == 1:
+        return t_logits, teacher_meta
+    logits, info = out_of_fold_logits(config, dataset, teacher_dir, mesh)
+    info["train_accuracy_own"] = float(np.mean(np.argmax(t_logits["train"], -1) == dataset.train_labels))
+    return {**t_logits, "train": logits}, {**teacher_meta, "out_of_fold": info}
 
 
 def train_student(
@@ -486,6 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
         from_file = bool(config.teacher.get("logits", ""))
         given_vars = bool(config.teacher.get("variables", ""))
         check_models(config, dataset, with_teacher=not from_file)
+        check_folds(config, dataset)
         # A teacher from elsewhere is checked before anything is written.
         if from_file:
             t_logits, teacher_meta = teacher_from_logits_file(config, dataset)
@@ -515,6 +650,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             if not given_vars:
                 teacher_vars, teacher_meta = train_teacher(config, dataset, teacher_dir, mesh)
             t_logits = teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
+            t_logits, teacher_meta = with_out_of_fold_logits(
+                config, dataset, t_logits, teacher_meta, teacher_dir, mesh
+            )
         teacher_test = None  # a logits file without the test split: the teacher's row says so
         if t_logits["test"] is not None:
             teacher_test = metrics.classification_metrics(

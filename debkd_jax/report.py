@@ -145,6 +145,7 @@ def summarize(
             "val_accuracy": [e["val_accuracy"] for e in teacher_meta.get("history", [])],
             "accuracy": diagnostics.get("teacher_accuracy"),
             "wall_seconds": teacher_meta.get("wall_seconds"),
+            "out_of_fold": teacher_meta.get("out_of_fold"),
         },
         "student_model": config.student.model,
         "student_epochs": config.student.num_epochs,
@@ -224,6 +225,8 @@ def results_markdown(results: dict) -> str:
             f"Teacher accuracy: train {shown['train']}, validation {shown['val']}, test {shown['test']}. Its "
             "mistakes on the training set are what knowledge infusion and rectification change.",
         ]
+    if t.get("out_of_fold"):
+        lines += ["", out_of_fold_paragraph(t["out_of_fold"])]
     for ref, diffs in results.get("paired", {}).items():
         if not diffs:
             continue
@@ -440,6 +443,23 @@ def paired_table(diffs: dict) -> str:
             [name, _pp(d["mean"]), ci, f"{d['wins']} of {d['n']}", " ".join(_pp(x) for x in d["per_seed"])]
         )
     return markdown_table(["method", "mean (pp)", "95% CI (pp)", "better in", "per seed (pp)"], rows)
+
+
+def out_of_fold_paragraph(info: dict) -> str:
+    """What `teacher.folds = K > 1` did (`pipeline.out_of_fold_logits`), for the report."""
+    k = info["folds"]
+    folds = info["fold_teachers"]
+    minutes = sum(f.get("wall_seconds") or 0.0 for f in folds) / 60
+    per_fold = ", ".join(f"{100 * f['heldout_accuracy']:.2f}% on its {f['heldout_images']}" for f in folds)
+    return (
+        f"Out-of-fold targets (teacher.folds={k}): the training images were split into {k} stratified folds "
+        f"(seed {info['seed']}); each image's teacher logits come from the teacher trained on the other "
+        f"{k - 1} folds, which never saw it. The train accuracy above is of these logits; the teacher trained "
+        f"on all training images (the validation and test logits, and the teacher row) is right on "
+        f"{100 * info['train_accuracy_own']:.2f}% of them. Fold teachers on their held-out images: {per_fold}. "
+        f"Cost: {info['teacher_trainings']} teacher trainings instead of 1 (the fold teachers' training "
+        f"time {minutes:.1f} min)."
+    )
 
 
 def targets_table(results: dict) -> str:

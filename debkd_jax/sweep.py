@@ -151,6 +151,8 @@ def point_key(config, point: Point, seed: int, teacher_meta: dict) -> str:
         "split_seed": config.seed,
         "teacher": {k: teacher_meta.get(k) for k in ("model", "data", "num_classes", "image_size")},
     }
+    if "out_of_fold" in teacher_meta:
+        payload["teacher_folds"] = teacher_meta["out_of_fold"]["folds"]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
 
@@ -182,6 +184,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         mesh = training.create_mesh()
         dataset = pipeline.load_data(config)
+        pipeline.check_folds(config, dataset)
         if dataset.skipped and writer:
             report.write_skipped_csv(dataset.skipped, os.path.join(sweep_dir, "skipped_files.csv"))
         log.info(
@@ -197,6 +200,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
         teacher_dir = os.path.join(workdir, "teacher")
         teacher_vars, teacher_meta = pipeline.train_teacher(config, dataset, teacher_dir, mesh)
         t_logits = pipeline.teacher_logits(config, teacher_vars, teacher_meta, dataset, teacher_dir, mesh)
+        t_logits, teacher_meta = pipeline.with_out_of_fold_logits(
+            config, dataset, t_logits, teacher_meta, teacher_dir, mesh
+        )
         teacher_test = metrics.classification_metrics(
             t_logits["test"], dataset.test_labels, num_classes=dataset.num_classes
         )

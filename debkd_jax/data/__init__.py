@@ -3,13 +3,14 @@
     dataset.py    Dataset, load_dataset: decode (or read the cache), then split by seed
     sources.py    digits, image folders, TFDS; decode_file for one image file
     cache.py      the decoded arrays as one .npz per source and preprocessing
-    split.py      the per-class subset and the stratified, seeded split
+    split.py      the per-class subset, the stratified, seeded split, stratified_folds of the training set
     batching.py   normalize, augment (jittable), batch_indices, make_global_batch, gather_batch
 """
 
 from debkd_jax.data.batching import augment, batch_indices, gather_batch, make_global_batch, normalize
 from debkd_jax.data.dataset import Dataset, load_dataset
 from debkd_jax.data.sources import DIGITS_CLASS_NAMES, IMAGE_EXTENSIONS, SOURCE_FORMS, decode_file
+from debkd_jax.data.split import stratified_folds
 
 __all__ = [
     "DIGITS_CLASS_NAMES",
@@ -23,4 +24,5 @@ __all__ = [
     "gather_batch",
     "make_global_batch",
     "normalize",
+    "stratified_folds",
 ]

@@ -1,4 +1,5 @@
-"""The stratified, seeded train/val/test split, and the fixed per-class subset taken before it.
+"""The stratified, seeded train/val/test split, the fixed per-class subset taken before it, and the
+stratified folds of the training set for out-of-fold teacher logits.
 
 Per class of n examples: n_val = max(1, round_half_up(n * f_val)), n_test likewise, trimmed until train
 keeps at least one; the rest is train.
@@ -10,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 SUBSET_SEED = 0
 """Seed of the `max_per_class` subset, fixed so the subset does not move with the split's seed."""
@@ -89,3 +91,20 @@ def split_indices(labels: np.ndarray, fractions, seed: int, test_mask=None):
     if test_mask is not None:
         parts[2].append(np.flatnonzero(test_mask))
     return tuple(rng.permutation(np.concatenate(p)).astype(np.int64) for p in parts)
+
+
+def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
+    """Each example's fold, int64 (N,) in [0, num_folds): seeded and stratified (scikit-learn's shuffled
+    `StratifiedKFold`), so each fold holds about 1/num_folds of every class. ValueError unless
+    2 <= num_folds <= the smallest class's count."""
+    labels = np.asarray(labels)
+    counts = np.unique(labels, return_counts=True)[1]
+    if not 2 <= num_folds <= counts.min():
+        raise ValueError(
+            f"num_folds={num_folds} must be in [2, {counts.min()}] (the smallest class's count) for these labels"
+        )
+    folds = np.empty(len(labels), np.int64)
+    splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    for k, (_, heldout) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        folds[heldout] = k
+    return folds
