@@ -518,6 +518,152 @@ def headline_table(studies: dict[str, dict], method: str = "DeBKD") -> str:
     return markdown_table(header, rows)
 
 
+def compare_results(base: dict, other: dict, labels: tuple[str, str]) -> dict:
+    """Two runs of the same data and seeds, side by side per method they share (e.g. teacher.folds = 1 and
+    K): each one's test accuracy, the paired difference `other - base` over the seeds, and each one's
+    target diagnostics. `UserError` when the two are not paired (other data or other seeds)."""
+    if base["dataset"] != other["dataset"]:
+        raise UserError(
+            f"{labels[0]} and {labels[1]} were run on other data ({base['dataset']['source']}, sizes "
+            f"{base['dataset']['sizes']} vs {other['dataset']['source']}, {other['dataset']['sizes']}); "
+            "compare runs of one dataset and split."
+        )
+    rows = {}
+    for name, a in base["methods"].items():
+        b = other["methods"].get(name)
+        if b is None:
+            continue
+        if a["seeds"] != b["seeds"]:
+            raise UserError(
+                f"{name}: {labels[0]} has seeds {a['seeds']} and {labels[1]} {b['seeds']}; paired "
+                "differences need the same seeds."
+            )
+        rows[name] = {
+            "seeds": a["seeds"],
+            "accuracy": [a["test"]["accuracy"], b["test"]["accuracy"]],
+            "per_seed": [[s["accuracy"] for s in a["per_seed"]], [s["accuracy"] for s in b["per_seed"]]],
+            "paired": metrics.paired_difference(
+                [s["accuracy"] for s in b["per_seed"]], [s["accuracy"] for s in a["per_seed"]]
+            ),
+            "targets": [a.get("targets"), b.get("targets")],
+        }
+    if not rows:
+        raise UserError(f"{labels[0]} and {labels[1]} have no method in common.")
+    return {
+        "labels": list(labels),
+        "dataset": base["dataset"],
+        "teacher": [base["teacher"], other["teacher"]],
+        "methods": rows,
+    }
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """The report of `compare_results`, from its JSON alone."""
+    a, b = comparison["labels"]
+    rows = []
+    for name, row in comparison["methods"].items():
+        d = row["paired"]
+        ci = "" if d["ci"] is None else f"{_pp(d['ci'][0])} to {_pp(d['ci'][1])}"
+        wrong = ["" if t is None else f"{100 * t['targets_wrong']:.2f}" for t in row["targets"]]
+        rows.append(
+            [
+                name,
+                stat_cell(row["accuracy"][0]),
+                stat_cell(row["accuracy"][1]),
+                _pp(d["mean"]),
+                ci,
+                f"{d['wins']} of {d['n']}",
+                *wrong,
+            ]
+        )
+    header = [
+        "method",
+        f"{a}: test acc.",
+        f"{b}: test acc.",
+        f"{b} − {a} (pp)",
+        "95% CI (pp)",
+        f"{b} better in",
+        f"{a}: targets wrong on train (%)",
+        f"{b}: targets wrong on train (%)",
+    ]
+    teacher_lines = []
+    for label, t in zip(comparison["labels"], comparison["teacher"], strict=True):
+        acc = t.get("accuracy") or {}
+        line = f"- {label}: teacher {t['model']}, test {stat_cell(t['test']['accuracy']) if t.get('test') else '?'}"
+        if acc.get("train") is not None:
+            line += (
+                f"; the students' training logits are right on {100 * acc['train']:.2f}% of training images"
+            )
+        oof = t.get("out_of_fold")
+        if oof:
+            line += (
+                f" (out-of-fold from {oof['folds']} fold teachers; the teacher's own: "
+                f"{100 * oof['train_accuracy_own']:.2f}%); {oof['teacher_trainings']} teacher trainings"
+            )
+        teacher_lines.append(line + ".")
+    d = comparison["dataset"]
+    lines = [
+        f"# {b} against {a}",
+        "",
+        f"Data: `{d['source']}`, train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}. "
+        "Test accuracy in % (mean ± std over seeds; checkpoints chosen on validation). The paired difference "
+        f"is per seed ({b} minus {a}, same seed: same initialization and data order), with Student's t "
+        "interval. Targets wrong: the share of training images whose targets (the teacher's logits after the "
+        "method's transforms) do not put the label first; de-biasing can only act where this is above 0.",
+        "",
+        *teacher_lines,
+        "",
+        markdown_table(header, rows),
+        "",
+        *[f"- {name}: {verdict(b, a, row['paired'])}" for name, row in comparison["methods"].items()],
+        "",
+        "![per seed](comparison.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(comparison: dict, path: str) -> None:
+    """Per method, each seed's test accuracy in the two runs joined by a line (paired by seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(comparison["methods"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4.0), dpi=120)
+    for i, name in enumerate(names):
+        before, after = (100 * np.asarray(v) for v in comparison["methods"][name]["per_seed"])
+        for x0, x1 in zip(before, after, strict=True):
+            ax.plot([i - 0.18, i + 0.18], [x0, x1], color="C3" if x1 > x0 else "C0", alpha=0.6)
+        ax.plot(np.full(len(before), i - 0.18), before, "o", color="grey", markersize=4)
+        ax.plot(np.full(len(after), i + 0.18), after, "s", color="black", markersize=4)
+    a, b = comparison["labels"]
+    ax.plot([], [], "o", color="grey", label=a)
+    ax.plot([], [], "s", color="black", label=b)
+    ax.plot([], [], color="C3", label=f"{b} higher")
+    ax.plot([], [], color="C0", label=f"{b} not higher")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{b} against {a}: each seed, paired", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def write_comparison(out_dir: str, comparison: dict) -> list[str]:
+    """`comparison.json`, `comparison.md` and `comparison.png` in `out_dir` (an older, different comparison
+    there is kept aside). Returns the paths."""
+    write_report(
+        out_dir,
+        "comparison",
+        comparison,
+        comparison_markdown(comparison),
+        {"comparison.png": plot_comparison},
+    )
+    return [os.path.join(out_dir, f) for f in ("comparison.json", "comparison.md", "comparison.png")]
+
+
 def render(json_path: str) -> list[str]:
     """Regenerates the Markdown report and the plots beside a main job's `results.json` from that file alone
     (they are derived from it, so they are rewritten). Returns the paths written."""

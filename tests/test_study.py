@@ -1,6 +1,7 @@
 """The evidence study's report end to end on a smoke study (tiny models, the embedded digits): every section
 is present and agrees with the JSON and with the students' own result files."""
 
+import copy
 import json
 import math
 import pathlib
@@ -8,7 +9,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from debkd_jax import config_lib, metrics, pipeline, report, workdir_lib
+from debkd_jax import config_lib, metrics, pipeline, render, report, workdir_lib
+from debkd_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -135,3 +137,67 @@ def test_headline_row_agrees_with_the_json(study):
     rows = results["methods"]
     best = max(rows, key=lambda m: rows[m]["test"]["accuracy"]["mean"])
     assert table[2].endswith(f"| {best} ({report.stat_cell(rows[best]['test']['accuracy'])}) |")
+
+
+def _shifted(results: dict, shifts: dict) -> dict:
+    """A copy of `results` with each per-seed test accuracy of a method moved by `shifts[method]`."""
+    other = copy.deepcopy(results)
+    for name, row in other["methods"].items():
+        for per_seed, shift in zip(
+            row["per_seed"], shifts.get(name, [0.0] * len(row["per_seed"])), strict=True
+        ):
+            per_seed["accuracy"] += shift
+        row["test"] = metrics.mean_std(row["per_seed"])
+    return other
+
+
+def test_comparison_pairs_the_seeds_of_two_runs(study, tmp_path):
+    _, workdir, results = study
+    other = _shifted(results, {"DeBKD": [0.02, 0.04], "KD": [-0.01, 0.01]})
+    del other["methods"]["DKD"]  # only the methods both runs have are compared
+    comparison = report.compare_results(results, other, ("folds=1", "folds=3"))
+    assert list(comparison["methods"]) == ["CE", "KD", "DeBKD"]
+    for name, row in comparison["methods"].items():
+        before = [s["accuracy"] for s in results["methods"][name]["per_seed"]]
+        after = [s["accuracy"] for s in other["methods"][name]["per_seed"]]
+        assert row["paired"] == metrics.paired_difference(after, before)
+        assert row["per_seed"] == [before, after]
+    assert comparison["methods"]["DeBKD"]["paired"]["mean"] == pytest.approx(0.03)
+    assert comparison["methods"]["DeBKD"]["paired"]["wins"] == 2
+
+    # The CLI writes the report from the two JSON files alone; its table has one row per method.
+    (tmp_path / "b").mkdir()
+    workdir_lib.write_json(str(tmp_path / "b" / "results.json"), other)
+    assert (
+        render.main(
+            [
+                "--compare",
+                str(tmp_path / "out"),
+                "--labels=folds=1,folds=3",
+                str(workdir / "results.json"),
+                str(tmp_path / "b" / "results.json"),
+            ]
+        )
+        == 0
+    )
+    saved = workdir_lib.read_json(str(tmp_path / "out" / "comparison.json"))
+    assert saved == workdir_lib.jsonable(comparison)
+    table = [
+        line
+        for line in (tmp_path / "out" / "comparison.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == ["CE", "KD", "DeBKD"]
+    assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_comparison_refuses_runs_that_are_not_paired(study):
+    _, _, results = study
+    other = copy.deepcopy(results)
+    other["methods"]["KD"]["seeds"] = [5, 6]
+    with pytest.raises(UserError, match="same seeds"):
+        report.compare_results(results, other, ("a", "b"))
+    other = copy.deepcopy(results)
+    other["dataset"]["sizes"]["train"] += 1
+    with pytest.raises(UserError, match="other data"):
+        report.compare_results(results, other, ("a", "b"))
