@@ -155,10 +155,35 @@ def test_point_key_changes_with_what_decides_the_result():
     assert sweep.point_key(config, point, 0, meta) == key
     config.student.num_epochs += 1
     assert sweep.point_key(config, point, 0, meta) != key
+    # Out-of-fold targets (teacher.folds = K > 1) are other targets: another key for each K.
+    with_folds = [sweep.point_key(config, point, 0, {**meta, "out_of_fold": {"folds": k}}) for k in (2, 3)]
+    assert len({sweep.point_key(config, point, 0, meta), *with_folds}) == 3
+
+
+@pytest.mark.timeout(300)
+def test_sweep_with_out_of_fold_targets(tmp_path):
+    """teacher.folds=2 in a sweep: the fold teachers train once, and every point learns from their logits."""
+    config = _tiny_sweep_config()
+    config.teacher.folds = 2
+    workdir = tmp_path / "run"
+    results = sweep.run_sweep(config, str(workdir))
+    oof = np.load(workdir / "teacher" / "folds-2" / "out_of_fold.npz")
+    assert sorted(np.unique(oof["fold"])) == [0, 1]
+    assert all((workdir / "teacher" / "folds-2" / f"fold-{k}" / "teacher.json").exists() for k in (0, 1))
+    assert len(results["points"]) == 2
+    # Each point's folder is keyed to the out-of-fold targets (another folder than with folds=1).
+    teacher = json.loads((workdir / "teacher" / "teacher.json").read_text())
+    expected = {
+        f"{p.slug}-seed0-{sweep.point_key(config, p, 0, {**teacher, 'out_of_fold': {'folds': 2}})}"
+        for p in sweep.sweep_points(config)
+    }
+    assert {r.name for r in (workdir / "sweeps" / "regions-resnet_tiny").iterdir() if r.is_dir()} == expected
 
 
 def _tiny_sweep_config():
-    config = config_lib.load_config_file(str(REPO / "configs" / "sweep_regions.py")).get_config("digits,smoke")
+    config = config_lib.load_config_file(str(REPO / "configs" / "sweep_regions.py")).get_config(
+        "digits,smoke"
+    )
     for path, value in OVERRIDES.items():
         *parts, field = path.split(".")
         node = config
