@@ -304,13 +304,18 @@ def plot_test_accuracy(results: dict, path: str) -> None:
     teacher_line(ax, results)
     ax.plot([], [], "o", color="C0", label="one seed")
     ax.plot([], [], color="C3", linewidth=2, label="mean over seeds")
+    finish_method_axes(ax, names, f"{results['student_model']} students on {results['dataset']['source']}")
+    save_figure(fig, path)
+
+
+def finish_method_axes(ax, names: Sequence[str], title: str) -> None:
+    """Method names under the x ticks, test accuracy (%) on y, the title, grid and legend."""
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{results['student_model']} students on {results['dataset']['source']}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 def plot_val_accuracy(results: dict, path: str) -> None:
@@ -642,12 +647,7 @@ def plot_comparison(comparison: dict, path: str) -> None:
     ax.plot([], [], "s", color="black", label=b)
     ax.plot([], [], color="C3", label=f"{b} higher")
     ax.plot([], [], color="C0", label=f"{b} not higher")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{b} against {a}: each seed, paired", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    finish_method_axes(ax, names, f"{b} against {a}: each seed, paired")
     save_figure(fig, path)
 
 

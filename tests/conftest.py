@@ -86,3 +86,13 @@ def dogs_vs_cats_dir():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """XLA's optimisations off for a module's compiles (seconds instead of tens of seconds on 2 cores); a
+    module opts in with `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

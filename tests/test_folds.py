@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -56,12 +55,7 @@ RECORDING_DRIVER = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

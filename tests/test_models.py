@@ -79,13 +79,7 @@ def abstract_variables(model, batch=2, hw=32):
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-    """Random-number init and small convs compile several times faster without XLA's optimizations."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def images(batch=4, hw=32, seed=0):

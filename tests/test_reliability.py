@@ -30,12 +30,7 @@ from debkd_jax.errors import UserError
 TEACHER_SMOKE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "teacher.py") + ":smoke"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-    """XLA's optimisations off for this module's compiles (seconds instead of tens of seconds on 2 cores)."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def load_config_module(path: pathlib.Path):
