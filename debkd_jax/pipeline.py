@@ -604,7 +604,8 @@ def run_meta(command: str | None, runs: list[dict], teacher_meta: dict) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str | None = None) -> dict:
     """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results.
 
-    Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz),
+    Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz; with
+    `teacher.folds = K > 1` also folds-K/: the fold teachers and out_of_fold.npz),
     students/<method>-seed<s>/ (checkpoints, final model, run.json, metrics.jsonl, TensorBoard events,
     result.json), results.json, results.md, val_accuracy.png, and skipped_files.csv when images were
     unreadable. Re-running the same command resumes an interrupted run and reuses finished parts; see
