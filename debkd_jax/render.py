@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from debkd_jax import cli, report, workdir_lib
+from debkd_jax import cli, report
 from debkd_jax.errors import UserError
 
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(
                     f"--compare takes two results.json (base, then other), got {len(args.results)}."
                 )
-            runs = [_read_results(path) for path in args.results]
+            runs = [report.read_results(path) for path in args.results]
             labels = tuple(os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.results)
             if args.labels:
                 labels = tuple(label.strip() for label in args.labels.split(","))
@@ -58,19 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.headline:
             studies = {}
             for path in args.results:
-                studies[os.path.basename(os.path.dirname(os.path.abspath(path)))] = _read_results(path)
+                studies[os.path.basename(os.path.dirname(os.path.abspath(path)))] = report.read_results(path)
             print(report.headline_table(studies))
             return 0
         for path in args.results:
             print("wrote " + ", ".join(report.render(path)))
     return 0
-
-
-def _read_results(path: str) -> dict:
-    results = workdir_lib.read_json(path)
-    if not isinstance(results, dict) or "methods" not in results:
-        raise UserError(f"{path} is not a results.json written by python -m debkd_jax.main.")
-    return results
 
 
 if __name__ == "__main__":

@@ -664,12 +664,18 @@ def write_comparison(out_dir: str, comparison: dict) -> list[str]:
     return [os.path.join(out_dir, f) for f in ("comparison.json", "comparison.md", "comparison.png")]
 
 
-def render(json_path: str) -> list[str]:
-    """Regenerates the Markdown report and the plots beside a main job's `results.json` from that file alone
-    (they are derived from it, so they are rewritten). Returns the paths written."""
+def read_results(json_path: str) -> dict:
+    """A main job's results.json; `UserError` for a file that is not one."""
     results = workdir_lib.read_json(json_path)
     if not isinstance(results, dict) or "methods" not in results:
         raise UserError(f"{json_path} is not a results.json written by `python -m debkd_jax.main`.")
+    return results
+
+
+def render(json_path: str) -> list[str]:
+    """Regenerates the Markdown report and the plots beside a main job's `results.json` from that file alone
+    (they are derived from it, so they are rewritten). Returns the paths written."""
+    results = read_results(json_path)
     directory = os.path.dirname(os.path.abspath(json_path))
     basename = os.path.splitext(os.path.basename(json_path))[0]
     md_path = os.path.join(directory, f"{basename}.md")

@@ -253,7 +253,24 @@ def test_end_to_end_on_real_photos_writes_everything_and_learns(cache_dir, dogs_
     )
 
 
-def _results_of(path: pathlib.Path):
+def kill_when(args, env, ready: pathlib.Path, timeout: float = 240) -> tuple[int, str]:
+    """Runs the CLI with `args` and SIGKILLs it as soon as the folder `ready` exists (or after `timeout` s, or
+    not at all if it ended first); returns (its exit status, its stderr)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "debkd_jax.main", *args],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.is_dir() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        _, err = child.communicate(timeout=60)
+    return child.returncode, err
+
+
+def results_without_times(path: pathlib.Path):
     """A results JSON file without what differs between two runs of the same computation: wall times, and
     the run's command (its workdir) and finishing time."""
 
@@ -270,12 +287,12 @@ def _results_of(path: pathlib.Path):
 def _same_outputs(a: pathlib.Path, b: pathlib.Path) -> None:
     """The files that hold results are identical up to wall times: results, per-epoch histories, metrics,
     teacher logits."""
-    assert _results_of(a / "results.json") == _results_of(b / "results.json")
-    assert _results_of(a / "teacher" / "teacher.json") == _results_of(b / "teacher" / "teacher.json")
+    assert results_without_times(a / "results.json") == results_without_times(b / "results.json")
+    assert results_without_times(a / "teacher" / "teacher.json") == results_without_times(b / "teacher" / "teacher.json")
     for method in STUDENTS:
         run_a, run_b = a / "students" / f"{method}-seed0", b / "students" / f"{method}-seed0"
         assert (run_a / "metrics.jsonl").read_text() == (run_b / "metrics.jsonl").read_text(), method
-        assert _results_of(run_a / "result.json") == _results_of(run_b / "result.json"), method
+        assert results_without_times(run_a / "result.json") == results_without_times(run_b / "result.json"), method
     with np.load(a / "teacher" / "logits.npz") as za, np.load(b / "teacher" / "logits.npz") as zb:
         for split in ("train", "val", "test"):
             np.testing.assert_array_equal(za[split], zb[split])
@@ -310,18 +327,8 @@ def test_killed_runs_resume_to_the_same_results(e2e_run, cache_dir, tmp_path):
     assert not (ckpts / "1").exists() and [p.name for p in ckpts.iterdir() if "tmp" in p.name]
 
     # 3. Killed from outside as soon as a checkpoint is committed, in the middle of training KD.
-    cmd = [sys.executable, "-m", "debkd_jax.main", *args]
-    child = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not (ckpts / "1").is_dir() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        out, err = child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL, err[-3000:]
+    returncode, err = kill_when(args, env, ckpts / "1")
+    assert returncode == -signal.SIGKILL, err[-3000:]
     assert not (workdir / "students" / "KD-seed0" / "result.json").exists(), "KD finished before the kill"
     assert not (workdir / "results.json").exists()
 

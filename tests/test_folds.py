@@ -8,16 +8,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_cli import REPO, assert_clean_error, cli_args, cli_env, run_cli, shared_cache_dir
+from test_cli import (
+    REPO,
+    assert_clean_error,
+    cli_args,
+    cli_env,
+    kill_when,
+    results_without_times,
+    run_cli,
+    shared_cache_dir,
+)
 
 from debkd_jax import config_lib, models, pipeline, training, workdir_lib
 from debkd_jax import data as data_lib
@@ -177,26 +183,8 @@ def test_killed_among_the_fold_teachers_resumes_to_the_same_results(folds_run, c
     args = [a.replace(str(folds_run["workdir"]), str(workdir)) for a in folds_run["args"]]
     env = cli_env(cache_dir)
     fold1 = workdir / "teacher" / f"folds-{FOLDS}" / "fold-1"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "debkd_jax.main", *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while (
-            not (fold1 / "checkpoints" / "1").is_dir()
-            and child.poll() is None
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        _, err = child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL, err[-3000:]
+    returncode, err = kill_when(args, env, fold1 / "checkpoints" / "1")
+    assert returncode == -signal.SIGKILL, err[-3000:]
     assert (fold1.parent / "fold-0" / "teacher.json").exists()
     assert not (fold1 / "teacher.json").exists(), "the second fold teacher finished before the kill"
 
@@ -211,17 +199,9 @@ def test_killed_among_the_fold_teachers_resumes_to_the_same_results(folds_run, c
                 str(folds_run["workdir"] / "teacher" / f"folds-{FOLDS}" / "out_of_fold.npz")
             )[name],
         )
-    assert _without_times(json.loads((workdir / "results.json").read_text())) == _without_times(
-        json.loads((folds_run["workdir"] / "results.json").read_text())
+    assert results_without_times(workdir / "results.json") == results_without_times(
+        folds_run["workdir"] / "results.json"
     )
-
-
-def _without_times(results):
-    if isinstance(results, dict):
-        return {k: _without_times(v) for k, v in results.items() if k not in ("wall_seconds", "meta")}
-    if isinstance(results, list):
-        return [_without_times(v) for v in results]
-    return results
 
 
 @pytest.fixture(scope="module")
