@@ -24,9 +24,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv) -> int:
     cli.start(argv)
-    from debkd_jax import pipeline, report
+    from debkd_jax import console, pipeline, report
 
-    report.log_to_stderr()
+    console.log_to_stderr()
     with cli.user_errors(FLAGS.workdir):
         results = pipeline.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, command=" ".join(["python -m debkd_jax.main", *sys.argv[1:]])

@@ -63,10 +63,6 @@ class Deployed:
         return self(images)[1]
 
 
-def sidecar_path(model_path: str) -> str:
-    return os.fspath(model_path) + ".json"
-
-
 def load(model_path: str) -> Deployed:
     """Reads an exported student and its sidecar; raises UserError with the reason when it cannot."""
     path = os.path.abspath(os.path.expanduser(model_path))
@@ -74,7 +70,7 @@ def load(model_path: str) -> Deployed:
         raise UserError(
             f"model file {model_path} does not exist; write one with `python -m debkd_jax.export`."
         )
-    side = sidecar_path(path)
+    side = export.sidecar_path(path)
     try:
         with open(side, encoding="utf-8") as f:
             meta = json.load(f)

@@ -12,6 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "debkd_jax"
 LAYERS = {
     "errors": 0,
     "xla_cpu": 0,
+    "console": 0,
     "targets": 1,
     "losses": 2,
     "metrics": 2,
@@ -93,3 +94,29 @@ def test_no_private_attribute_of_another_module(path):
             assert not node.attr.startswith("_"), (
                 f"{path.relative_to(PACKAGE)}:{node.lineno} reads {node.value.id}.{node.attr}"
             )
+
+
+MAX_LINES = 440
+"""No module over about 400 lines (10% of slack): a module that grows past it is split by concern."""
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_stay_small(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines: split it by concern"
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_progress_bars_come_from_console(path):
+    """One progress bar (`console.progress`): nothing else imports tqdm."""
+    if path.name == "console.py":
+        return
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        assert not any(n.split(".")[0] == "tqdm" for n in names), (
+            f"{path.relative_to(PACKAGE)}:{node.lineno} imports tqdm; use debkd_jax.console.progress"
+        )

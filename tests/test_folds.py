@@ -258,7 +258,9 @@ def test_folds_one_is_the_plain_path(tiny, tmp_path):
     t_logits = {s: np.full((3, 2), i, np.float32) for i, s in enumerate(("train", "val", "test"))}
     meta = {"model": "resnet_tiny"}
     config.teacher.folds = 1
-    out, out_meta = pipeline.with_out_of_fold_logits(config, dataset, t_logits, meta, str(tmp_path), None)
+    out, out_meta = pipeline.with_out_of_fold_logits(
+        config=config, dataset=dataset, t_logits=t_logits, teacher_meta=meta, teacher_dir=str(tmp_path), mesh=None
+    )
     assert out is t_logits and out_meta is meta and not list(tmp_path.iterdir())
 
     meta = {"data": "d", "class_names": ["a", "b"], "image_size": 32}

@@ -366,8 +366,8 @@ def folder_run(shapes_dir, tmp_path_factory):
     dataset = pipeline.load_data(config)
     mesh = training.create_mesh()
     teacher_dir = str(tmp_path_factory.mktemp("teacher"))
-    teacher = pipeline.train_teacher(config, dataset, teacher_dir, mesh)
-    logits = pipeline.teacher_logits(config, *teacher, dataset, teacher_dir, mesh)
+    teacher = pipeline.get_teacher(config=config, dataset=dataset, teacher_dir=teacher_dir, mesh=mesh)
+    logits = teacher.logits
     correct = np.argmax(logits["train"], -1) == dataset.train_labels
     # Both of BTKD's subsets and KI's replaced rows are exercised.
     assert 0 < correct.mean() < 1
@@ -384,15 +384,14 @@ def folder_run(shapes_dir, tmp_path_factory):
 @pytest.mark.parametrize("name", TABLE)
 def test_each_method_trains_a_student_on_an_image_folder(folder_run, name):
     result = pipeline.train_student(
-        folder_run.config,
-        name,
-        methods.preset(name),
-        0,
-        folder_run.dataset,
-        folder_run.teacher,
-        folder_run.logits,
-        folder_run.mesh,
-        str(folder_run.root / name),
+        config=folder_run.config,
+        method_name=name,
+        method_cfg=methods.preset(name),
+        seed=0,
+        dataset=folder_run.dataset,
+        teacher=folder_run.teacher,
+        mesh=folder_run.mesh,
+        run_dir=str(folder_run.root / name),
     )
     history = [e["train_loss"] for e in result["history"]]
     assert len(history) == 2 and all(np.isfinite(history))
@@ -407,7 +406,7 @@ def one_step(folder_run):
     """`run(cfg, rows, augment=False) -> (params after one step, the batch's loss)`: one train step from one
     fixed initial state on one fixed batch (16 images). Steps are compiled once per (method, augment)."""
     k = folder_run.dataset.num_classes
-    teacher_vars, meta = folder_run.teacher
+    teacher_vars, meta = folder_run.teacher.variables, folder_run.teacher.meta
     replicated = NamedSharding(folder_run.mesh, P())
     batch_sharding = NamedSharding(folder_run.mesh, P("data"))
     tx = training.make_optimizer(folder_run.config.student, 2)

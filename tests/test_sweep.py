@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from debkd_jax import config_lib, methods, sweep
+from debkd_jax import config_lib, methods, pipeline, report, sweep
 from debkd_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,55 +109,103 @@ def test_table_json_and_plot(tmp_path):
         num_classes=2,
         skipped=(),
     )
-    results = sweep.summarize(config, points, runs, dataset, {"model": "resnet8x4"}, {"accuracy": 0.95})
+    results = report.sweep_summary(
+        config=config,
+        points=points,
+        runs=runs,
+        dataset=dataset,
+        teacher_meta={"model": "resnet8x4"},
+        teacher_test={"accuracy": 0.95},
+    )
     assert results["chosen"] == "1/12"
     row = results["points"][0]
     assert row["values"] == {"num_regions": 8} and row["seeds"] == [0, 1]
     np.testing.assert_allclose(
         [row["test"]["accuracy"]["mean"], row["test"]["accuracy"]["std"]], [0.85, 0.05]
     )
-    table = sweep.results_table(results)
+    table = report.sweep_table(results)
     lines = table.splitlines()
     assert lines[0].startswith("| num_regions | accuracy |") and len(lines) == 4
     assert "| 1/8 | 85.00 ± 5.00 |" in lines[2] and lines[3].startswith("| 1/12 (chosen) | 70.00 ± 0.00 |")
-    sweep.write_results(str(tmp_path), "sweep-test", results)
+    report.write_sweep_results(str(tmp_path), "sweep-test", results)
     assert json.loads((tmp_path / "sweep-test.json").read_text())["chosen"] == "1/12"
     assert table in (tmp_path / "sweep-test.md").read_text()
     assert (tmp_path / "sweep-test.png").stat().st_size > 1000
     # Several fields: a categorical axis.
     both = _config("beta,temperature", ((0.1, 2.0), (0.2, 4.0)))
-    results = sweep.summarize(
-        both,
-        sweep.sweep_points(both),
-        {
+    results = report.sweep_summary(
+        config=both,
+        points=sweep.sweep_points(both),
+        runs={
             "beta=0.1, temperature=2.0": [_fake_run(0, 0.8, 0.8)],
             "beta=0.2, temperature=4.0": [_fake_run(0, 0.7, 0.7)],
         },
-        dataset,
-        {"model": "resnet8x4"},
-        {"accuracy": 0.95},
+        dataset=dataset,
+        teacher_meta={"model": "resnet8x4"},
+        teacher_test={"accuracy": 0.95},
     )
-    sweep.plot(results, str(tmp_path / "both.png"))
+    assert results["sweep"]["fields"] == ["beta", "temperature"]
+    report.plot_sweep(results, str(tmp_path / "both.png"))
     assert (
         tmp_path / "both.png"
-    ).exists() and "| beta=0.1, temperature=2.0 (chosen) | 80.00 |" in sweep.results_table(results)
+    ).exists() and "| beta=0.1, temperature=2.0 (chosen) | 80.00 |" in report.sweep_table(results)
 
 
-def test_point_key_changes_with_what_decides_the_result():
+def test_point_folder_changes_with_what_decides_the_result(tmp_path):
+    """A point's folder is named by its run identity (`pipeline.student_identity`, the one `main` uses), so it
+    changes with what decides the result and with nothing else."""
+    import types
+
     config = _config()
     point = sweep.sweep_points(config)[0]
-    meta = {"model": "resnet8x4", "data": "abc", "num_classes": 2, "image_size": 32}
-    key = sweep.point_key(config, point, 0, meta)
-    assert sweep.point_key(config, point, 1, meta) != key
-    assert sweep.point_key(config, point, 0, {**meta, "data": "abd"}) != key
+    rng = np.random.default_rng(0)
+    dataset = types.SimpleNamespace(
+        train_images=rng.integers(0, 255, (6, 4, 4, 3), np.uint8), train_labels=np.array([0, 1] * 3)
+    )
+    logits = {s: rng.normal(size=(6, 2)).astype(np.float32) for s in ("train", "val", "test")}
+
+    def folder(seed=0, t_logits=logits, data=dataset):
+        identity = pipeline.student_identity(
+            config=config, method_cfg=point.method_cfg, seed=seed, dataset=data, t_logits=t_logits
+        )
+        return pipeline.run_folder(str(tmp_path), f"{point.slug}-seed{seed}", identity)
+
+    first = folder()
+    assert os.path.basename(first).startswith("num_regions_8-seed0-")
+    assert folder(seed=1)[-8:] != first[-8:]
+    other_images = types.SimpleNamespace(
+        train_images=dataset.train_images + 1, train_labels=dataset.train_labels
+    )
+    assert folder(data=other_images) != first
     config.data.cache_dir = "/elsewhere"
     config.progress = False
-    assert sweep.point_key(config, point, 0, meta) == key
+    config.student.eval_batch_size += (
+        7  # evaluation batching decides nothing (sweep.point_key used to change)
+    )
+    assert folder() == first
     config.student.num_epochs += 1
-    assert sweep.point_key(config, point, 0, meta) != key
-    # Out-of-fold targets (teacher.folds = K > 1) are other targets: another key for each K.
-    with_folds = [sweep.point_key(config, point, 0, {**meta, "out_of_fold": {"folds": k}}) for k in (2, 3)]
-    assert len({sweep.point_key(config, point, 0, meta), *with_folds}) == 3
+    assert folder() != first
+    # Out-of-fold targets (teacher.folds = K > 1) are other training logits: another folder.
+    assert folder(t_logits={**logits, "train": logits["train"] + 1}) not in (first, folder())
+
+
+def test_a_point_folder_is_found_by_its_identity_whatever_its_name(tmp_path):
+    """Folders named by an older key are reused when they were claimed with the same identity; a folder set
+    aside (`<folder>.<time>`) or claimed with another identity is not."""
+    identity = {"method": {"beta": 0.2}, "seed": 0}
+    old = tmp_path / "beta_0.2-seed0-0ldkey00"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps(identity))
+    assert pipeline.run_folder(str(tmp_path), "beta_0.2-seed0", identity) == str(old)
+    other = {**identity, "seed": 1}
+    assert pipeline.run_folder(str(tmp_path), "beta_0.2-seed0", other) == str(
+        tmp_path / f"beta_0.2-seed0-{pipeline.identity_key(other)}"
+    )
+    aside = tmp_path / "beta_0.2-seed0-0ldkey00.20260101-000000"
+    old.rename(aside)
+    assert pipeline.run_folder(str(tmp_path), "beta_0.2-seed0", identity).endswith(
+        pipeline.identity_key(identity)
+    )
 
 
 @pytest.mark.timeout(300)
@@ -171,13 +219,19 @@ def test_sweep_with_out_of_fold_targets(tmp_path):
     assert sorted(np.unique(oof["fold"])) == [0, 1]
     assert all((workdir / "teacher" / "folds-2" / f"fold-{k}" / "teacher.json").exists() for k in (0, 1))
     assert len(results["points"]) == 2
-    # Each point's folder is keyed to the out-of-fold targets (another folder than with folds=1).
-    teacher = json.loads((workdir / "teacher" / "teacher.json").read_text())
-    expected = {
-        f"{p.slug}-seed0-{sweep.point_key(config, p, 0, {**teacher, 'out_of_fold': {'folds': 2}})}"
-        for p in sweep.sweep_points(config)
+    # Each point's folder is keyed to its identity, which holds the out-of-fold targets (another folder than
+    # with folds=1).
+    own = np.load(workdir / "teacher" / "logits.npz")
+    out_of_fold = pipeline.fingerprint(oof["logits"], own["val"], own["test"])
+    assert out_of_fold != pipeline.fingerprint(own["train"], own["val"], own["test"])
+    folders = [r for r in (workdir / "sweeps" / "regions-resnet_tiny").iterdir() if r.is_dir()]
+    assert {r.name.rsplit("-", 1)[0] for r in folders} == {
+        f"{p.slug}-seed0" for p in sweep.sweep_points(config)
     }
-    assert {r.name for r in (workdir / "sweeps" / "regions-resnet_tiny").iterdir() if r.is_dir()} == expected
+    for r in folders:
+        identity = json.loads((r / "run.json").read_text())
+        assert identity["teacher_logits"] == out_of_fold
+        assert r.name.rsplit("-", 1)[1] == pipeline.identity_key(identity)
 
 
 def _tiny_sweep_config():

@@ -171,7 +171,12 @@ def test_the_file_is_part_of_the_students_identity(digits, tmp_path):
     for path in (first, second):
         config.teacher.logits = path
         t_logits, meta = pipeline.teacher_from_logits_file(config, digits)
-        identities.append(pipeline.student_identity(config, config.methods.KD, 0, digits, t_logits, meta))
+        identities.append(
+            pipeline.student_identity(
+                config=config, method_cfg=config.methods.KD, seed=0, dataset=digits, t_logits=t_logits,
+                teacher_meta=meta,
+            )
+        )
     assert identities[0]["teacher_logits_file"] != identities[1]["teacher_logits_file"]
     assert identities[0]["teacher_logits"] != identities[1]["teacher_logits"]
 

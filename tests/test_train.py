@@ -268,7 +268,9 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
     for setting, want in (("auto", "materialized"), ("xla", "xla")):
         config.conv_backward = setting
         with pytest.raises(Stop):
-            pipeline.train_teacher(config, dataset, str(tmp_path / setting / "teacher"), mesh)
+            pipeline.train_teacher(
+                config=config, dataset=dataset, run_dir=str(tmp_path / setting / "teacher"), mesh=mesh
+            )
         assert specs[-1].model.backbone.conv_backward == want
         rng = np.random.default_rng(0)
         t_logits = {
@@ -277,15 +279,14 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
         }
         with pytest.raises(Stop):
             pipeline.train_student(
-                config,
-                "KD",
-                config.methods.KD,
-                0,
-                dataset,
-                (None, {"model": "resnet_tiny"}),
-                t_logits,
-                mesh,
-                str(tmp_path / setting / "student"),
+                config=config,
+                method_name="KD",
+                method_cfg=config.methods.KD,
+                seed=0,
+                dataset=dataset,
+                teacher=pipeline.Teacher(None, {"model": "resnet_tiny"}, t_logits),
+                mesh=mesh,
+                run_dir=str(tmp_path / setting / "student"),
             )
         assert specs[-1].model.backbone.conv_backward == want
     # Same run settings whatever conv_backward says.
@@ -294,8 +295,9 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
     meta = {"data": "x", "class_names": ["a", "b"], "image_size": 32}
     assert pipeline.teacher_identity(smoke_config(), meta) == pipeline.teacher_identity(other, meta)
     logits = {s: np.zeros((4, 2), np.float32) for s in ("train", "val", "test")}
-    assert pipeline.student_identity(smoke_config(), config.methods.KD, 0, dataset, logits) == (
-        pipeline.student_identity(other, config.methods.KD, 0, dataset, logits)
+    same = dict(method_cfg=config.methods.KD, seed=0, dataset=dataset, t_logits=logits)
+    assert pipeline.student_identity(config=smoke_config(), **same) == (
+        pipeline.student_identity(config=other, **same)
     )
 
 
@@ -402,8 +404,7 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
     assert dataset.class_names == ("bar", "disc")
     assert (len(dataset.train_labels), len(dataset.val_labels), len(dataset.test_labels)) == (210, 30, 60)
     mesh = training.create_mesh()
-    variables, meta = pipeline.train_teacher(config, dataset, str(tmp_path), mesh)
-    logits = pipeline.teacher_logits(config, variables, meta, dataset, str(tmp_path), mesh)
+    logits = pipeline.get_teacher(config=config, dataset=dataset, teacher_dir=str(tmp_path), mesh=mesh).logits
     accuracy = {
         split: float(np.mean(np.argmax(logits[split], -1) == getattr(dataset, f"{split}_labels")))
         for split in ("train", "val", "test")

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
+from debkd_jax import console
 from debkd_jax.data.split import SUBSET_SEED, subset_per_class
 
 IMAGE_EXTENSIONS = frozenset(
@@ -310,7 +310,7 @@ def _parallel_map(fn: Callable, items: Sequence, progress: bool, desc: str) -> l
     """`[fn(x) for x in items]` on a thread pool (Pillow releases the GIL), with a progress bar."""
     with (
         concurrent.futures.ThreadPoolExecutor(_num_workers()) as pool,
-        tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar,
+        console.progress(total=len(items), desc=desc, unit="img", disable=not progress) as bar,
     ):
         results = []
         for result in pool.map(fn, items):
@@ -401,7 +401,7 @@ def _decode_tfds(builder, name, data_dir, origins, image_size, max_per_class, pr
         desc = f"reading tfds:{name}/{split}"
         with (
             concurrent.futures.ThreadPoolExecutor(_num_workers()) as pool,
-            tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar,
+            console.progress(total=total, desc=desc, unit="img", disable=not progress) as bar,
         ):
             for start in range(0, n, _CHUNK):
                 chunk = order[start : start + _CHUNK].tolist()

@@ -1,5 +1,6 @@
 """Training one model: train state and optimizer, the train step (one factory for training, benchmarks and
-tests), the mesh and multi-process helpers, and the `fit` loop with checkpoints and resume."""
+tests), the mesh and multi-process helpers, the `fit` loop with checkpoints and resume, and the per-epoch metric
+writer (metrics.jsonl, TensorBoard)."""
 
 from debkd_jax.training.distributed import (
     create_mesh,
@@ -11,6 +12,7 @@ from debkd_jax.training.distributed import (
     wait_for_coordinator,
 )
 from debkd_jax.training.loop import FitResult, NonFiniteLoss, fit
+from debkd_jax.training.metric_writer import MetricWriter
 from debkd_jax.training.state import (
     TrainState,
     host_copy,
@@ -31,6 +33,7 @@ from debkd_jax.training.step import (
 
 __all__ = [
     "FitResult",
+    "MetricWriter",
     "NonFiniteLoss",
     "StepSpec",
     "Student",

@@ -19,11 +19,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from debkd_jax import console, workdir_lib
 from debkd_jax import data as data_lib
-from debkd_jax import report, workdir_lib
 from debkd_jax import targets as targets_lib
 from debkd_jax.errors import UserError
 from debkd_jax.training.distributed import process_local
+from debkd_jax.training.metric_writer import MetricWriter
 from debkd_jax.training.state import host_copy, init_state, make_optimizer, variables_of, zero_metrics
 from debkd_jax.training.step import StepSpec, make_predict_fn, make_train_step, predict_logits
 
@@ -97,7 +98,7 @@ def fit(
         step_fn = make_train_step(spec, mesh, seed)
         predict = make_predict_fn(spec.model, spec.dtype)
         batch_sharding = NamedSharding(mesh, P("data"))
-        writer = report.MetricWriter(run_dir) if jax.process_index() == 0 else None
+        writer = MetricWriter(run_dir) if jax.process_index() == 0 else None
         if teacher_vars is not None:
             teacher_vars = jax.device_put(teacher_vars, replicated)
         if infusion is not None:
@@ -105,7 +106,7 @@ def fit(
         host_targets = jax.tree.map(np.asarray, train_targets)
 
         start_epoch = len(history)
-        epochs = report.progress(
+        epochs = console.progress(
             range(start_epoch, train_cfg.num_epochs),
             desc=f"{name}",
             total=train_cfg.num_epochs,
@@ -118,7 +119,7 @@ def fit(
             acc = jax.device_put(zero_metrics(), replicated)
             order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
             local = process_local(order)
-            steps = report.progress(
+            steps = console.progress(
                 local,
                 desc=f"  epoch {epoch + 1}",
                 total=len(local),

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from debkd_jax import console, losses, methods, models
 from debkd_jax import data as data_lib
-from debkd_jax import losses, methods, models, report
 from debkd_jax.training.state import TrainState
 
 
@@ -150,7 +150,7 @@ def predict_logits(
     sharding = NamedSharding(mesh, P("data"))
     out = []
     starts = range(0, n, batch_size)
-    for start in report.progress(starts, desc=progress, total=len(starts), disable=progress is None):
+    for start in console.progress(starts, desc=progress, total=len(starts), disable=progress is None):
         chunk = images[start : start + batch_size]
         pad = (-len(chunk)) % ndev
         if pad:
