@@ -65,7 +65,11 @@ def measure(ctx) -> dict:
             run = {"batch": batch, "dtype": dtype, "models": {}}
             for name in mode.train_models:
                 ctx.log(f"train_step: {name}, batch {batch}, {dtype}")
-                run["models"][name] = measure_model(ctx, name, batch, dtype)
+                row = run["models"][name] = measure_model(ctx, name, batch, dtype)
+                vs = row.get("speedup_vs_torch", {}).get("jax_ce")
+                ips = fmt(row["jax_ce"]["images_per_s"])
+                versus = "" if vs is None else f", {ratio(vs)} the peer's speed"
+                ctx.log(f"train_step: {name}, batch {batch}, {dtype}: JAX CE {ips} img/s{versus}")
             out["runs"].append(run)
     return out
 
