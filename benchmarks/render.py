@@ -30,11 +30,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
+# A load average above this per CPU marks the run as taken on a busy machine (1.5 on the project's 2 cores).
+NOISY_LOAD_PER_CPU = 0.75
+
+
+def busy(meta: dict) -> bool:
+    """Whether the load average before or after the run was above `NOISY_LOAD_PER_CPU` per CPU."""
+    return max(meta["load_before"], meta["load_after"]) > NOISY_LOAD_PER_CPU * meta["cpus"]
+
+
 def header(meta: dict) -> list[str]:
     v = meta["versions"]
     noisy = (
         " -- a busy machine: absolute numbers are low and noisy; read the ratios, measured side by side."
-        if meta["noisy"]
+        if busy(meta)
         else "."
     )
     peer = meta.get("peer") or {}

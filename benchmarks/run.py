@@ -20,9 +20,7 @@ import benchmarks
 from benchmarks import peer as peer_lib
 from benchmarks import steps, timing, workers
 from benchmarks.modes import MODES, SECTIONS, Context, Mode
-from benchmarks.render import render
-
-NOISY_LOAD = 1.5
+from benchmarks.render import busy, render
 
 
 def cpu_name() -> str:
@@ -82,7 +80,10 @@ def meta_of(mode: Mode, only: Sequence[str], peer, skipped) -> dict:
         "versions": versions(peer),
         "peer_skipped": skipped,
         "peer": None if peer is None else peer.info,
-        "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS")},
+        "env": {
+            k: os.environ.get(k, "")
+            for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+        },
         "load_before": os.getloadavg()[0],
         "sections": list(only),
     }
@@ -121,7 +122,7 @@ def run(
             peer.close()
     meta = results["meta"]
     meta["load_after"] = os.getloadavg()[0]
-    meta["noisy"] = max(meta["load_before"], meta["load_after"]) > NOISY_LOAD
+    meta["noisy"] = busy(meta)
     meta["seconds"] = time.perf_counter() - t0
     if mode.name == "quick":
         results["notes"].append(

@@ -357,3 +357,10 @@ def test_lever_options_narrow_the_mode():
     assert mode.lever_pairs == 8
     assert mode.lever_workloads == (("train_step", "resnet8", 128), ("teacher_pass", "resnet8x4", 256))
     assert run.with_lever_options(modes.MODES["quick"], None, "") == modes.MODES["quick"]
+
+
+def test_the_committed_gpu_report_is_its_json_rendered(capsys):
+    folder = os.path.join(workers.REPO_ROOT, "benchmarks", "results", "gpu-h200-2026-12-04")
+    render.main([os.path.join(folder, "benchmarks.json")])
+    with open(os.path.join(folder, "BENCHMARKS.md"), encoding="utf-8") as f:
+        assert capsys.readouterr().out == f.read()
