@@ -150,7 +150,8 @@ def test_flops_and_inference_rows_follow_from_the_json(smoke):
     ((name, model),) = flops["models"].items()
     assert model["training_flops_per_image"] == training_flops_per_image(conv_dense_macs(name))
     step = flops["train_step"][name]
-    ips = results["train_step"]["models"][name]["jax_ce"]["images_per_s"]
+    (headline,) = [r for r in results["train_step"]["runs"] if r["dtype"] == "float32"]
+    ips = headline["models"][name]["jax_ce"]["images_per_s"]
     assert step["jax_share_of_gemm_peak"] == pytest.approx(
         model["training_flops_per_image"] * ips / flops["gemm"]["flops_per_s"]
     )
