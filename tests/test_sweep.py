@@ -357,3 +357,20 @@ def test_a_sweep_takes_its_teacher_from_a_logits_file_or_from_variables(tmp_path
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
     assert (workdir / "teacher" / "logits.npz").exists() and not (workdir / "teacher" / "final").exists()
     assert results["points"][0]["test"]["accuracy"]["n"] == 1
+
+
+def test_a_sweep_checks_before_it_writes(tmp_path):
+    """A student that cannot be built, or a teacher file that does not fit, stops a sweep before anything is
+    written (as `main`): no config.json, no teacher, no point folder."""
+    config = _tiny_sweep_config()
+    config.student.model = "no_such_module_here:factory"
+    with pytest.raises(UserError, match="student.model"):
+        sweep.run_sweep(config, str(tmp_path / "a"))
+    config = _tiny_sweep_config()
+    (tmp_path / "t.npz").write_bytes(b"not an npz")
+    config.teacher.logits = str(tmp_path / "t.npz")
+    with pytest.raises(UserError, match="teacher.logits"):
+        sweep.run_sweep(config, str(tmp_path / "b"))
+    for workdir in (tmp_path / "a", tmp_path / "b"):
+        written = [p for p in workdir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        assert not written, written
