@@ -160,17 +160,20 @@ class Job:
         return "\n".join(f"--- process {i}:\n{self.output(i)[1][-2500:]}" for i in range(len(self.procs)))
 
 
-def launch(workdir, cache_dir, config_file, logs: pathlib.Path, *flags, processes: int = 2) -> Job:
-    """Starts `processes` CLI processes that form one job on localhost, one CPU device each."""
+def launch(
+    workdir, cache_dir, config_file, logs: pathlib.Path, *flags, processes: int = 2, started=None, address=None
+) -> Job:
+    """Starts `processes` CLI processes that form one job on localhost, one CPU device each; with `started`,
+    only those process ids (the others never start); `address` is the coordinator's (a free port if None)."""
     logs.mkdir(parents=True)
     driver = logs / "watch_writes.py"
     driver.write_text(DRIVER)
-    port = free_port()
+    address = address or f"localhost:{free_port()}"
     procs = []
-    for i in range(processes):
+    for i in range(processes) if started is None else started:
         cluster = (
             "--config.distributed=True",
-            f"--config.cluster.coordinator_address=localhost:{port}",
+            f"--config.cluster.coordinator_address={address}",
             f"--config.cluster.num_processes={processes}",
             f"--config.cluster.process_id={i}",
         )

@@ -1,0 +1,256 @@
+"""Multi-host faults, for real: every way a multi-process job can fail ends each surviving process with the
+project's one `error:` line, last, and exit status 2, never in a signal (debkd_jax/supervisor.py). Nothing is
+mocked: each process is a real `python -m debkd_jax.main` (its supervising parent and the job it runs) on
+localhost, one CPU device each, Gloo over TCP.
+
+- the coordinator never answers (two kinds of silent address on loopback, see `silent_coordinator`);
+- a process never starts (process 0 alone; processes 0 and 1 of 3);
+- process 0 (the coordinator) killed during the teacher and during a student, process 1 killed during each;
+- a process stops answering (SIGSTOP): the others end after `cluster.heartbeat_timeout`.
+
+JAX's own abort (`client.h:80] Terminating process ...`) may stay in the log above the line: which of JAX's
+abort and a failed collective comes first is a race, and the tests repeat each fault to meet both. A run of
+the suite repeats each `REPEATS` times; `DEBKD_FAULT_REPEATS=10` repeats each ten times (docs/reliability.md
+has the measured outcome).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import random
+import signal
+import socket
+import textwrap
+import time
+
+import pytest
+from test_multihost import Job, cache_dir, free_port, launch  # noqa: F401 - cache_dir is a fixture
+
+# Each fault costs one launch of one to three CLI processes (about 10-25 s on 2 loaded cores); two
+# repetitions meet both sides of the race above in most suite runs, ten (by hand, DEBKD_FAULT_REPEATS=10)
+# are the measurement behind docs/reliability.md.
+REPEATS = int(os.environ.get("DEBKD_FAULT_REPEATS", "2"))
+
+INIT_TIMEOUT = 4  # cluster.initialization_timeout of the tests that never join, seconds
+HEARTBEAT_TIMEOUT = 5  # cluster.heartbeat_timeout of every test here, seconds
+# A guard against hangs, not an expected time: start, compile and one epoch on 2 shared cores.
+LAUNCH_SECONDS = 240
+
+# The embedded digits at 8x8, 20 images per class, a global batch of 8: a teacher epoch is a few steps. The
+# teacher has one epoch more than the kills during it (each launch commits at least one more), so that the
+# launches killed during a student train its last epoch first; the student never finishes.
+CONFIG = textwrap.dedent(
+    """
+    from debkd_jax import config_lib
+
+
+    def get_config():
+        config = config_lib.smoke(config_lib.base_config(("DeBKD",)))
+        config.data.image_size = 8
+        config.data.max_per_class = 20
+        for part in (config.teacher, config.student):
+            part.batch_size = 8
+            part.eval_batch_size = 32
+        config.teacher.num_epochs = {teacher_epochs}
+        config.student.num_epochs = 1000
+        config.cluster.heartbeat_timeout = {heartbeat}
+        return config
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults_config") / "faults.py"
+    path.write_text(CONFIG.format(teacher_epochs=2 * REPEATS + 1, heartbeat=HEARTBEAT_TIMEOUT))
+    return path
+
+
+def stderr_of(job: Job, process_id: int) -> str:
+    return (job.logs / f"p{process_id}.err").read_text()
+
+
+def assert_ends_in_one_line(job: Job, process_id: int, returncode: int, *needles: str) -> str:
+    """Exit status 2 (not a signal) and the last line of stderr our `error:` line, naming `needles`."""
+    err = stderr_of(job, process_id)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert returncode == 2, (process_id, returncode, err[-3000:])
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@contextlib.contextmanager
+def silent_coordinator(kind: str):
+    """A coordinator address on loopback that never answers, as a wrong or firewalled one does elsewhere
+    (this machine sends nothing off loopback; a free port would refuse at once, which is not the case here):
+
+    - "dropping": a listening socket whose accept queue is full, so the kernel drops every new SYN and a
+      connect times out, as for a non-routable address or a firewall that drops;
+    - "mute": a listening socket that never accepts: the kernel completes the TCP handshake, so JAX's gRPC
+      client connects, sends its request and never hears back (a booting host's port, a wrong service, a
+      proxy). This is the path on which JAX aborts the process (`RegisterTask ... DEADLINE_EXCEEDED`).
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0 if kind == "dropping" else 64)
+    address = "127.0.0.1:%d" % server.getsockname()[1]
+    fillers = []
+    if kind == "dropping":  # fill the accept queue (length 0 admits one) so that later SYNs are dropped
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(server.getsockname())
+            fillers.append(filler)
+        time.sleep(0.2)
+        probe = socket.socket()
+        probe.settimeout(1.0)
+        with pytest.raises(TimeoutError):  # the premise: a connect times out rather than being refused
+            probe.connect(server.getsockname())
+        probe.close()
+    try:
+        yield address
+    finally:
+        for s in (*fillers, server):
+            s.close()
+
+
+def wait_for_line(job: Job, process_id: int, text: str, timeout: float) -> float:
+    """Polls the process's stderr until it holds `text`; returns the time it was seen."""
+    deadline = time.monotonic() + timeout
+    while text not in stderr_of(job, process_id):
+        if time.monotonic() > deadline or all(p.poll() is not None for p in job.procs):
+            raise AssertionError(f"{text!r} not seen within {timeout} s: {job.tails()}")
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(REPEATS * 2 * (LAUNCH_SECONDS + 60))
+def test_a_coordinator_that_never_answers_ends_in_one_line(cache_dir, config_file, tmp_path):  # noqa: F811
+    """Process 1 of 2 given a coordinator address where nothing answers: it says that it waits, waits
+    `initialization_timeout`, and ends in one line naming the address and the timeout, status 2."""
+    outcomes = []
+    for run in range(2 * REPEATS):
+        kind = ("mute", "dropping")[run % 2]
+        with silent_coordinator(kind) as address:
+            flags = (f"--config.cluster.initialization_timeout={INIT_TIMEOUT}",)
+            job = launch(tmp_path / f"run{run}", cache_dir, config_file, tmp_path / f"logs{run}", *flags,
+                         started=(1,), address=address)
+            waiting = wait_for_line(job, 1, f"waiting for the coordinator at {address}", LAUNCH_SECONDS)
+            (returncode,) = job.wait(timeout=LAUNCH_SECONDS)
+            seconds = time.monotonic() - waiting
+        line = assert_ends_in_one_line(job, 1, returncode, address, f"initialization_timeout={INIT_TIMEOUT} s")
+        assert "initialization_timeout" in line and "firewall" in line, line
+        # Respects the timeout: the launcher ends a child that has not joined 10 s after it (JOIN_GRACE).
+        assert INIT_TIMEOUT - 1 <= seconds <= INIT_TIMEOUT + 10 + 5, seconds
+        assert not (tmp_path / f"run{run}").exists()
+        outcomes.append((kind, round(seconds, 1), "JAX abort" if "client.h" in stderr_of(job, 1) else "-"))
+    print("coordinator never answers (kind, seconds after the waiting line, JAX aborted the child):", outcomes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(REPEATS * 2 * (LAUNCH_SECONDS + 60))
+def test_a_process_that_never_starts_ends_the_others_in_one_line(cache_dir, config_file, tmp_path):  # noqa: F811
+    """Process 0 of 2 alone, and processes 0 and 1 of 3 without process 2: each ends in one line saying that
+    not every process joined within `initialization_timeout`, status 2."""
+    outcomes = []
+    for run in range(2 * REPEATS):
+        processes, started = ((2, (0,)), (3, (0, 1)))[run % 2]
+        flags = (f"--config.cluster.initialization_timeout={INIT_TIMEOUT}",)
+        job = launch(tmp_path / f"run{run}", cache_dir, config_file, tmp_path / f"logs{run}", *flags,
+                     processes=processes, started=started)
+        waiting = wait_for_line(job, 0, f"waiting at localhost:", LAUNCH_SECONDS)
+        returncodes = job.wait(timeout=LAUNCH_SECONDS)
+        seconds = time.monotonic() - waiting
+        for process_id, returncode in zip(started, returncodes):
+            assert_ends_in_one_line(job, process_id, returncode, f"initialization_timeout={INIT_TIMEOUT} s",
+                                    "not every process joined")
+        assert INIT_TIMEOUT - 1 <= seconds <= INIT_TIMEOUT + 10 + 5, seconds
+        outcomes.append((f"{len(started)} of {processes}", round(seconds, 1)))
+    print("a process never starts (started, seconds after the waiting line):", outcomes)
+
+
+def newest_checkpoint(folder: pathlib.Path) -> int:
+    return max((int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), default=0)
+
+
+def wait_for_checkpoint_after(folder: pathlib.Path, epoch: int, job: Job, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while newest_checkpoint(folder) <= epoch:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in job.procs):
+            job.kill()
+            raise AssertionError(f"no checkpoint after epoch {epoch} in {folder} within {timeout} s: {job.tails()}")
+        time.sleep(0.05)
+    return newest_checkpoint(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(REPEATS * 4 * (LAUNCH_SECONDS + 60))
+def test_a_killed_process_ends_the_other_in_one_line_and_a_relaunch_resumes(cache_dir, config_file, tmp_path):  # noqa: F811
+    """Process 0 (the coordinator) and process 1 SIGKILLed in turn, at a moment drawn just after a checkpoint
+    commit, during the teacher and then during the student, all in one workdir: the survivor ends in one line
+    (what happened, the fix), status 2, well within the heartbeat timeout, and every later launch resumes
+    from the last committed checkpoint."""
+    workdir = tmp_path / "run"
+    teacher, student = workdir / "teacher" / "checkpoints", workdir / "students" / "DeBKD-seed0" / "checkpoints"
+    schedule = [(victim, "teacher") for _ in range(REPEATS) for victim in (0, 1)]
+    schedule += [(victim, "student") for _ in range(REPEATS) for victim in (0, 1)]
+    rng = random.Random(0)
+    outcomes = []
+    for launch_index, (victim, phase) in enumerate(schedule):
+        folder = teacher if phase == "teacher" else student
+        before = newest_checkpoint(folder)
+        job = launch(workdir, cache_dir, config_file, tmp_path / f"launch{launch_index}")
+        wait_for_checkpoint_after(folder, before, job, LAUNCH_SECONDS)
+        time.sleep(rng.uniform(0.0, 1.0))  # somewhere in the next epoch: a step, an evaluation, a save
+        os.kill(job.procs[victim].pid, signal.SIGKILL)  # its job dies with it (PR_SET_PDEATHSIG), a host lost
+        killed = time.monotonic()
+        survivor = 1 - victim
+        returncodes = job.wait(timeout=LAUNCH_SECONDS)
+        seconds = time.monotonic() - killed
+        assert returncodes[victim] == -signal.SIGKILL
+        line = assert_ends_in_one_line(job, survivor, returncodes[survivor], f"process {survivor} of 2",
+                                       "re-launch every process with the same command")
+        assert seconds < HEARTBEAT_TIMEOUT + 15, (seconds, line)
+        if launch_index > 0:
+            resumed = "teacher" if phase == "teacher" else "DeBKD (seed 0)"
+            assert f"{resumed}: resumed from the checkpoint of epoch" in stderr_of(job, survivor), job.tails()
+        outcomes.append((phase, victim, round(seconds, 1), "JAX abort" if "client.h" in stderr_of(job, survivor) else "-"))
+    assert not (workdir / "results.json").exists()
+    print("killed (phase, victim, seconds until the survivor ended, JAX aborted the survivor's job):", outcomes)
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(REPEATS * (LAUNCH_SECONDS + 60))
+def test_a_process_that_stops_answering_ends_the_other_after_the_heartbeat_timeout(
+    cache_dir, config_file, tmp_path  # noqa: F811
+):
+    """Process 1's job frozen (SIGSTOP: a hung host) during the teacher: process 0 ends in one line naming the
+    heartbeat timeout, status 2, after about `heartbeat_timeout`."""
+    outcomes = []
+    for run in range(REPEATS):
+        workdir = tmp_path / f"run{run}"
+        job = launch(workdir, cache_dir, config_file, tmp_path / f"logs{run}")
+        wait_for_checkpoint_after(workdir / "teacher" / "checkpoints", 0, job, LAUNCH_SECONDS)
+        (frozen,) = children(job.procs[1].pid)
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            returncode = job.procs[0].wait(timeout=LAUNCH_SECONDS)
+        finally:
+            job.kill()
+        seconds = time.monotonic() - stopped
+        line = assert_ends_in_one_line(job, 0, returncode, "process 0 of 2", "re-launch every process")
+        assert f"heartbeat_timeout={HEARTBEAT_TIMEOUT} s" in line, line
+        assert HEARTBEAT_TIMEOUT - 1 <= seconds <= 3 * HEARTBEAT_TIMEOUT + 10, (seconds, line)
+        outcomes.append(round(seconds, 1))
+    print("stopped answering: seconds until process 0 ended:", outcomes)
