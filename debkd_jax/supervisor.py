@@ -178,7 +178,9 @@ class Supervisor:
         joining = self.connecting_since is not None and "joined" not in self.events
         if joining and now >= self.next_wait_report:
             waited = now - self.connecting_since
-            self.say(f"distributed: still {self.waiting_for()} ({waited:.0f} s of {self.timeout_words()}).")
+            self.say(
+                f"distributed: {self.waiting_for(still=True)} ({waited:.0f} s of {self.timeout_words()})."
+            )
             self.next_wait_report += WAIT_REPORT_SECONDS
         if joining and now > self.connecting_since + self.cluster["timeout"] + JOIN_GRACE_SECONDS:
             self.end_child("join")
@@ -207,11 +209,12 @@ class Supervisor:
     def timeout_words(self) -> str:
         return f"cluster.initialization_timeout={self.cluster.get('timeout', '?')} s"
 
-    def waiting_for(self) -> str:
+    def waiting_for(self, still: bool = False) -> str:
+        waiting = f"{self.who()} {'still ' if still else ''}waiting"
         if self.cluster.get("process_id") == 0:
             count = self.cluster.get("num_processes") or "all"
-            return f"{self.who()} waiting at {self.address()} for {count} processes to join"
-        return f"{self.who()} waiting for the coordinator at {self.address()}"
+            return f"{waiting} at {self.address()} for {count} processes to join"
+        return f"{waiting} for the coordinator at {self.address()}"
 
     def join_failure(self) -> str:
         fix = (
@@ -221,8 +224,8 @@ class Supervisor:
         )
         if self.cluster.get("process_id") == 0:
             return (
-                f"{self.who()} serves the coordinator at {self.address()}, but not every process joined within "
-                f"{self.timeout_words()}. {fix}"
+                f"{self.who()} serves the coordinator at {self.address()}, but not every process joined "
+                f"within {self.timeout_words()}. {fix}"
             )
         # The job checked that the coordinator's port takes TCP connections before it asked JAX to join.
         return (
@@ -245,8 +248,8 @@ class Supervisor:
             what = f"the coordinator at {self.address()} (process 0) stopped or cannot be reached"
         else:
             what = (
-                f"another process stopped, or the coordinator at {self.address()} did (or one of them sent no "
-                f"heartbeat for {heartbeat})"
+                f"another process stopped, or the coordinator at {self.address()} did (or one of them sent "
+                f"no heartbeat for {heartbeat})"
             )
         return (
             f"{self.who()}: {what}, so JAX's coordination service stopped this process ({how}). Committed "
@@ -261,13 +264,13 @@ class Supervisor:
             if tee.last_line() != line:
                 self.say(line)
             return int(error.get("status", EXIT_USER_ERROR))
+        if self.interrupted_at is not None and returncode != 0:  # Ctrl-C before the job could say so
+            self.say("error: interrupted. Committed checkpoints are kept: re-run the same command to resume.")
+            return EXIT_INTERRUPTED
         if returncode >= 0 and self.ended_by_us is None:
             return returncode  # success, or a bug with its traceback
         how = "ended by the launching process" if self.ended_by_us else _signal_name(-returncode)
         joined = "joined" in self.events
-        if not joined and self.interrupted_at is not None:
-            self.say(f"error: interrupted while {self.waiting_for()}; nothing was written.")
-            return EXIT_INTERRUPTED
         gave_up = self.ended_by_us == "join" or returncode == -signal.SIGABRT
         if not joined and self.connecting_since is not None and gave_up:
             self.say(f"error: {self.join_failure()}")
