@@ -21,6 +21,7 @@ The child reports to the parent over a pipe named by the environment variable `C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,7 +72,8 @@ def tell_parent(event: str, **fields) -> None:
     """Sends `event` with `fields` to the supervising parent; nothing outside a supervised child."""
     if not is_supervised():
         return
-    line = json.dumps({"event": event, **fields}).encode()[: 3 * 1024] + b"\n"  # under PIPE_BUF: one write
+    fields = {k: v[:2000] if isinstance(v, str) else v for k, v in fields.items()}
+    line = json.dumps({"event": event, **fields}).encode() + b"\n"  # under PIPE_BUF (4 KiB): one write
     try:
         os.write(int(os.environ[CHANNEL]), line)
     except OSError:  # the parent is gone; this process is about to be killed with it
@@ -92,7 +94,7 @@ class _Tee(threading.Thread):
     def run(self) -> None:
         out = sys.stderr.buffer
         while chunk := os.read(self.source.fileno(), 65536):
-            with self.lock:
+            with self.lock, contextlib.suppress(OSError):  # our stderr closed: keep draining the child's
                 out.write(chunk)
                 out.flush()
             self.tail = (self.tail + chunk)[-TAIL_BYTES:]
@@ -154,16 +156,25 @@ class Supervisor:
 
     def watch(self, read_end: int) -> None:
         """Reads the child's events until it exits; reports waiting, ends a child that cannot join."""
-        buffer = b""
+        buffer, exited_at = b"", None
         while True:
             ready, _, _ = select.select([read_end], [], [], 0.5)
             data = os.read(read_end, 65536) if ready else b""
-            if not data and (ready or self.child.poll() is not None):
-                break  # the child is gone (end of the pipe), or exited with nothing more to say
+            if ready and not data:
+                break  # the end of the pipe: the child is gone
             *lines, buffer = (buffer + data).split(b"\n")
             for line in lines:
-                self.receive(json.loads(line))
-            self.check_clock(time.monotonic())
+                try:
+                    event = json.loads(line)
+                except ValueError:  # cut short: the child died while writing it
+                    continue
+                self.receive(event)
+            if self.child.poll() is None:
+                self.check_clock(time.monotonic())
+            else:  # read what it wrote before it exited; a grandchild holding the pipe is not waited for
+                exited_at = exited_at or time.monotonic()
+                if not ready and time.monotonic() > exited_at + 1.0:
+                    break
         self.child.wait()
 
     def receive(self, event: dict) -> None:
