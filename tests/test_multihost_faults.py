@@ -24,11 +24,10 @@ import pathlib
 import random
 import signal
 import socket
-import textwrap
 import time
 
 import pytest
-from test_cli import shared_cache_dir
+import test_multihost
 from test_multihost import Job, launch
 
 from debkd_jax import supervisor
@@ -68,39 +67,42 @@ HEARTBEAT_TIMEOUT = 5  # cluster.heartbeat_timeout of every test here, seconds
 # A guard against hangs, not an expected time: start, compile and one epoch on 2 shared cores.
 LAUNCH_SECONDS = 240
 
-# The embedded digits at 8x8, 20 images per class, a global batch of 8: a teacher epoch is a few steps. The
-# teacher has one epoch more than the kills during it (each launch commits at least one more), so that the
-# launches killed during a student train its last epoch first; the student never finishes.
-CONFIG = textwrap.dedent(
-    """
-    from debkd_jax import config_lib
-
-
-    def get_config():
-        config = config_lib.smoke(config_lib.base_config(("DeBKD",)))
-        config.data.image_size = 8
-        config.data.max_per_class = 20
-        for part in (config.teacher, config.student):
-            part.batch_size = 8
-            part.eval_batch_size = 32
-        config.teacher.num_epochs = {teacher_epochs}
-        config.student.num_epochs = 1000
-        config.cluster.heartbeat_timeout = {heartbeat}
-        return config
-    """
+# test_multihost's config (the embedded digits at 8x8) cut to 20 images per class and a global batch of 8:
+# a teacher epoch is a few steps. The teacher has one epoch more than the kills during it (each launch commits
+# at least one more), so that the launches killed during a student train its last epoch first; the student
+# never finishes.
+FAULT_FLAGS = (
+    "--config.data.max_per_class=20",
+    "--config.teacher.batch_size=8",
+    "--config.student.batch_size=8",
+    "--config.teacher.eval_batch_size=32",
+    "--config.student.eval_batch_size=32",
+    f"--config.teacher.num_epochs={2 * REPEATS + 1}",
+    "--config.student.num_epochs=1000",
+    f"--config.cluster.heartbeat_timeout={HEARTBEAT_TIMEOUT}",
 )
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return shared_cache_dir(tmp_path_factory)
+cache_dir, config_file = test_multihost.cache_dir, test_multihost.config_file  # the same fixtures
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults_config") / "faults.py"
-    path.write_text(CONFIG.format(teacher_epochs=2 * REPEATS + 1, heartbeat=HEARTBEAT_TIMEOUT))
-    return path
+def launch_faulty(tmp_path, name: str, cache_dir, config_file, *flags, **where) -> Job:
+    """`test_multihost.launch` with the fault tests' flags, into tmp_path/name, logs in tmp_path/logs-name."""
+    return launch(
+        tmp_path / name, cache_dir, config_file, tmp_path / f"logs-{name}", *FAULT_FLAGS, *flags, **where
+    )
+
+
+def never_joining(
+    tmp_path, run: int, cache_dir, config_file, waiting: str, **where
+) -> tuple[Job, list, float]:
+    """Launches a job that cannot form, waits until process `where["started"][0]` says it waits; -> the job,
+    the exit statuses, and the seconds from that line to the end."""
+    flags = (f"--config.cluster.initialization_timeout={INIT_TIMEOUT}",)
+    job = launch_faulty(tmp_path, f"run{run}", cache_dir, config_file, *flags, **where)
+    seen = wait_for_line(job, where["started"][0], waiting, LAUNCH_SECONDS)
+    returncodes = job.wait(timeout=LAUNCH_SECONDS)
+    return job, returncodes, time.monotonic() - seen
 
 
 def stderr_of(job: Job, process_id: int) -> str:
@@ -178,19 +180,10 @@ def test_a_coordinator_that_never_answers_ends_in_one_line(cache_dir, config_fil
     for run in range(2 * REPEATS):
         kind = ("mute", "dropping")[run % 2]
         with silent_coordinator(kind) as address:
-            flags = (f"--config.cluster.initialization_timeout={INIT_TIMEOUT}",)
-            job = launch(
-                tmp_path / f"run{run}",
-                cache_dir,
-                config_file,
-                tmp_path / f"logs{run}",
-                *flags,
-                started=(1,),
-                address=address,
+            waiting = f"waiting for the coordinator at {address}"
+            job, (returncode,), seconds = never_joining(
+                tmp_path, run, cache_dir, config_file, waiting, started=(1,), address=address
             )
-            waiting = wait_for_line(job, 1, f"waiting for the coordinator at {address}", LAUNCH_SECONDS)
-            (returncode,) = job.wait(timeout=LAUNCH_SECONDS)
-            seconds = time.monotonic() - waiting
         assert_ends_in_one_line(job, 1, returncode, address, f"initialization_timeout={INIT_TIMEOUT} s")
         # Respects the timeout: the launcher ends a child that has not joined 10 s after it (JOIN_GRACE).
         assert INIT_TIMEOUT - 1 <= seconds <= INIT_TIMEOUT + 10 + 5, seconds
@@ -211,19 +204,15 @@ def test_a_process_that_never_starts_ends_the_others_in_one_line(cache_dir, conf
     outcomes = []
     for run in range(2 * REPEATS):
         processes, started = ((2, (0,)), (3, (0, 1)))[run % 2]
-        flags = (f"--config.cluster.initialization_timeout={INIT_TIMEOUT}",)
-        job = launch(
-            tmp_path / f"run{run}",
+        job, returncodes, seconds = never_joining(
+            tmp_path,
+            run,
             cache_dir,
             config_file,
-            tmp_path / f"logs{run}",
-            *flags,
+            "waiting at localhost:",
             processes=processes,
             started=started,
         )
-        waiting = wait_for_line(job, 0, "waiting at localhost:", LAUNCH_SECONDS)
-        returncodes = job.wait(timeout=LAUNCH_SECONDS)
-        seconds = time.monotonic() - waiting
         for process_id, returncode in zip(started, returncodes, strict=True):
             assert_ends_in_one_line(
                 job,
@@ -283,7 +272,7 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_relaunch_resumes(cach
     for launch_index, (victim, phase) in enumerate(schedule):
         folder = teacher if phase == "teacher" else student
         before = newest_checkpoint(folder)
-        job = launch(workdir, cache_dir, config_file, tmp_path / f"launch{launch_index}")
+        job = launch(workdir, cache_dir, config_file, tmp_path / f"launch{launch_index}", *FAULT_FLAGS)
         wait_for_checkpoint_after(folder, before, job, LAUNCH_SECONDS)
         time.sleep(rng.uniform(0.0, 1.0))  # somewhere in the next epoch: a step, an evaluation, a save
         os.kill(job.procs[victim].pid, signal.SIGKILL)  # its job dies with it (PR_SET_PDEATHSIG), a host lost
@@ -328,7 +317,7 @@ def test_a_process_that_stops_answering_ends_the_other_after_the_heartbeat_timeo
     outcomes = []
     for run in range(REPEATS):
         workdir = tmp_path / f"run{run}"
-        job = launch(workdir, cache_dir, config_file, tmp_path / f"logs{run}")
+        job = launch_faulty(tmp_path, f"run{run}", cache_dir, config_file)
         wait_for_checkpoint_after(workdir / "teacher" / "checkpoints", 0, job, LAUNCH_SECONDS)
         (frozen,) = children(job.procs[1].pid)
         os.kill(frozen, signal.SIGSTOP)
