@@ -251,9 +251,12 @@ class Supervisor:
             r"stopped sending heartbeats\):\s*(\d+)", tail
         )
         if silent:
+            quiet = int(silent.group(1))
+            itself = quiet == self.events.get("joined", {}).get("process_id")
             what = (
-                f"process {silent.group(1)} sent no heartbeat to the coordinator at {self.address()} for "
-                f"{heartbeat} (it was killed, hangs, or its host is down or unreachable)"
+                f"{'this process' if itself else f'process {quiet}'} sent no heartbeat to the coordinator at "
+                f"{self.address()} for {heartbeat} (killed, hung, starved of CPU, or its host down or "
+                "unreachable)"
             )
         elif re.search(r"leader task|Failed to send RPC to coordination service", tail):
             what = f"the coordinator at {self.address()} (process 0) stopped or cannot be reached"
