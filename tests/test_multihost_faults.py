@@ -65,7 +65,7 @@ def record(test: str, fields: tuple[str, ...], outcomes: list[tuple], **settings
 
 INIT_TIMEOUT = 4  # cluster.initialization_timeout of the tests that never join, seconds
 # cluster.heartbeat_timeout, seconds: 20 s for the jobs that run (a process starved of CPU for 5 s, as on 2
-# cores shared by 15 busy processes, was declared dead: seen once in 10 launches), 5 s where a process is
+# cores at load 15, was declared dead: seen once in 18 launches), 5 s where a process is
 # stopped on purpose.
 HEARTBEAT_TIMEOUT = 20
 STOPPED_HEARTBEAT_TIMEOUT = 5
