@@ -12,6 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "debkd_jax"
 LAYERS = {
     "errors": 0,
     "xla_cpu": 0,
+    "native": 0,
     "targets": 1,
     "losses": 2,
     "metrics": 2,

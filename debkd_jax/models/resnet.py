@@ -106,7 +106,7 @@ class ResNet(nn.Module):
 
     @property
     def conv_backward(self) -> str:
-        """The `CONV_BACKWARDS` name of `conv` ("xla" or "materialized")."""
+        """The `CONV_BACKWARDS` name of `conv` ("xla", "materialized" or "onednn")."""
         return conv_backward_of(self.conv)
 
     @nn.compact
@@ -150,7 +150,8 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 
 def get_model(name: str, num_classes: int, dtype: Any = "float32", conv_backward: str = "xla") -> nn.Module:
     """The preset `name` with a `num_classes`-way head computing in `dtype` ('float32', 'bfloat16', ...), its
-    convs built from `CONV_BACKWARDS[conv_backward]` ("xla" or "materialized"; same values either way).
+    convs built from `CONV_BACKWARDS[conv_backward]` ("xla", "materialized" or "onednn"; same values
+    either way).
 
     `name` may instead be 'package.module:factory' (`external.build`): the factory's module, adapted to
     return (logits, features) like the presets; `conv_backward` does not reach its convs."""
