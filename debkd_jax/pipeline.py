@@ -112,7 +112,7 @@ def train_teacher(
         objective,
         steps,
         config.data.augment,
-        training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh),
+        training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype),
     )
     dummy = placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     started = time.perf_counter()
@@ -445,7 +445,7 @@ def train_student(
         infusion = targets_lib.infusion_table(t_logits["train"], dataset.train_labels, method_cfg.ki_mode)
     steps = len(dataset.train_labels) // scfg.batch_size
     kw: dict[str, Any] = {"method_cfg": method_cfg}
-    conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh)
+    conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype)
     if objective.needs_teacher_online:
         kw["teacher"] = models.get_model(
             teacher_meta["model"], dataset.num_classes, config.dtype, conv_backward

@@ -380,7 +380,7 @@ def test_fusion_barrier_is_the_identity():
 
 def test_unknown_conv_backward_is_refused():
     for bad in ("auto", "lax", "", None):
-        with pytest.raises(ValueError, match=r"conv_backward must be one of \('xla', 'materialized'\)"):
+        with pytest.raises(ValueError, match=r"conv_backward must be one of \('xla', 'materialized', 'onednn'\)"):
             models.get_model("resnet_tiny", 2, conv_backward=bad)
     custom = functools.partial(nn.Conv, precision="highest")
     model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_classes=2, stem_width=4,
@@ -398,5 +398,5 @@ def test_models_built_alike_are_equal_and_carry_their_conv():
         assert a.conv is models.CONV_BACKWARDS[setting] and a.conv_backward == setting
         assert models.conv_backward_of(a.conv) == setting
     assert models.get_model("resnet_tiny", 2) != models.get_model("resnet_tiny", 2, "float32", "materialized")
-    assert models.CONV_BACKWARD_SETTINGS == ("auto", "xla", "materialized")
+    assert models.CONV_BACKWARD_SETTINGS == ("auto", "xla", "materialized", "onednn")
 
