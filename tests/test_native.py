@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from jax.test_util import check_grads
 
-from conftest import REPO_ROOT
 from debkd_jax import config_lib, methods, models, native, training
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -40,7 +40,10 @@ def conv_geometries(model_name: str) -> list[tuple]:
 
     def recording_conv(lhs, rhs, window_strides, padding, **kw):
         seen[(lhs.shape, rhs.shape, tuple(window_strides), str(padding))] = (
-            lhs.shape, rhs.shape, tuple(window_strides), padding
+            lhs.shape,
+            rhs.shape,
+            tuple(window_strides),
+            padding,
         )
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
 
@@ -53,6 +56,7 @@ def conv_geometries(model_name: str) -> list[tuple]:
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def native_and_xla(x, w, g, strides, padding):
     """(y, dx, dw) of the native conv and of `lax.conv_general_dilated`, for the cotangent g."""
+
     def run(conv):
         return jax.vjp(lambda x, w: conv(x, w, strides, padding, dimension_numbers=NHWC), x, w)
 
@@ -133,14 +137,19 @@ def one_device_train_steps(conv_backward: str, n_steps: int = 2, model: str = "r
     cfg = config_lib.train_config(model, num_epochs=2, batch_size=batch)
     method_cfg = methods.preset("CE")
     objective = methods.objective(method_cfg, cfg.num_epochs)
-    spec = training.build_step_spec(cfg, 2, "float32", objective, 4, False, conv_backward, method_cfg=method_cfg)
+    spec = training.build_step_spec(
+        cfg, 2, "float32", objective, 4, False, conv_backward, method_cfg=method_cfg
+    )
     state = training.init_state(jax.random.key(0), spec.model, training.make_optimizer(cfg, 4), (32, 32, 3))
     initial = jax.device_get(state.params)
     rng = np.random.default_rng(0)
     labels = (np.arange(batch) % 2).astype(np.int32)
     rows = methods.method_targets(method_cfg, rng.normal(size=(batch, 2)).astype(np.float32), labels)
-    batch_arrays = {"image": rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8), "label": labels,
-                    "rows": jax.tree.map(np.asarray, rows)}
+    batch_arrays = {
+        "image": rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8),
+        "label": labels,
+        "rows": jax.tree.map(np.asarray, rows),
+    }
     step = training.make_train_step(spec, mesh, 0)
     acc = training.zero_metrics()
     for _ in range(n_steps):
@@ -157,11 +166,17 @@ def onednn_steps():
 def test_a_train_step_with_the_native_conv_agrees_with_xla(onednn_steps):
     initial, params, stats, acc = onednn_steps
     initial_x, params_x, stats_x, acc_x = one_device_train_steps("xla")
-    for a, b in zip(jax.tree.leaves((initial, params, stats)), jax.tree.leaves((initial_x, params_x, stats_x)),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves((initial, params, stats)),
+        jax.tree.leaves((initial_x, params_x, stats_x)),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert_close_relative(acc["loss_sum"], acc_x["loss_sum"])
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial), strict=True)]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial), strict=True)
+    ]
     assert sum(changed) > len(changed) // 2  # the steps did train
 
 
@@ -175,7 +190,9 @@ def test_whole_model_gradients_agree_with_xla():
         variables = model.init(jax.random.key(0), x, train=False)
 
         def loss(params, model=model, variables=variables):
-            (logits, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            (logits, _), _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
             return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
         grads[setting] = jax.jit(jax.grad(loss))(variables["params"])
@@ -192,7 +209,9 @@ def test_a_failed_build_falls_back_to_xla_with_one_warning(tmp_path):
     """With a compiler that runs but fails to compile, and an empty cache, `conv_backward="onednn"` still trains:
     the plain XLA conv, the same gradients, and one warning naming the cause."""
     failing_cxx = tmp_path / "failing-c++"
-    failing_cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "failing c++ 1.0" && exit 0\necho boom >&2\nexit 1\n')
+    failing_cxx.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && echo "failing c++ 1.0" && exit 0\necho boom >&2\nexit 1\n'
+    )
     failing_cxx.chmod(0o755)
     script = """
 import json, warnings
@@ -212,9 +231,15 @@ same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(grads["on
 print(json.dumps({"status": native.status().reason, "same": same,
                   "warnings": [str(w.message) for w in caught if "onednn" in str(w.message)]}))
 """
-    env = {**os.environ, "CXX": str(failing_cxx), "DEBKD_NATIVE_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    env = {
+        **os.environ,
+        "CXX": str(failing_cxx),
+        "DEBKD_NATIVE_CACHE": str(tmp_path / "cache"),
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert "compiling onednn_conv.cc failed" in out["status"] and out["same"]
@@ -231,11 +256,14 @@ def test_unsupported_convolutions_fall_back_with_the_reason():
     assert "float32" in models.onednn_unsupported(x.astype(jnp.bfloat16), w, None, None, NHWC, 1, None)
     assert models.onednn_unsupported(x, jnp.ones((3, 3, 4, 4)), None, None, NHWC, 1, None) is None
     with pytest.warns(RuntimeWarning, match="dilated"):
-        y = models.conv_general_dilated_onednn(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2),
-                                               dimension_numbers=NHWC)
+        y = models.conv_general_dilated_onednn(
+            x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC
+        )
     np.testing.assert_array_equal(
-        y, jax.lax.conv_general_dilated(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2),
-                                        dimension_numbers=NHWC)
+        y,
+        jax.lax.conv_general_dilated(
+            x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC
+        ),
     )
 
 
@@ -247,7 +275,13 @@ def test_auto_picks_the_native_conv_on_one_cpu_device_in_float32_only():
 
 
 def test_the_ahead_of_time_build_command_reports_a_working_conv():
-    done = subprocess.run([sys.executable, "-m", "debkd_jax.native"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=240, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, "-m", "debkd_jax.native"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ok: conv_backward='onednn' runs natively" in done.stdout

@@ -103,7 +103,8 @@ def warn_fallback(reason: str) -> None:
     """One warning per reason and process: the oneDNN conv falls back to the plain XLA conv."""
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"conv_backward='onednn' uses the plain XLA conv: {reason}", RuntimeWarning, stacklevel=3)
+        message = f"conv_backward='onednn' uses the plain XLA conv: {reason}"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def onednn_unsupported(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -205,7 +206,9 @@ def conv_general_dilated_onednn(
     return onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
 
 
-OnednnConv: Callable[..., nn.Conv] = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated_onednn)
+OnednnConv: Callable[..., nn.Conv] = functools.partial(
+    nn.Conv, conv_general_dilated=conv_general_dilated_onednn
+)
 """`nn.Conv` with `conv_general_dilated_onednn`: same values, gradients and variables as `nn.Conv`."""
 
 CONV_BACKWARDS: dict[str, ModuleDef] = {

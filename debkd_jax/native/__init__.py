@@ -30,8 +30,11 @@ TARGETS = {
     "backward_data": "debkd_onednn_conv_backward_data",
     "backward_weights": "debkd_onednn_conv_backward_weights",
 }
-SYMBOLS = {"forward": "DebkdOnednnConvFwd", "backward_data": "DebkdOnednnConvBwdData",
-           "backward_weights": "DebkdOnednnConvBwdWeights"}
+SYMBOLS = {
+    "forward": "DebkdOnednnConvFwd",
+    "backward_data": "DebkdOnednnConvBwdData",
+    "backward_weights": "DebkdOnednnConvBwdWeights",
+}
 THREADS_ENV = "DEBKD_ONEDNN_THREADS"
 DISABLE_ENV = "DEBKD_NATIVE"  # "0": never build or load the library
 
@@ -63,7 +66,9 @@ def load_library(path: str, threads: int) -> ctypes.CDLL:
     lib.DebkdOnednnSetThreads.argtypes = [ctypes.c_int]
     lib.DebkdOnednnSetThreads(threads)
     for direction, target in TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, SYMBOLS[direction])), platform="cpu")
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(lib, SYMBOLS[direction])), platform="cpu"
+        )
     return lib
 
 

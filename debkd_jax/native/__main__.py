@@ -23,8 +23,11 @@ def largest_relative_differences() -> dict[str, float]:
     y = jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     dy = jax.random.normal(kg, y.shape)
     dx, dw = jax.vjp(
-        lambda x, w: jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")),
-        x, w,
+        lambda x, w: jax.lax.conv_general_dilated(
+            x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        x,
+        w,
     )[1](dy)
     got = {
         "y": native.conv_forward(x, w, strides, pads),
@@ -44,8 +47,10 @@ def main() -> int:
     print(f"oneDNN {status.onednn_version}, {status.threads} OpenMP thread(s) (${native.THREADS_ENV})")
     with jax.default_device(jax.devices("cpu")[0]):
         differences = largest_relative_differences()
-    print("relative difference from lax.conv_general_dilated: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in differences.items()))
+    print(
+        "relative difference from lax.conv_general_dilated: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in differences.items())
+    )
     if max(differences.values()) > TOLERANCE:
         print(f"error: the native conv differs from XLA's by more than {TOLERANCE}", file=sys.stderr)
         return 1

@@ -79,8 +79,14 @@ def toolchain() -> Toolchain:
     if probe.returncode != 0:
         raise BuildError(f"the C++ compiler {' '.join(cxx)!r} does not run (exit {probe.returncode})")
     versions = {"jaxlib": jaxlib.__version__, "onednn": onednn_version}
-    return Toolchain(cxx, probe.stdout.splitlines()[0] if probe.stdout else "", jax.ffi.include_dir(),
-                     include, lib, versions)
+    return Toolchain(
+        cxx,
+        probe.stdout.splitlines()[0] if probe.stdout else "",
+        jax.ffi.include_dir(),
+        include,
+        lib,
+        versions,
+    )
 
 
 def library_path(tc: Toolchain) -> str:
@@ -108,8 +114,16 @@ def build(tc: Toolchain | None = None) -> str:
     except OSError as e:
         raise BuildError(f"cannot write the native cache {folder} ({e}); set {CACHE_ENV}") from e
     cmd = [
-        *tc.cxx, *CXXFLAGS, f"-I{tc.ffi_include}", f"-I{tc.onednn_include}", SOURCE,
-        f"-L{tc.onednn_lib}", "-l:libdnnl.so.3", f"-Wl,-rpath,{tc.onednn_lib}", "-o", tmp,
+        *tc.cxx,
+        *CXXFLAGS,
+        f"-I{tc.ffi_include}",
+        f"-I{tc.onednn_include}",
+        SOURCE,
+        f"-L{tc.onednn_lib}",
+        "-l:libdnnl.so.3",
+        f"-Wl,-rpath,{tc.onednn_lib}",
+        "-o",
+        tmp,
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -117,7 +131,9 @@ def build(tc: Toolchain | None = None) -> str:
             log = path + ".log"
             with open(log, "w", encoding="utf-8") as f:
                 f.write(" ".join(cmd) + "\n\n" + done.stdout + done.stderr)
-            raise BuildError(f"compiling {os.path.basename(SOURCE)} failed (exit {done.returncode}; see {log})")
+            raise BuildError(
+                f"compiling {os.path.basename(SOURCE)} failed (exit {done.returncode}; see {log})"
+            )
         os.replace(tmp, path)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BuildError(f"compiling {os.path.basename(SOURCE)} failed: {e}") from e
