@@ -1,4 +1,5 @@
-"""a. Student train step, images/s: the project's step (CE, DeBKD; both conv backwards) vs the peer."""
+"""a. Student train step, images/s: the project's step (CE, DeBKD; each conv backward) vs the peer, in one
+process, interleaved."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from benchmarks.timing import interleaved, paired_ratio, summary
 LABELS = {
     "jax_ce": "JAX CE",
     "jax_debkd": "JAX DeBKD, targets precomputed",
+    "jax_ce_materialized": "JAX CE, conv VJP through a fusion barrier (materialized)",
     "jax_ce_xla_conv": "JAX CE, plain XLA conv backward",
     "jax_debkd_xla_conv": "JAX DeBKD, plain XLA conv backward",
     "torch_ce": "PyTorch peer CE",
@@ -22,6 +24,8 @@ def measure_model(ctx, name: str) -> dict:
         "jax_debkd": get_step(name, "DeBKD", batch=mode.batch),
         "jax_ce_xla_conv": get_step(name, "CE", batch=mode.batch, conv_backward="xla"),
     }
+    if fns["jax_ce"].conv_backward != "materialized":
+        fns["jax_ce_materialized"] = get_step(name, "CE", batch=mode.batch, conv_backward="materialized")
     if name in mode.all_variants:
         fns["jax_debkd_xla_conv"] = get_step(name, "DeBKD", batch=mode.batch, conv_backward="xla")
     compile_s = {k: f.compile_s for k, f in fns.items()}

@@ -296,3 +296,27 @@ def test_lever_options_narrow_the_mode():
     assert mode.lever_pairs == 8
     assert mode.lever_workloads == (("train_step", "resnet8", 128), ("teacher_pass", "resnet8x4", 256))
     assert run.with_lever_options(modes.MODES["quick"], None, "") == modes.MODES["quick"]
+
+
+def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
+    from benchmarks import fresh_pairs
+
+    times = {"jax_omp2": 1.0, "jax_omp1": 2.0, "torch": 3.0}
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        return {"median_s": times[name], "images_per_s": 8 / times[name]}
+
+    rounds = fresh_pairs.rounds_of(run, ["jax_omp2", "jax_omp1", "torch"], 3)
+    assert [r["order"] for r in rounds] == [
+        ["jax_omp2", "jax_omp1", "torch"], ["jax_omp1", "torch", "jax_omp2"], ["torch", "jax_omp2", "jax_omp1"]
+    ]
+    assert calls == [name for r in rounds for name in r["order"]]
+    assert all(r["speedup_vs_peer"] == {"jax_omp2": 3.0, "jax_omp1": 1.5} for r in rounds)
+    assert all(r["load_before"] >= 0 and r["load_after"] >= 0 for r in rounds)
+    md = "\n".join(fresh_pairs.render({"batch": 8, "rounds": 3, "models": {"m": {
+        "rounds": rounds, "median_speedup_vs_peer": {"jax_omp2": 3.0, "jax_omp1": 1.5},
+        "geomean_speedup_vs_peer": {"jax_omp2": 3.0, "jax_omp1": 1.5},
+        "images_per_s": {}, "omp2_over_omp1": 2.0, "conv_backward": "onednn"}}}))
+    assert "median **3.00x**" in md and "2 threads over 1 thread: 2.00x" in md

@@ -2,6 +2,7 @@
 
     conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward,
                 "onednn" -> oneDNN's conv and its gradients on the CPU (debkd_jax.native)
+    norm.py     BatchNorm, and its CPU variant (channel sums as GEMVs) that "onednn" builds models with
     resnet.py   BasicBlock, Bottleneck, ResNet, the presets (MODELS), get_model, feature_taps, count_params
     hints.py    HintRegressor
     external.py any Flax module as a model: "package.module:factory" (Adapted, load_factory)
@@ -23,10 +24,18 @@ from debkd_jax.models.conv import (
 )
 from debkd_jax.models.external import Adapted, check_features_for_hints, is_factory_spec, load_factory
 from debkd_jax.models.hints import HintRegressor
+from debkd_jax.models.norm import (
+    NORMS,
+    BatchNorm,
+    CpuBatchNorm,
+    DotSumBatchNorm,
+    batch_norm_train,
+    channel_sums,
+    norm_for,
+)
 from debkd_jax.models.resnet import (
     MODELS,
     BasicBlock,
-    BatchNorm,
     Bottleneck,
     ResNet,
     conv1x1,
@@ -50,6 +59,12 @@ __all__ = [
     "CONV_BACKWARDS",
     "CONV_BACKWARD_SETTINGS",
     "MODELS",
+    "NORMS",
+    "CpuBatchNorm",
+    "DotSumBatchNorm",
+    "batch_norm_train",
+    "channel_sums",
+    "norm_for",
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",

@@ -21,6 +21,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from debkd_jax.native.build import BuildError, build, cache_dir, toolchain
@@ -110,19 +111,27 @@ def output_shape(x_shape, w_shape, strides, pads) -> tuple[int, int, int, int]:
     return n, (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1, o
 
 
+# The handlers take and return weights as (O, C, KH, KW): oneDNN reorders that layout into its own fast, HWIO
+# slowly. The transposes of these small tensors run in XLA.
+def _oihw(w: jax.Array) -> jax.Array:
+    return jnp.transpose(w, (3, 2, 0, 1))
+
+
 def conv_forward(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
     out = jax.ShapeDtypeStruct(output_shape(x.shape, w.shape, strides, pads), x.dtype)
-    return jax.ffi.ffi_call(TARGETS["forward"], out)(x, w, **_attrs(strides, pads))
+    return jax.ffi.ffi_call(TARGETS["forward"], out)(x, _oihw(w), **_attrs(strides, pads))
 
 
 def conv_backward_data(dy: jax.Array, w: jax.Array, x_shape, strides, pads) -> jax.Array:
     out = jax.ShapeDtypeStruct(tuple(x_shape), dy.dtype)
-    return jax.ffi.ffi_call(TARGETS["backward_data"], out)(dy, w, **_attrs(strides, pads))
+    return jax.ffi.ffi_call(TARGETS["backward_data"], out)(dy, _oihw(w), **_attrs(strides, pads))
 
 
 def conv_backward_weights(x: jax.Array, dy: jax.Array, w_shape, strides, pads) -> jax.Array:
-    out = jax.ShapeDtypeStruct(tuple(w_shape), x.dtype)
-    return jax.ffi.ffi_call(TARGETS["backward_weights"], out)(x, dy, **_attrs(strides, pads))
+    kh, kw, c, o = w_shape
+    out = jax.ShapeDtypeStruct((o, c, kh, kw), x.dtype)
+    dw = jax.ffi.ffi_call(TARGETS["backward_weights"], out)(x, dy, **_attrs(strides, pads))
+    return jnp.transpose(dw, (2, 3, 1, 0))
 
 
 __all__ = [

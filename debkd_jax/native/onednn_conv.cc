@@ -1,13 +1,15 @@
 // oneDNN 2-D convolutions as XLA FFI handlers: forward, backward-data and backward-weights.
 //
-// Layouts (row-major, as XLA hands them over): x (N, H, W, C), w (KH, KW, C, O), y (N, OH, OW, O), float32.
+// Layouts (row-major, as XLA hands them over): x (N, H, W, C), w (O, C, KH, KW), y (N, OH, OW, O), float32.
+// (The weights come as OIHW: oneDNN's reorders from it into its blocked layouts are fast, those from HWIO are
+// not; the caller transposes the small weight tensors.)
 // Attributes: sh, sw (strides), pt, pb, pl, pr (padding top, bottom, left, right).
 //
 //   DebkdOnednnConvFwd          (x, w)  -> y
 //   DebkdOnednnConvBwdData      (dy, w) -> dx    (the result's shape gives x's)
 //   DebkdOnednnConvBwdWeights   (x, dy) -> dw    (the result's shape gives w's)
 //
-// Activations stay NHWC (no copies). Weights are reordered per call into the layout the primitive chose
+// Activations stay NHWC (no copies). Weights are reordered per call, on the calling thread, into the layout the primitive chose
 // (format_tag::any), as small as a layer's weights. Primitives, their reorders and their descriptors are built
 // once per shape and kept in a cache guarded by a mutex; scratchpads are per calling thread, so XLA may run
 // several handlers at once.
@@ -69,7 +71,7 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.Wei(tag::any), g.Dst(tag::nhwc), g.Strides(), g.PadL(), g.PadR(), UserScratchpad());
 }
 
-// One cached direction: the conv primitive, and the reorder between the user's HWIO weights and the
+// One cached direction: the conv primitive, and the reorder between the user's OIHW weights and the
 // primitive's weights layout (absent when they are the same).
 struct Entry {
   dnnl::primitive conv;
@@ -81,7 +83,7 @@ struct Entry {
 
 Entry Build(const Geometry& g, Direction d) {
   Entry e;
-  const memory::desc user_weights = g.Wei(tag::hwio);
+  const memory::desc user_weights = g.Wei(tag::oihw);
   auto fwd = ForwardDesc(g);
   if (d == kFwd) {
     e.conv = dnnl::convolution_forward(fwd);
@@ -128,12 +130,18 @@ void* Grow(std::vector<char>& buffer, size_t bytes) {
 
 ffi::Error Run(Direction d, const Geometry& g, float* src, float* weights, float* dst) {
   try {
-    const int threads = g_threads.load();
-    if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(threads);
     const Entry& e = Cached(g, d);
-    thread_local std::vector<char> scratch_buffer, weights_buffer;
     dnnl::stream stream(Engine());
-    memory user_weights(g.Wei(tag::hwio), Engine(), weights);
+    const int threads = g_threads.load() > 0 ? g_threads.load() : omp_get_max_threads();
+    // Weight reorders are small: on the calling thread, without waking the OpenMP team for them.
+    auto reorder_weights = [&](memory& from, memory& to) {
+      omp_set_num_threads(1);
+      e.reorder.execute(stream, from, to);
+      omp_set_num_threads(threads);
+    };
+    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
+    thread_local std::vector<char> scratch_buffer, weights_buffer;
+    memory user_weights(g.Wei(tag::oihw), Engine(), weights);
     memory prim_weights = e.reorder_needed
                               ? memory(e.weights, Engine(), Grow(weights_buffer, e.weights.get_size()))
                               : user_weights;
@@ -141,7 +149,7 @@ ffi::Error Run(Direction d, const Geometry& g, float* src, float* weights, float
     memory src_mem(g.Src(tag::nhwc), Engine(), src);
     memory dst_mem(g.Dst(tag::nhwc), Engine(), dst);
     if (d != kBwdWeights && e.reorder_needed) {
-      e.reorder.execute(stream, user_weights, prim_weights);
+      reorder_weights(user_weights, prim_weights);
     }
     if (d == kFwd) {
       e.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_weights},
@@ -152,7 +160,7 @@ ffi::Error Run(Direction d, const Geometry& g, float* src, float* weights, float
     } else {
       e.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, prim_weights},
                               {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (e.reorder_needed) e.reorder.execute(stream, prim_weights, user_weights);
+      if (e.reorder_needed) reorder_weights(prim_weights, user_weights);
     }
     stream.wait();
     return ffi::Error::Success();
@@ -170,10 +178,10 @@ ffi::Error CheckRank(ffi::Span<const int64_t> dims, const char* what) {
   return ffi::Error::Success();
 }
 
-// x (N, H, W, C), w (KH, KW, C, O), y (N, OH, OW, O): the geometry, from whichever three the direction holds.
+// x (N, H, W, C), w (O, C, KH, KW), y (N, OH, OW, O): the geometry, from whichever three the direction holds.
 Geometry GeometryOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
                     int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
+  return Geometry{x[0], x[1], x[2], x[3], w[2], w[3], w[0], y[1], y[2], sh, sw, pt, pb, pl, pr};
 }
 
 ffi::Error ConvFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
