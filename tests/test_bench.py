@@ -310,7 +310,9 @@ def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
 
     rounds = fresh_pairs.rounds_of(run, ["jax_omp2", "jax_omp1", "torch"], 3)
     assert [r["order"] for r in rounds] == [
-        ["jax_omp2", "jax_omp1", "torch"], ["jax_omp1", "torch", "jax_omp2"], ["torch", "jax_omp2", "jax_omp1"]
+        ["jax_omp2", "jax_omp1", "torch"],
+        ["jax_omp1", "torch", "jax_omp2"],
+        ["torch", "jax_omp2", "jax_omp1"],
     ]
     assert calls == [name for r in rounds for name in r["order"]]
     assert all(r["speedup_vs_peer"] == {"jax_omp2": 3.0, "jax_omp1": 1.5} for r in rounds)

@@ -1,6 +1,6 @@
 """The oneDNN conv behind XLA FFI calls (`debkd_jax.native`, `conv_backward="onednn"`): values and both
-gradients against `lax.conv_general_dilated` at every conv of the presets, a whole train step against the plain
-XLA conv, the compiled gradient, the fallback when the library cannot be built, and determinism.
+gradients against `lax.conv_general_dilated` at every conv of the presets, a whole train step against the
+plain XLA conv, the compiled gradient, the fallback when the library cannot be built, and determinism.
 
 Where the library cannot be built (no compiler, no `.[native]` extra) these tests skip and say why; under CI
 (`CI=true`, where `.ci/run` installs the extra) they fail instead."""
@@ -206,8 +206,8 @@ def test_two_runs_are_bitwise_identical(onednn_steps):
 
 
 def test_a_failed_build_falls_back_to_xla_with_one_warning(tmp_path):
-    """With a compiler that runs but fails to compile, and an empty cache, `conv_backward="onednn"` still trains:
-    the plain XLA conv, the same gradients, and one warning naming the cause."""
+    """With a compiler that runs but fails to compile, and an empty cache, `conv_backward="onednn"` still
+    trains: the plain XLA conv, the same gradients, and one warning naming the cause."""
     failing_cxx = tmp_path / "failing-c++"
     failing_cxx.write_text(
         '#!/bin/sh\n[ "$1" = --version ] && echo "failing c++ 1.0" && exit 0\necho boom >&2\nexit 1\n'
