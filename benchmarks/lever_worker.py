@@ -2,9 +2,10 @@
 
     python -m benchmarks.lever_worker '{"kind": "train_step", "model": "resnet8", "batch": 128, "calls": 3}'
 
-kind: "train_step" (CE step of `model`) or "teacher_pass" (eval-mode logits of one batch). Prints one JSON
-line: the seconds of `calls` samples of one call each (after the compiling call), their median, images/s, the
-compile time and the XLA_FLAGS the process ran with.
+kind: "train_step" (CE step of `model`, `conv_backward` as in the config, default "auto") or "teacher_pass"
+(eval-mode logits of one batch). Prints one JSON line: the seconds of `calls` samples of one call each (after
+the compiling call), their median, images/s, the compile time, the conv backward and the XLA_FLAGS the process
+ran with.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import os
 import sys
 
 
-def measure(kind: str, model: str, batch: int, calls: int) -> dict:
+def measure(kind: str, model: str, batch: int, calls: int, conv_backward: str = "auto") -> dict:
     from benchmarks import steps, timing
 
-    fn = steps.JaxStep(model, "CE", batch=batch) if kind == "train_step" else steps.TeacherPass(model, batch)
+    if kind == "train_step":
+        fn = steps.JaxStep(model, "CE", batch=batch, conv_backward=conv_backward)
+    else:
+        fn = steps.TeacherPass(model, batch)
     samples = timing.interleaved({"fn": fn}, rounds=calls, calls=1, warmup=0, settle=0.0)["fn"]
     return {
         "compile_s": fn.compile_s,
+        "conv_backward": getattr(fn, "conv_backward", ""),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **timing.summary(samples, batch),
     }

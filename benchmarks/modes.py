@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-SECTIONS = ("train_step", "epoch", "overhead", "flops", "memory", "inference", "loss", "levers", "data")
+SECTIONS = (
+    "train_step", "fresh_pairs", "epoch", "overhead", "flops", "memory", "inference", "loss", "levers", "data"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,9 @@ class Mode:
     train_batches: tuple[int, ...] = ()  # train_step's batches; () is (batch,)
     train_dtypes: tuple[str, ...] = ("float32",)  # train_step's compute dtypes (config.dtype; peer: autocast)
     train_methods: tuple[str, ...] = ("CE", "DeBKD")  # train_step's JAX steps (the peer runs CE)
+    pair_models: tuple[str, ...] = ()  # fresh_pairs: the models timed in fresh processes against the peer
+    pair_rounds: int = 0  # fresh_pairs: rounds of (JAX 2 threads, JAX 1 thread, peer), rotating order
+    pair_calls: dict = dataclasses.field(default_factory=dict)  # fresh_pairs: model -> samples per process
     peer_threads: int | None = None  # None: every CPU
     peer_timeout_s: float = 600.0  # any one request to the peer worker
     worker_timeout_s: float = 900.0  # any one lever or memory subprocess
@@ -160,6 +165,9 @@ MODES = {
         data_source=_DOGS_VS_CATS,
         data_model="resnet8",
         data_steps=10,
+        pair_models=("resnet8", "resnet18"),
+        pair_rounds=6,
+        pair_calls={"resnet8": 5, "resnet18": 3},
     ),
     "full": Mode(
         name="full",
@@ -193,6 +201,9 @@ MODES = {
         data_source=_DOGS_VS_CATS,
         data_model="resnet8",
         data_steps=20,
+        pair_models=("resnet8", "resnet18"),
+        pair_rounds=8,
+        pair_calls={"resnet8": 8, "resnet18": 4},
         peer_timeout_s=1800.0,
         worker_timeout_s=1800.0,
     ),

@@ -43,8 +43,9 @@ def synthetic_teacher_logits(n: int, k: int, seed: int = 0, accuracy_margin: flo
 class JaxStep:
     """One `training.make_train_step` step of a student on one fixed synthetic batch; calling it runs a step.
 
-    conv_backward: as `config.conv_backward` ("auto" resolves to "materialized" on CPU; "xla" is the plain
-    backward); `self.conv_backward` is the resolved value.
+    conv_backward: as `config.conv_backward` ("auto" resolves as `training.resolve_conv_backward` does: on one
+    CPU "onednn" where the native conv runs, else "materialized"; "xla" is the plain backward);
+    `self.conv_backward` is the resolved value.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class JaxStep:
         **method_overrides,
     ):
         mesh = training.create_mesh()
-        self.conv_backward = training.resolve_conv_backward(conv_backward, mesh)
+        self.conv_backward = training.resolve_conv_backward(conv_backward, mesh, dtype)
         method_cfg = methods.preset(method, **method_overrides)
         cfg = config_lib.train_config(model_name, num_epochs=15, batch_size=batch)
         objective = methods.objective(method_cfg, cfg.num_epochs)

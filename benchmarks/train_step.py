@@ -1,4 +1,4 @@
-"""a. Student train step, images/s: the project's step (CE, DeBKD; both conv backwards) vs the peer.
+"""a. Student train step, images/s: the project's step (CE, DeBKD; each conv backward) vs the peer.
 
 One run per (batch, dtype) of the mode (`train_batches` x `train_dtypes`), on whatever device JAX runs on; the
 peer runs on its own device (`run.py --peer-device`), in float32 or under bfloat16 autocast.
@@ -13,6 +13,7 @@ from benchmarks.timing import interleaved, paired_ratio, summary
 LABELS = {
     "jax_ce": "JAX CE",
     "jax_debkd": "JAX DeBKD, targets precomputed",
+    "jax_ce_materialized": "JAX CE, conv VJP through a fusion barrier (materialized)",
     "jax_ce_xla_conv": "JAX CE, plain XLA conv backward",
     "jax_debkd_xla_conv": "JAX DeBKD, plain XLA conv backward",
     "torch_ce": "PyTorch peer CE",
@@ -33,6 +34,10 @@ def measure_model(ctx, name: str, batch: int, dtype: str = "float32") -> dict:
     other_backward = fns["jax_ce"].conv_backward != "xla"
     if other_backward:
         fns["jax_ce_xla_conv"] = get_step(name, "CE", batch=batch, dtype=dtype, conv_backward="xla")
+        if fns["jax_ce"].conv_backward != "materialized":
+            fns["jax_ce_materialized"] = get_step(
+                name, "CE", batch=batch, dtype=dtype, conv_backward="materialized"
+            )
         if name in mode.all_variants and "jax_debkd" in fns:
             fns["jax_debkd_xla_conv"] = get_step(name, "DeBKD", batch=batch, dtype=dtype, conv_backward="xla")
     compile_s = {k: f.compile_s for k, f in fns.items()}

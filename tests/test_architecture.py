@@ -13,6 +13,7 @@ LAYERS = {
     "errors": 0,
     "xla_cpu": 0,
     "console": 0,
+    "native": 0,
     "targets": 1,
     "losses": 2,
     "metrics": 2,

@@ -365,3 +365,29 @@ def test_the_committed_gpu_report_is_its_json_rendered(capsys):
     render.main([os.path.join(folder, "benchmarks.json")])
     with open(os.path.join(folder, "BENCHMARKS.md"), encoding="utf-8") as f:
         assert capsys.readouterr().out == f.read()
+
+
+def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
+    from benchmarks import fresh_pairs
+
+    times = {"jax_omp2": 1.0, "jax_omp1": 2.0, "torch": 3.0}
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        return {"median_s": times[name], "images_per_s": 8 / times[name]}
+
+    rounds = fresh_pairs.rounds_of(run, ["jax_omp2", "jax_omp1", "torch"], 3)
+    assert [r["order"] for r in rounds] == [
+        ["jax_omp2", "jax_omp1", "torch"],
+        ["jax_omp1", "torch", "jax_omp2"],
+        ["torch", "jax_omp2", "jax_omp1"],
+    ]
+    assert calls == [name for r in rounds for name in r["order"]]
+    assert all(r["speedup_vs_peer"] == {"jax_omp2": 3.0, "jax_omp1": 1.5} for r in rounds)
+    assert all(r["load_before"] >= 0 and r["load_after"] >= 0 for r in rounds)
+    md = "\n".join(fresh_pairs.render({"batch": 8, "rounds": 3, "models": {"m": {
+        "rounds": rounds, "median_speedup_vs_peer": {"jax_omp2": 3.0, "jax_omp1": 1.5},
+        "geomean_speedup_vs_peer": {"jax_omp2": 3.0, "jax_omp1": 1.5},
+        "images_per_s": {}, "omp2_over_omp1": 2.0, "conv_backward": "onednn"}}}))
+    assert "median **3.00x**" in md and "2 threads over 1 thread: 2.00x" in md

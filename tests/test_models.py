@@ -380,7 +380,7 @@ def test_fusion_barrier_is_the_identity():
 
 def test_unknown_conv_backward_is_refused():
     for bad in ("auto", "lax", "", None):
-        with pytest.raises(ValueError, match=r"conv_backward must be one of \('xla', 'materialized'\)"):
+        with pytest.raises(ValueError, match=r"conv_backward must be one of \('xla', 'materialized', 'onednn'\)"):
             models.get_model("resnet_tiny", 2, conv_backward=bad)
     custom = functools.partial(nn.Conv, precision="highest")
     model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_classes=2, stem_width=4,
@@ -398,5 +398,45 @@ def test_models_built_alike_are_equal_and_carry_their_conv():
         assert a.conv is models.CONV_BACKWARDS[setting] and a.conv_backward == setting
         assert models.conv_backward_of(a.conv) == setting
     assert models.get_model("resnet_tiny", 2) != models.get_model("resnet_tiny", 2, "float32", "materialized")
-    assert models.CONV_BACKWARD_SETTINGS == ("auto", "xla", "materialized")
+    assert models.CONV_BACKWARD_SETTINGS == ("auto", "xla", "materialized", "onednn")
 
+
+
+def test_channel_sums_are_the_sums_over_every_axis_but_the_last():
+    x = jax.random.normal(jax.random.key(0), (64, 16, 16, 8)) * 3 + 2
+    want = np.asarray(x, np.float64).reshape(-1, 8).sum(0)
+    got = np.asarray(jax.jit(models.channel_sums)(x), np.float64)
+    assert np.max(np.abs(got - want) / np.abs(want)) < 1e-6  # partial sums keep float32 error small
+    odd = jax.random.normal(jax.random.key(1), (3, 5, 7))
+    np.testing.assert_allclose(models.channel_sums(odd), odd.sum((0, 1)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dot_sum_batch_norm_trains_as_flax_batch_norm(dtype):
+    """The CPU BatchNorm of conv_backward="onednn": same variables, outputs, running averages and gradients
+    (w.r.t. input, scale and bias) as nn.BatchNorm, in training and in eval mode."""
+    x = (jax.random.normal(jax.random.key(0), (8, 6, 6, 5)) * 2 + 1).astype(dtype)
+    cot = jax.random.normal(jax.random.key(1), x.shape)
+    norms = {name: models.NORMS[name](dtype=dtype) for name in ("xla", "onednn")}
+    variables = norms["xla"].init(jax.random.key(2), x, use_running_average=False)
+    variables = {**variables, "params": {"scale": jnp.linspace(0.5, 2, 5), "bias": jnp.linspace(-1, 1, 5)}}
+    assert jax.tree.map(jnp.shape, norms["onednn"].init(jax.random.key(2), x, use_running_average=False)) == (
+        jax.tree.map(jnp.shape, variables))
+
+    def run(norm):
+        def loss(params, x):
+            y, upd = norm.apply({**variables, "params": params}, x, use_running_average=False,
+                                mutable=["batch_stats"])
+            return jnp.sum(jnp.asarray(y, jnp.float32) * cot), (y, upd)
+
+        (_, (y, upd)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(variables["params"], x)
+        eval_y = norm.apply({**variables, **upd}, x, use_running_average=True)
+        return y, upd, grads, eval_y
+
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in zip(jax.tree.leaves(run(norms["onednn"])), jax.tree.leaves(run(norms["xla"])), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    assert models.norm_for("onednn") is models.CpuBatchNorm and models.norm_for("xla") is models.BatchNorm
+    with pytest.raises(ValueError, match="conv_backward must be one of"):
+        models.norm_for("fast")

@@ -149,7 +149,7 @@ def _clear_methods(config):
         (_set("seeds", 0), ["seeds=0", ">= 1"]),
         (_set("seed", -1), ["seed=-1", ">= 0"]),
         (_set("dtype", "int8"), ["dtype='int8'", "bfloat16"]),
-        (_set("conv_backward", "fast"), ["conv_backward='fast'", "'auto', 'xla', 'materialized'"]),
+        (_set("conv_backward", "fast"), ["conv_backward='fast'", "'auto', 'xla', 'materialized', 'onednn'"]),
         (_clear_methods, ["methods is empty"]),
     ],
 )
@@ -241,7 +241,7 @@ def test_conv_backward_auto_is_materialized_on_cpu_only():
     assert training.resolve_conv_backward("auto", mesh) == "materialized"
     fake_gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")] * 2))
     assert training.resolve_conv_backward("auto", fake_gpu) == "xla"
-    for setting in ("xla", "materialized"):
+    for setting in ("xla", "materialized", "onednn"):
         on_cpu = training.resolve_conv_backward(setting, mesh)
         assert on_cpu == training.resolve_conv_backward(setting, fake_gpu)
         assert training.resolve_conv_backward(setting, mesh) == setting

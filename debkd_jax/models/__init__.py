@@ -1,6 +1,8 @@
 """CIFAR-style ResNets, FitNets hint regressors, and the conv layer they are built with (docs/models.md).
 
-    conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward
+    conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward,
+                "onednn" -> oneDNN's conv and its gradients on the CPU (debkd_jax.native)
+    norm.py     BatchNorm, and its CPU variant (channel sums as GEMVs) that "onednn" builds models with
     resnet.py   BasicBlock, Bottleneck, ResNet, the presets (MODELS), get_model, feature_taps, count_params
     hints.py    HintRegressor
     external.py any Flax module as a model: "package.module:factory" (Adapted, load_factory)
@@ -11,17 +13,29 @@ from debkd_jax.models.conv import (
     CONV_BACKWARDS,
     MaterializedConv,
     ModuleDef,
+    OnednnConv,
     conv_backward_of,
     conv_for,
     conv_general_dilated_materialized,
+    conv_general_dilated_onednn,
     fusion_barrier,
+    onednn_conv,
+    onednn_unsupported,
 )
 from debkd_jax.models.external import Adapted, check_features_for_hints, is_factory_spec, load_factory
 from debkd_jax.models.hints import HintRegressor
+from debkd_jax.models.norm import (
+    NORMS,
+    BatchNorm,
+    CpuBatchNorm,
+    DotSumBatchNorm,
+    batch_norm_train,
+    channel_sums,
+    norm_for,
+)
 from debkd_jax.models.resnet import (
     MODELS,
     BasicBlock,
-    BatchNorm,
     Bottleneck,
     ResNet,
     conv1x1,
@@ -45,23 +59,33 @@ __all__ = [
     "CONV_BACKWARDS",
     "CONV_BACKWARD_SETTINGS",
     "MODELS",
+    "NORMS",
+    "CpuBatchNorm",
+    "DotSumBatchNorm",
+    "batch_norm_train",
+    "channel_sums",
+    "norm_for",
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",
     "HintRegressor",
     "MaterializedConv",
     "ModuleDef",
+    "OnednnConv",
     "ResNet",
     "conv1x1",
     "conv3x3",
     "conv_backward_of",
     "conv_for",
     "conv_general_dilated_materialized",
+    "conv_general_dilated_onednn",
     "conv_init",
     "count_params",
     "feature_taps",
     "fusion_barrier",
     "get_model",
+    "onednn_conv",
+    "onednn_unsupported",
     "resnet8",
     "resnet8x4",
     "resnet18",

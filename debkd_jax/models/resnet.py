@@ -10,8 +10,9 @@ Variable names, stable for checkpoints, FKD taps and the PyTorch peer (third_par
     head/{kernel,bias}                    (final_channels, num_classes)
 
 `block_outputs[i]` is the output of `block_{i}`. Every conv is built from the module's `conv` attribute
-(`nn.Conv` or a partial of it, see `conv.CONV_BACKWARDS`); it changes how gradients are computed, never the
-values or the variables.
+(`nn.Conv` or a partial of it, see `conv.CONV_BACKWARDS`) and every BatchNorm from its `norm` attribute
+(`BatchNorm` or its CPU variant, `norm.NORMS`); they change how values and gradients are computed, never the
+values (beyond float rounding) or the variables.
 """
 
 import functools
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 
 from debkd_jax.models import external
 from debkd_jax.models.conv import ModuleDef, conv_backward_of, conv_for
+from debkd_jax.models.norm import BatchNorm, norm_for
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, axis_name=None)
 
 
 def conv3x3(features: int, strides: int, dtype: Any, name: str, conv: ModuleDef = nn.Conv) -> nn.Module:
@@ -48,11 +49,12 @@ class BasicBlock(nn.Module):
     strides: int = 1
     dtype: Any = jnp.float32
     conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
     expansion: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+        norm = functools.partial(self.norm, use_running_average=not train, dtype=self.dtype)
         y = conv3x3(self.features, self.strides, self.dtype, "conv1", self.conv)(x)
         y = nn.relu(norm(name="bn1")(y))
         y = conv3x3(self.features, 1, self.dtype, "conv2", self.conv)(y)
@@ -70,11 +72,12 @@ class Bottleneck(nn.Module):
     strides: int = 1
     dtype: Any = jnp.float32
     conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
     expansion: ClassVar[int] = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+        norm = functools.partial(self.norm, use_running_average=not train, dtype=self.dtype)
         out_features = self.features * self.expansion
         y = conv1x1(self.features, 1, self.dtype, "conv1", self.conv)(x)
         y = nn.relu(norm(name="bn1")(y))
@@ -92,7 +95,8 @@ class ResNet(nn.Module):
     """3x3 stride-1 stem, residual stages, global average pool, dense head.
 
     `dtype` is the compute dtype; parameters and batch statistics stay float32 and logits are returned as
-    float32, block outputs in `dtype`. `conv` builds every conv, the blocks' included.
+    float32, block outputs in `dtype`. `conv` builds every conv and `norm` every BatchNorm, the blocks'
+    included.
     """
 
     stage_sizes: Sequence[int]
@@ -103,23 +107,24 @@ class ResNet(nn.Module):
     strides: Sequence[int]
     dtype: Any = jnp.float32
     conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
 
     @property
     def conv_backward(self) -> str:
-        """The `CONV_BACKWARDS` name of `conv` ("xla" or "materialized")."""
+        """The `CONV_BACKWARDS` name of `conv` ("xla", "materialized" or "onednn")."""
         return conv_backward_of(self.conv)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """(B, H, W, 3) normalized images -> ((B, num_classes) float32 logits, block outputs (B, h, w, c))."""
         x = conv3x3(self.stem_width, 1, self.dtype, "stem_conv", self.conv)(x)
-        x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="stem_bn")(x)
+        x = self.norm(use_running_average=not train, dtype=self.dtype, name="stem_bn")(x)
         x = nn.relu(x)
         block_outputs = []
         for size, width, stride in zip(self.stage_sizes, self.widths, self.strides, strict=True):
             for j in range(size):
                 block = self.block_cls(width, stride if j == 0 else 1, dtype=self.dtype, conv=self.conv,
-                                       name=f"block_{len(block_outputs)}")
+                                       norm=self.norm, name=f"block_{len(block_outputs)}")
                 x = block(x, train=train)
                 block_outputs.append(x)
         x = jnp.mean(x, axis=(1, 2))
@@ -150,7 +155,8 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 
 def get_model(name: str, num_classes: int, dtype: Any = "float32", conv_backward: str = "xla") -> nn.Module:
     """The preset `name` with a `num_classes`-way head computing in `dtype` ('float32', 'bfloat16', ...), its
-    convs built from `CONV_BACKWARDS[conv_backward]` ("xla" or "materialized"; same values either way).
+    convs built from `CONV_BACKWARDS[conv_backward]` ("xla", "materialized" or "onednn"; same values
+    either way) and its BatchNorms from `NORMS[conv_backward]`.
 
     `name` may instead be 'package.module:factory' (`external.build`): the factory's module, adapted to
     return (logits, features) like the presets; `conv_backward` does not reach its convs."""
@@ -168,7 +174,8 @@ def get_model(name: str, num_classes: int, dtype: Any = "float32", conv_backward
         raise ValueError(f"compute dtype must be floating, got {dtype}")
     if external.is_factory_spec(name):
         return external.build(name, num_classes, dtype)
-    return MODELS[name](num_classes=num_classes, dtype=dtype, conv=conv_for(conv_backward))
+    return MODELS[name](num_classes=num_classes, dtype=dtype, conv=conv_for(conv_backward),
+                        norm=norm_for(conv_backward))
 
 
 def feature_taps(num_blocks: int, which: str) -> tuple[int, ...]:

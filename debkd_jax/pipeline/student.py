@@ -133,7 +133,7 @@ def student_step_spec(
     scfg = config.student
     steps = len(dataset.train_labels) // scfg.batch_size
     kw: dict[str, Any] = {"method_cfg": method_cfg}
-    conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh)
+    conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype)
     if objective.needs_teacher_online:
         kw["teacher"] = models.get_model(
             teacher.meta["model"], dataset.num_classes, config.dtype, conv_backward

@@ -72,7 +72,7 @@ def train_teacher(
         objective,
         steps,
         config.data.augment,
-        training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh),
+        training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype),
     )
     dummy = placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     started = time.perf_counter()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from debkd_jax import config_lib, models, supervisor
+from debkd_jax import config_lib, models, native, supervisor
 from debkd_jax.errors import UserError
 
 log = logging.getLogger("debkd_jax")
@@ -23,16 +24,25 @@ def create_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), ("data",))
 
 
-def resolve_conv_backward(setting: str, mesh: Mesh) -> str:
-    """`config.conv_backward` for the models trained on `mesh`: "auto" is "materialized" when every device is
-    a CPU (the conv VJP through a fusion barrier, faster there: docs/performance.md) and "xla" otherwise (on
-    GPU/TPU the barrier's `lax.cond` would cost a device-to-host sync). Gradients are the same either way."""
+def resolve_conv_backward(setting: str, mesh: Mesh, dtype: Any = "float32") -> str:
+    """`config.conv_backward` for the models trained on `mesh` in compute `dtype`. "auto" is, on a CPU:
+
+        "onednn"        float32 on one device, and the native conv builds and loads here (`native.status()`):
+                        oneDNN's conv and gradients behind XLA FFI calls, faster there (docs/performance.md)
+        "materialized"  otherwise (several devices: XLA would gather the whole batch for each opaque call;
+                        another dtype; or no native conv): the conv VJP through a fusion barrier
+
+    and "xla" on GPU/TPU (where the barrier's `lax.cond` would cost a device-to-host sync). Gradients are the
+    same either way."""
     if setting not in models.CONV_BACKWARD_SETTINGS:
         raise UserError(f"conv_backward={setting!r} is not one of {models.CONV_BACKWARD_SETTINGS}.")
     if setting != "auto":
         return setting
-    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    return "materialized" if on_cpu else "xla"
+    if not all(d.platform == "cpu" for d in mesh.devices.flat):
+        return "xla"
+    if mesh.devices.size == 1 and np.dtype(dtype) == np.float32 and native.status().ok:
+        return "onednn"
+    return "materialized"
 
 
 def initialize_distributed(config) -> None:
