@@ -339,9 +339,10 @@ class EvalOrder:
 class ReadExample:
     """(row, epoch, position) -> {'image' (S, S, 3) uint8, 'label', 'row', 'valid', ['teacher_logits' (k,)]}.
 
-    Runs in grain's worker processes. `train=True`: `train_transform` seeded by (seed, epoch, position);
-    else `eval_transform`. Row -1 (padding) and an unreadable image give a black image with valid=False; the
-    reason of the latter goes to `reason`.
+    Runs in grain's worker processes. `train=True`: `train_transform` seeded by (seed, epoch, position), and an
+    unreadable image is replaced by another row drawn from the same seed (the batch stays whole and the order
+    stays a function of the seed; the teacher pass counts and lists the unreadable files). Eval: `eval_transform`;
+    row -1 (padding) and an unreadable image give a black image with valid=False, the reason in `reason`.
     """
 
     records: SplitRecords
@@ -357,6 +358,8 @@ class ReadExample:
         if row >= 0:
             draft = None if self.train else max(self.image_size, round(self.image_size / self.eval_crop))
             img, label, reason = self.records.read(row, draft)
+            if self.train and img is None:
+                row, img, label = self._substitute(row, epoch, position, reason)
             if img is not None:
                 if self.train:
                     rng = np.random.default_rng([self.seed, epoch, position])
@@ -373,6 +376,20 @@ class ReadExample:
         if self.logits is not None:
             out["teacher_logits"] = self.logits.row(max(row, 0))
         return out
+
+
+    def _substitute(self, row: int, epoch: int, position: int, reason: str):
+        rng = np.random.default_rng([self.seed, epoch, position, 1])
+        for _ in range(_SUBSTITUTE_TRIES):
+            other = int(rng.integers(len(self.records)))
+            img, label, _ = self.records.read(other)
+            if img is not None:
+                return other, img, label
+        raise ValueError(f"{self.records.ids[row]} is unreadable ({reason}) and so were {_SUBSTITUTE_TRIES} "
+                         "others drawn in its place; check the data")
+
+
+_SUBSTITUTE_TRIES = 16
 
 
 def _stack(examples: Sequence[dict]) -> dict:

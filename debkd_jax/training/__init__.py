@@ -1,6 +1,6 @@
 """Training one model: train state and optimizer, the train step (one factory for training, benchmarks and
-tests), the mesh and multi-process helpers, the `fit` loop with checkpoints and resume, and the per-epoch metric
-writer (metrics.jsonl, TensorBoard)."""
+tests), the mesh and multi-process helpers, the `fit` loop with checkpoints and resume, the per-epoch metric
+writer (metrics.jsonl, TensorBoard), and the passes over streamed data (`streamed.py`)."""
 
 from debkd_jax.training.distributed import (
     create_mesh,
@@ -22,6 +22,7 @@ from debkd_jax.training.state import (
     variables_of,
     zero_metrics,
 )
+from debkd_jax.training.streamed import StreamTrainData, local_eval_batch, local_rows, pass_accuracy, predict_pass
 from debkd_jax.training.step import (
     StepSpec,
     Student,
@@ -36,6 +37,7 @@ __all__ = [
     "MetricWriter",
     "NonFiniteLoss",
     "StepSpec",
+    "StreamTrainData",
     "Student",
     "TrainState",
     "build_step_spec",
@@ -46,6 +48,10 @@ __all__ = [
     "init_state",
     "initialize_distributed",
     "jitted_init",
+    "local_eval_batch",
+    "local_rows",
+    "pass_accuracy",
+    "predict_pass",
     "make_optimizer",
     "make_predict_fn",
     "make_train_step",
