@@ -44,8 +44,10 @@ class Peer:
         self.worker.request(op, timeout=self.timeout, section=section, key=key, **fields)
         return RemoteSampler(self, key, section)
 
-    def train_step(self, section: str, model: str, batch: int, teacher: str | None = None) -> RemoteSampler:
-        return self._build("train_step", section, model=model, batch=batch, num_classes=2, teacher=teacher)
+    def train_step(self, section: str, model: str, batch: int, teacher: str | None = None,
+                   image_size: int = 32) -> RemoteSampler:
+        return self._build("train_step", section, model=model, batch=batch, num_classes=2, teacher=teacher,
+                           image_size=image_size)
 
     def eval(self, section: str, model: str, batch: int) -> RemoteSampler:
         return self._build("eval", section, model=model, batch=batch, num_classes=2)

@@ -4,7 +4,8 @@ Started by `benchmarks.peer` as `python -m benchmarks.peer_worker --threads=N`, 
 already in its environment (set before torch loads its OpenMP runtime). Requests:
 
     {"op": "hello"}                                  -> torch version, threads, thread settings, pid
-    {"op": "train_step", "key": K, "model": M, "batch": B, "num_classes": C, "teacher": T or null}
+    {"op": "train_step", "key": K, "model": M, "batch": B, "num_classes": C, "teacher": T or null,
+     "image_size": S (default 32)}
     {"op": "eval", "key": K, "model": M, "batch": B, "num_classes": C}
     {"op": "time", "key": K, "calls": N}                         -> {"seconds_per_call": s}, timed here
     {"op": "quit"}
@@ -21,9 +22,9 @@ import time
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
 
 
-def _batch(torch, batch: int, num_classes: int, seed: int = 0):
+def _batch(torch, batch: int, num_classes: int, seed: int = 0, image_size: int = 32):
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, image_size, image_size, generator=gen).contiguous(memory_format=torch.channels_last)
     return images, torch.randint(0, num_classes, (batch,), generator=gen)
 
 
@@ -51,7 +52,7 @@ class Peer:
             step = self.train.make_kd_train_step(student, self.models.get_model(req["teacher"], k))
         else:
             step = self.train.make_train_step(student)
-        images, labels = _batch(torch, req["batch"], k)
+        images, labels = _batch(torch, req["batch"], k, image_size=req.get("image_size", 32))
         self.fns[req["key"]] = lambda: step(images, labels)
         return {"key": req["key"]}
 

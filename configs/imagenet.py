@@ -1,11 +1,12 @@
 """ImageNet distillation as the field runs it: ResNet-34 teacher -> ResNet-18 student at 224x224, streamed from
 TFDS array_record (docs/scale.md), with CE, KD, DKD, DeBKD and BTKD.
 
-    python -m debkd_jax.main --config=configs/imagenet.py --workdir=gs://... or /mnt/shared/runs/imagenet \
+    python -m debkd_jax.main --config=configs/imagenet.py --workdir=/mnt/shared/runs/imagenet \
         --config.data.tfds_data_dir=/mnt/shared/tfds --config.teacher.variables=resnet34.msgpack \
         --config.distributed=True           # on every host of a Cloud TPU pod slice (docs/scale.md)
     python -m debkd_jax.main --config=configs/imagenet.py:smoke --config.data.source=folder:ANY_IMAGE_FOLDER \
         --workdir=/tmp/imagenet_smoke       # minutes on a CPU: tiny models at 32x32, a few hundred steps
+    python -m debkd_jax.main --config=configs/imagenet.py:smoke:KD ...   # one method only
 
 The protocol is mdistiller's ImageNet config (megvii-research/mdistiller, configs/imagenet/r34_r18/*.yaml and
 mdistiller/engine/cfg.py; the same as torchdistill's configs/official/ilsvrc2012): 100 epochs, batch 512, SGD
@@ -55,10 +56,13 @@ def get_config(arg: str | None = None):
     config.student.eval_batch_size = 1024
     for name, overrides in IMAGENET_METHODS.items():
         config.methods[name].update(overrides)
-    if arg == "smoke":
+    variant, _, only = (arg or "").partition(":")
+    if variant == "smoke":
         smoke(config)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r}; use configs/imagenet.py or configs/imagenet.py:smoke")
+    elif variant:
+        raise ValueError(f"unknown variant {arg!r}; use configs/imagenet.py or configs/imagenet.py:smoke[:METHOD]")
+    if only:  # e.g. smoke:KD, one method (the benchmarks and tests)
+        config.methods = {only: config.methods[only]}
     return config
 
 

@@ -1,0 +1,277 @@
+"""j. ImageNet scale: peak memory of the streamed job (teacher pass included) against the in-memory job as the
+folder grows, images/s of the streamed input alone (decode, random-resized crop to 224, flip, batch) with 1
+and 2 grain workers, and the ResNet-18 train step at 224 against the PyTorch peer.
+
+    python -m benchmarks.scale --out=benchmarks/results/scale-<date> [--sizes=5000,20000,80000] [--smoke]
+
+Standalone (not a section of `python -m benchmarks`: its jobs take minutes), it writes BENCHMARKS_SCALE.md and
+benchmarks_scale.json into `--out`.
+
+The folders are generated JPEGs (two classes; each file one of 256 distinct seeded noise images, so that
+writing 80,000 files takes seconds); they live in the system's temporary folder, reused between runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import workers
+from benchmarks.render import fmt, ratio, table
+from benchmarks.steps import get_step, init_variables
+from benchmarks.timing import interleaved, paired_ratio, summary
+
+# Runs the job and samples the summed resident memory of its process tree (the job and grain's worker
+# processes) every 0.2 s from /proc; prints the peak.
+TREE_RSS = """
+import json, os, subprocess, sys, time
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+def tree(root):
+    children = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(p))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+with open(sys.argv[1], "wb") as log:
+    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    peak = main_peak = 0
+    while proc.poll() is None:
+        pids = tree(proc.pid)
+        peak = max(peak, sum(rss_kib(p) for p in pids))
+        main_peak = max(main_peak, rss_kib(proc.pid))
+        time.sleep(0.2)
+print(json.dumps({"returncode": proc.returncode, "peak_tree_kib": peak, "peak_main_kib": main_peak}))
+"""
+
+POOL = 256
+
+
+def jpeg_pool(width: int, height: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pool = []
+    for _ in range(POOL):
+        base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        pool.append(buf.getvalue())
+    return pool
+
+
+def jpeg_folder(n: int, width: int, height: int) -> str:
+    """`n` JPEGs (width x height) in two class folders under the temporary folder, made once."""
+    root = os.path.join(tempfile.gettempdir(), f"debkd-bench-jpegs-{n}-{width}x{height}")
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    pool = jpeg_pool(width, height)
+    for c in ("a", "b"):
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+    for i in range(n):
+        with open(os.path.join(root, "ab"[i % 2], f"{i:06d}.jpg"), "wb") as f:
+            f.write(pool[i % POOL])
+    open(done, "w").close()
+    return root
+
+
+def teacher_file(path: str, image_size: int) -> str:
+    from flax import serialization
+
+    from debkd_jax import models
+
+    variables = init_variables(models.get_model("imagenet_resnet_tiny", 2), 1, image_size)
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(jax_to_numpy(variables)))
+    return path
+
+
+def jax_to_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, tree)
+
+
+def job_memory(ctx, folder: str, pipeline: str, teacher: str) -> dict:
+    """Peak RSS of `configs/imagenet.py:smoke:KD` (teacher given, so: the teacher pass over every image, then
+    one student epoch) on `folder` with `data.pipeline=pipeline`."""
+    workdir = tempfile.mkdtemp(prefix="debkd-bench-scale-")
+    cmd = [sys.executable, "-m", "debkd_jax.main", "--config=configs/imagenet.py:smoke:KD",
+           f"--workdir={workdir}", f"--config.data.source=folder:{folder}", f"--config.data.pipeline={pipeline}",
+           f"--config.teacher.variables={teacher}", "--config.student.num_epochs=1"]
+    ctx.log("scale: " + " ".join(cmd[2:]))
+    log_path = os.path.join(workdir, "main.log")
+    t0 = time.perf_counter()
+    try:
+        usage = workers.run_json([sys.executable, "-c", TREE_RSS, log_path, *cmd],
+                                 env=workers.child_env(drop_flags=("--xla_force_host_platform_device_count",)),
+                                 timeout=ctx.mode.worker_timeout_s, section="scale", what="the job")
+        with open(log_path, "rb") as f:
+            tail = f.read().decode(errors="replace")[-600:] if usage["returncode"] else ""
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"pipeline": pipeline, "returncode": usage["returncode"], "seconds": time.perf_counter() - t0,
+            "peak_tree_mib": usage["peak_tree_kib"] / 1024, "peak_main_mib": usage["peak_main_kib"] / 1024,
+            "tail": tail}
+
+
+def memory_growth(ctx, sizes) -> dict:
+    teacher = teacher_file(os.path.join(tempfile.gettempdir(), "debkd-bench-scale-teacher.msgpack"), 32)
+    rows = {}
+    for n in sizes:
+        folder = jpeg_folder(n, 64, 48)
+        rows[n] = {p: job_memory(ctx, folder, p, teacher) for p in ("stream", "memory")}
+    return {"sizes": list(sizes), "rows": rows, "image": "64x48 JPEG", "image_size": 32}
+
+
+SIZES = (5_000, 20_000, 80_000)
+
+
+def input_throughput(ctx) -> dict:
+    from debkd_jax.data import stream
+
+    n, batch = (256, 16) if ctx.mode.name == "smoke" else (2048, 32)
+    batches = 3 if ctx.mode.name == "smoke" else 40  # >> the 2 prefetched batches per worker
+    folder = jpeg_folder(n, 500, 375)  # ImageNet's typical size
+    source = stream.plan_stream(f"folder:{folder}", seed=0, split=(0.98, 0.01, 0.01))
+    records = source.splits["train"]
+    out = {"image": "500x375 JPEG", "crop": 224, "batch": batch, "cpus": os.cpu_count(), "rows": {}}
+    for w in (1, 2):
+        order = stream.TrainOrder(len(records), batch, seed=0, num_epochs=4)
+        it = iter(stream.loader(order, stream.ReadExample(records, 224, train=True), batch, workers=w))
+        for _ in range(2 * w):  # the workers started and their first batches made
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        seconds = time.perf_counter() - t0
+        if hasattr(it, "close"):
+            it.close()
+        ips = batches * batch / seconds
+        out["rows"][w] = {"images_per_s": ips, "per_worker": ips / w, "seconds": seconds}
+        ctx.log(f"scale: streamed input, {w} worker(s): {ips:.0f} images/s")
+    return out
+
+
+def resnet18_224(ctx) -> dict:
+    # (Not the tiny model in smoke mode: torch 2.13's channels_last backward of its 8-channel convs aborts.)
+    batch, model = (2 if ctx.mode.name == "smoke" else 16), "imagenet_resnet18"
+    fns = {"jax": get_step(model, "CE", batch=batch, image_size=224)}
+    if ctx.peer is not None:
+        fns["torch"] = ctx.peer.train_step("scale", model, batch, image_size=224)
+    samples = interleaved(fns, rounds=ctx.mode.rounds, calls=1)
+    out = {"model": model, "batch": batch, "jax": summary(samples["jax"], batch)}
+    if "torch" in samples:
+        out["torch"] = summary(samples["torch"], batch)
+        out["speedup_vs_torch"] = paired_ratio(samples["torch"], samples["jax"])
+    return out
+
+
+def measure(ctx, sizes=SIZES) -> dict:
+    return {"load_before": os.getloadavg()[0], "throughput": input_throughput(ctx), "resnet18": resnet18_224(ctx),
+            "memory": memory_growth(ctx, sizes), "load_after": os.getloadavg()[0]}
+
+
+def render(r: dict) -> list[str]:
+    lines = ["## j. ImageNet scale: streamed input", "",
+             f"Load average of the (shared) machine before/after this section: {r['load_before']:.2f} / "
+             f"{r['load_after']:.2f}.", ""]
+    m = r["memory"]
+    base = m["rows"][m["sizes"][0]]
+    rows = []
+    for n in m["sizes"]:
+        s, mem = m["rows"][n]["stream"], m["rows"][n]["memory"]
+        rows.append([f"{n:,}", fmt(s["peak_tree_mib"]), ratio(s["peak_tree_mib"] / base["stream"]["peak_tree_mib"]),
+                     fmt(mem["peak_tree_mib"]), ratio(mem["peak_tree_mib"] / base["memory"]["peak_tree_mib"]),
+                     f"{s['returncode']} / {mem['returncode']}"])
+    lines += [f"Peak resident memory (MiB, the job's whole process tree: grain's workers included) of "
+              f"`configs/imagenet.py:smoke:KD` with a given teacher: the teacher pass over every image, then one "
+              f"student epoch; {m['image']} files at image_size {m['image_size']}.", ""]
+    lines += table(["images", "streamed", "vs first", "in memory", "vs first", "exit status"], rows)
+    t = r["throughput"]
+    lines += ["", f"Streamed input alone ({t['image']} decoded, random-resized crop to {t['crop']}, flip, batches of "
+              f"{t['batch']}) on this {t['cpus']}-CPU machine:", ""]
+    lines += table(["grain workers", "images/s", "images/s per worker process (~ per core)"],
+                   [[w, fmt(v["images_per_s"]), fmt(v["per_worker"])] for w, v in t["rows"].items()])
+    rn = r["resnet18"]
+    lines += ["", f"Train step of {rn['model']} at 224x224, batch {rn['batch']}, CE, interleaved:", ""]
+    lines += table(["JAX img/s", "PyTorch img/s", "JAX vs PyTorch"],
+                   [[fmt(rn["jax"]["images_per_s"], 1),
+                     fmt(rn["torch"]["images_per_s"], 1) if "torch" in rn else "skipped",
+                     ratio(rn["speedup_vs_torch"]) if "speedup_vs_torch" in rn else "n/a"]])
+    return lines + [""]
+
+
+def write(results: dict, out_dir: str) -> str:
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "benchmarks_scale.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    text = "\n".join(["# Benchmarks: ImageNet scale", "", f"Written by `{results['command']}` on "
+                      f"{results['date']} ({results['cpus']} CPUs).", "", *render(results)]) + "\n"
+    with open(os.path.join(out_dir, "BENCHMARKS_SCALE.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None) -> int:
+    import argparse
+    import datetime
+
+    from benchmarks import peer as peer_lib
+    from benchmarks.modes import MODES, Context
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and models: the plumbing")
+    args = parser.parse_args(argv)
+    mode = MODES["smoke" if args.smoke else "quick"]
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    peer = None
+    if peer_lib.unavailable() is None:
+        peer = peer_lib.Peer(mode.peer_threads or os.cpu_count() or 1, timeout=mode.peer_timeout_s)
+    try:
+        results = measure(Context(mode, peer, log, {}), tuple(int(n) for n in args.sizes.split(",")))
+    finally:
+        if peer is not None:
+            peer.close()
+    results.update(command=" ".join(["python -m benchmarks.scale", *(argv or sys.argv[1:])]),
+                   date=datetime.datetime.now().isoformat(timespec="seconds"), cpus=os.cpu_count(),
+                   seconds=time.perf_counter() - t0)
+    print(write(results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    from debkd_jax import xla_cpu
+
+    xla_cpu.apply_defaults()
+    sys.exit(main())
