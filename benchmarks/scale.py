@@ -152,6 +152,26 @@ def memory_growth(ctx, sizes) -> dict:
 SIZES = (5_000, 20_000, 80_000)
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds so far of process `root` and all its descendants (from /proc)."""
+    children, times = {}, {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(p))
+                times[int(p)] = int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0)
+        todo += children.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def input_throughput(ctx) -> dict:
     from debkd_jax.data import stream
 
@@ -166,15 +186,16 @@ def input_throughput(ctx) -> dict:
         it = iter(stream.loader(order, stream.ReadExample(records, 224, train=True), batch, workers=w))
         for _ in range(2 * w):  # the workers started and their first batches made
             next(it)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), tree_cpu_seconds(os.getpid())
         for _ in range(batches):
             next(it)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, tree_cpu_seconds(os.getpid()) - cpu0
         if hasattr(it, "close"):
             it.close()
         ips = batches * batch / seconds
-        out["rows"][w] = {"images_per_s": ips, "per_worker": ips / w, "seconds": seconds}
-        ctx.log(f"scale: streamed input, {w} worker(s): {ips:.0f} images/s")
+        out["rows"][w] = {"images_per_s": ips, "cpu_seconds": cpu, "seconds": seconds,
+                          "images_per_cpu_second": batches * batch / cpu}
+        ctx.log(f"scale: streamed input, {w} worker(s): {ips:.0f} images/s, {batches * batch / cpu:.0f} per CPU-s")
     return out
 
 
@@ -192,9 +213,45 @@ def resnet18_224(ctx) -> dict:
     return out
 
 
-def measure(ctx, sizes=SIZES) -> dict:
-    return {"load_before": os.getloadavg()[0], "throughput": input_throughput(ctx), "resnet18": resnet18_224(ctx),
-            "memory": memory_growth(ctx, sizes), "load_after": os.getloadavg()[0]}
+def storage_error(ctx) -> dict:
+    """Max abs error of the teacher logits, and of each method's targets built from them, when the logits store
+    keeps float16 or bfloat16 instead of float32: 4,096 ImageNet-like rows (1,000 classes, N(0, 2) logits, the
+    label's raised by 8), T = 1 as in configs/imagenet.py."""
+    from debkd_jax import methods
+    from debkd_jax.data import stream
+
+    rng = np.random.default_rng(0)
+    n, k = 4096, 1000
+    labels = rng.integers(0, k, n).astype(np.int32)
+    logits = (rng.normal(size=(n, k)) * 2).astype(np.float32)
+    logits[np.arange(n), labels] += 8.0
+    logits[: n // 10] = np.roll(logits[: n // 10], 1, axis=1)  # a tenth the teacher gets wrong
+    rows = {}
+    for dtype in ("float16", "bfloat16"):
+        stored = stream.decode_logits(stream.encode_logits(logits, dtype), dtype)
+        row = {"logits": float(np.max(np.abs(stored - logits)))}
+        for name in ("KD", "DKD", "DeBKD", "BTKD-swap"):
+            cfg = methods.preset(name, temperature=1.0)
+            a, b = methods.method_targets(cfg, logits, labels), methods.method_targets(cfg, stored, labels)
+            # What each loss reads: the de-biased loss the region (lo, hi); the others the target logits.
+            fields = ("lo", "hi") if cfg.loss == "debkd" else ("logits",)
+            diff = np.max([np.abs(np.asarray(getattr(a, f), np.float64) - np.asarray(getattr(b, f), np.float64))
+                           for f in fields], axis=0)
+            row[name] = {"max_abs": float(diff.max()), "rows_over_1e-2": float(np.mean(diff.max(-1) > 1e-2))}
+        rows[dtype] = row
+        ctx.log(f"scale: {dtype} logits store: {row}")
+    return {"rows": rows, "n": n, "k": k}
+
+
+PARTS = {"throughput": input_throughput, "resnet18": resnet18_224, "storage": storage_error}
+
+
+def measure(ctx, sizes=SIZES, parts=("throughput", "resnet18", "storage", "memory")) -> dict:
+    out = {"load_before": os.getloadavg()[0]}
+    for part in parts:
+        out[part] = memory_growth(ctx, sizes) if part == "memory" else PARTS[part](ctx)
+    out["load_after"] = os.getloadavg()[0]
+    return out
 
 
 def render(r: dict) -> list[str]:
@@ -216,8 +273,21 @@ def render(r: dict) -> list[str]:
     t = r["throughput"]
     lines += ["", f"Streamed input alone ({t['image']} decoded, random-resized crop to {t['crop']}, flip, batches of "
               f"{t['batch']}) on this {t['cpus']}-CPU machine:", ""]
-    lines += table(["grain workers", "images/s", "images/s per worker process (~ per core)"],
-                   [[w, fmt(v["images_per_s"]), fmt(v["per_worker"])] for w, v in t["rows"].items()])
+    lines += table(["grain workers", "images/s", "CPU seconds used", "images per CPU-second (per core)"],
+                   [[w, fmt(v["images_per_s"]), fmt(v["cpu_seconds"], 1), fmt(v.get("images_per_cpu_second"))]
+                    for w, v in t["rows"].items()])
+    lines += ["", "Images per CPU-second counts the CPU time of this process and all grain's workers (each decodes "
+              "with a few threads), so it is the rate one fully used host core sustains.", ""]
+    if "storage" in r:
+        st = r["storage"]
+        methods_ = [m for m in next(iter(st["rows"].values())) if m != "logits"]
+        lines += ["", f"Teacher-logits store in half precision: max abs error against float32 on {st['n']:,} "
+                  f"ImageNet-like rows x {st['k']:,} classes, of the logits and of each method's targets (what its "
+                  "loss reads: DeBKD its region lo/hi, the others the target logits), with the share of rows whose "
+                  "targets moved by more than 0.01.", ""]
+        lines += table(["store dtype", "logits", *methods_],
+                       [[d, f"{v['logits']:.1e}", *(f"{v[m]['max_abs']:.1e} ({100 * v[m]['rows_over_1e-2']:.1f}%)"
+                                                     for m in methods_)] for d, v in st["rows"].items()])
     rn = r["resnet18"]
     lines += ["", f"Train step of {rn['model']} at 224x224, batch {rn['batch']}, CE, interleaved:", ""]
     lines += table(["JAX img/s", "PyTorch img/s", "JAX vs PyTorch"],
@@ -233,8 +303,9 @@ def write(results: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "benchmarks_scale.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
-    text = "\n".join(["# Benchmarks: ImageNet scale", "", f"Written by `{results['command']}` on "
-                      f"{results['date']} ({results['cpus']} CPUs).", "", *render(results)]) + "\n"
+    commands = sorted(set(results.get("commands", {}).values())) or [results["command"]]
+    text = "\n".join(["# Benchmarks: ImageNet scale", "", "Written by " + " and ".join(f"`{c}`" for c in commands)
+                      + f", last on {results['date']} ({results['cpus']} CPUs).", "", *render(results)]) + "\n"
     with open(os.path.join(out_dir, "BENCHMARKS_SCALE.md"), "w", encoding="utf-8") as f:
         f.write(text)
     return text
@@ -251,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and models: the plumbing")
+    parser.add_argument("--parts", default="throughput,resnet18,storage,memory",
+                        help="a subset re-measures those parts into an existing benchmarks_scale.json in --out")
     args = parser.parse_args(argv)
     mode = MODES["smoke" if args.smoke else "quick"]
     t0 = time.perf_counter()
@@ -258,14 +331,28 @@ def main(argv=None) -> int:
     peer = None
     if peer_lib.unavailable() is None:
         peer = peer_lib.Peer(mode.peer_threads or os.cpu_count() or 1, timeout=mode.peer_timeout_s)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     try:
-        results = measure(Context(mode, peer, log, {}), tuple(int(n) for n in args.sizes.split(",")))
+        measured = measure(Context(mode, peer, log, {}), tuple(int(n) for n in args.sizes.split(",")), parts)
     finally:
         if peer is not None:
             peer.close()
-    results.update(command=" ".join(["python -m benchmarks.scale", *(argv or sys.argv[1:])]),
-                   date=datetime.datetime.now().isoformat(timespec="seconds"), cpus=os.cpu_count(),
-                   seconds=time.perf_counter() - t0)
+    command = " ".join(["python -m benchmarks.scale", *(argv or sys.argv[1:])])
+    measured.update(commands={p: command for p in parts})
+    results = measured
+    previous = os.path.join(args.out, "benchmarks_scale.json")
+    if set(parts) != set(PARTS) | {"memory"} and os.path.exists(previous):
+        import json
+
+        with open(previous, encoding="utf-8") as f:
+            results = json.load(f)
+        results.update({p: measured[p] for p in parts})
+        results.setdefault("commands", {p: results["command"] for p in (*PARTS, "memory") if p in results})
+        results["commands"].update(measured["commands"])
+        results["load_before"] = max(results["load_before"], measured["load_before"])
+        results["load_after"] = max(results["load_after"], measured["load_after"])
+    results.update(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                   cpus=os.cpu_count(), seconds=time.perf_counter() - t0)
     print(write(results, args.out))
     return 0
 

@@ -12,9 +12,10 @@ The protocol is mdistiller's ImageNet config (megvii-research/mdistiller, config
 mdistiller/engine/cfg.py; the same as torchdistill's configs/official/ilsvrc2012): 100 epochs, batch 512, SGD
 momentum 0.9, learning rate 0.2 decayed x0.1 at epochs 30, 60 and 90, weight decay 1e-4, no warm-up; KD with
 T = 1 (mdistiller's ImageNet KD: CE weight 0.5, KD weight 0.5), DKD alpha 0.5, beta 0.5, T = 1, 1 warm-up epoch.
-The teacher is torchvision's pretrained ResNet-34 (`third_party/torchvision_to_flax.py` converts its
-state_dict; its inputs are normalized with ImageNet's mean and std). Differences from mdistiller: Nesterov off
-as there, but weight decay on conv/dense kernels only (not BatchNorm parameters or biases).
+The field's teacher is torchvision's pretrained ResNet-34 (`third_party/torchvision_to_flax.py` converts its
+state_dict; see docs/scale.md for the input normalization, which differs). Differences from mdistiller: weight
+decay on conv/dense kernels only (not BatchNorm parameters or biases); the best epoch on the validation split is
+kept (mdistiller reports its best top-1 too); no teacher.variables: a ResNet-34 teacher is trained here first.
 """
 
 from debkd_jax import config_lib

@@ -16,8 +16,9 @@ params scale/bias + batch_stats mean/var):
     layer{s}.{j}.downsample.0 / .1  -> block_{i}/proj_conv / proj_bn
     fc                              -> head
 
-Pretrained torchvision weights expect inputs normalized with ImageNet's mean and std; set
-`data.normalization="imagenet"` for such a teacher (docs/scale.md).
+Not done here: pretrained torchvision weights expect inputs normalized with ImageNet's mean and std, while
+debkd_jax feeds every model (x / 255 - 0.5) / 0.5. The converted network computes exactly what torchvision's
+does on the same input array, but a pretrained teacher sees differently scaled inputs (docs/scale.md).
 """
 
 from __future__ import annotations
