@@ -123,7 +123,7 @@ def job_memory(ctx, folder: str, pipeline: str, teacher: str) -> dict:
     workdir = tempfile.mkdtemp(prefix="debkd-bench-scale-")
     cmd = [sys.executable, "-m", "debkd_jax.main", "--config=configs/imagenet.py:smoke:KD",
            f"--workdir={workdir}", f"--config.data.source=folder:{folder}", f"--config.data.pipeline={pipeline}",
-           f"--config.teacher.variables={teacher}", "--config.student.num_epochs=1"]
+           f"--config.teacher.variables={teacher}", "--config.student.num_epochs=1", "--config.data.max_per_class=0"]
     ctx.log("scale: " + " ".join(cmd[2:]))
     log_path = os.path.join(workdir, "main.log")
     t0 = time.perf_counter()
