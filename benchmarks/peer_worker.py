@@ -24,7 +24,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPIN
 
 def _batch(torch, batch: int, num_classes: int, seed: int = 0, image_size: int = 32):
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, image_size, image_size, generator=gen).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, image_size, image_size, generator=gen)
+    images = images.contiguous(memory_format=torch.channels_last)
     return images, torch.randint(0, num_classes, (batch,), generator=gen)
 
 

@@ -121,23 +121,41 @@ def job_memory(ctx, folder: str, pipeline: str, teacher: str) -> dict:
     """Peak RSS of `configs/imagenet.py:smoke:KD` (teacher given, so: the teacher pass over every image, then
     one student epoch) on `folder` with `data.pipeline=pipeline`."""
     workdir = tempfile.mkdtemp(prefix="debkd-bench-scale-")
-    cmd = [sys.executable, "-m", "debkd_jax.main", "--config=configs/imagenet.py:smoke:KD",
-           f"--workdir={workdir}", f"--config.data.source=folder:{folder}", f"--config.data.pipeline={pipeline}",
-           f"--config.teacher.variables={teacher}", "--config.student.num_epochs=1", "--config.data.max_per_class=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "debkd_jax.main",
+        "--config=configs/imagenet.py:smoke:KD",
+        f"--workdir={workdir}",
+        f"--config.data.source=folder:{folder}",
+        f"--config.data.pipeline={pipeline}",
+        f"--config.teacher.variables={teacher}",
+        "--config.student.num_epochs=1",
+        "--config.data.max_per_class=0",
+    ]
     ctx.log("scale: " + " ".join(cmd[2:]))
     log_path = os.path.join(workdir, "main.log")
     t0 = time.perf_counter()
     try:
-        usage = workers.run_json([sys.executable, "-c", TREE_RSS, log_path, *cmd],
-                                 env=workers.child_env(drop_flags=("--xla_force_host_platform_device_count",)),
-                                 timeout=ctx.mode.worker_timeout_s, section="scale", what="the job")
+        usage = workers.run_json(
+            [sys.executable, "-c", TREE_RSS, log_path, *cmd],
+            env=workers.child_env(drop_flags=("--xla_force_host_platform_device_count",)),
+            timeout=ctx.mode.worker_timeout_s,
+            section="scale",
+            what="the job",
+        )
         with open(log_path, "rb") as f:
             tail = f.read().decode(errors="replace")[-600:] if usage["returncode"] else ""
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"pipeline": pipeline, "returncode": usage["returncode"], "seconds": time.perf_counter() - t0,
-            "peak_tree_mib": usage["peak_tree_kib"] / 1024, "peak_main_mib": usage["peak_main_kib"] / 1024,
-            "tail": tail}
+    return {
+        "pipeline": pipeline,
+        "returncode": usage["returncode"],
+        "seconds": time.perf_counter() - t0,
+        "peak_tree_mib": usage["peak_tree_kib"] / 1024,
+        "peak_main_mib": usage["peak_main_kib"] / 1024,
+        "tail": tail,
+    }
 
 
 def memory_growth(ctx, sizes) -> dict:
@@ -193,9 +211,15 @@ def input_throughput(ctx) -> dict:
         if hasattr(it, "close"):
             it.close()
         ips = batches * batch / seconds
-        out["rows"][w] = {"images_per_s": ips, "cpu_seconds": cpu, "seconds": seconds,
-                          "images_per_cpu_second": batches * batch / cpu}
-        ctx.log(f"scale: streamed input, {w} worker(s): {ips:.0f} images/s, {batches * batch / cpu:.0f} per CPU-s")
+        out["rows"][w] = {
+            "images_per_s": ips,
+            "cpu_seconds": cpu,
+            "seconds": seconds,
+            "images_per_cpu_second": batches * batch / cpu,
+        }
+        ctx.log(
+            f"scale: streamed input, {w} worker(s): {ips:.0f} images/s, {batches * batch / cpu:.0f} per CPU-s"
+        )
     return out
 
 
@@ -214,7 +238,8 @@ def resnet18_224(ctx) -> dict:
 
 
 def storage_error(ctx) -> dict:
-    """Max abs error of the teacher logits, and of each method's targets built from them, when the logits store
+    """Max abs error of the teacher logits, and of each method's targets built from them, when the logits
+    store
     keeps float16 or bfloat16 instead of float32: 4,096 ImageNet-like rows (1,000 classes, N(0, 2) logits, the
     label's raised by 8), T = 1 as in configs/imagenet.py."""
     from debkd_jax import methods
@@ -235,8 +260,13 @@ def storage_error(ctx) -> dict:
             a, b = methods.method_targets(cfg, logits, labels), methods.method_targets(cfg, stored, labels)
             # What each loss reads: the de-biased loss the region (lo, hi); the others the target logits.
             fields = ("lo", "hi") if cfg.loss == "debkd" else ("logits",)
-            diff = np.max([np.abs(np.asarray(getattr(a, f), np.float64) - np.asarray(getattr(b, f), np.float64))
-                           for f in fields], axis=0)
+            diff = np.max(
+                [
+                    np.abs(np.asarray(getattr(a, f), np.float64) - np.asarray(getattr(b, f), np.float64))
+                    for f in fields
+                ],
+                axis=0,
+            )
             row[name] = {"max_abs": float(diff.max()), "rows_over_1e-2": float(np.mean(diff.max(-1) > 1e-2))}
         rows[dtype] = row
         ctx.log(f"scale: {dtype} logits store: {row}")
@@ -255,45 +285,89 @@ def measure(ctx, sizes=SIZES, parts=("throughput", "resnet18", "storage", "memor
 
 
 def render(r: dict) -> list[str]:
-    lines = ["## j. ImageNet scale: streamed input", "",
-             f"Load average of the (shared) machine before/after this section: {r['load_before']:.2f} / "
-             f"{r['load_after']:.2f}.", ""]
+    lines = [
+        "## j. ImageNet scale: streamed input",
+        "",
+        f"Load average of the (shared) machine before/after this section: {r['load_before']:.2f} / "
+        f"{r['load_after']:.2f}.",
+        "",
+    ]
     m = r["memory"]
     base = m["rows"][m["sizes"][0]]
     rows = []
     for n in m["sizes"]:
         s, mem = m["rows"][n]["stream"], m["rows"][n]["memory"]
-        rows.append([f"{n:,}", fmt(s["peak_tree_mib"]), ratio(s["peak_tree_mib"] / base["stream"]["peak_tree_mib"]),
-                     fmt(mem["peak_tree_mib"]), ratio(mem["peak_tree_mib"] / base["memory"]["peak_tree_mib"]),
-                     f"{s['returncode']} / {mem['returncode']}"])
-    lines += [f"Peak resident memory (MiB, the job's whole process tree: grain's workers included) of "
-              f"`configs/imagenet.py:smoke:KD` with a given teacher: the teacher pass over every image, then one "
-              f"student epoch; {m['image']} files at image_size {m['image_size']}.", ""]
+        rows.append(
+            [
+                f"{n:,}",
+                fmt(s["peak_tree_mib"]),
+                ratio(s["peak_tree_mib"] / base["stream"]["peak_tree_mib"]),
+                fmt(mem["peak_tree_mib"]),
+                ratio(mem["peak_tree_mib"] / base["memory"]["peak_tree_mib"]),
+                f"{s['returncode']} / {mem['returncode']}",
+            ]
+        )
+    lines += [
+        f"Peak resident memory (MiB, the job's whole process tree: grain's workers included) of "
+        f"`configs/imagenet.py:smoke:KD` with a given teacher: the teacher pass over every image, then one "
+        f"student epoch; {m['image']} files at image_size {m['image_size']}.",
+        "",
+    ]
     lines += table(["images", "streamed", "vs first", "in memory", "vs first", "exit status"], rows)
     t = r["throughput"]
-    lines += ["", f"Streamed input alone ({t['image']} decoded, random-resized crop to {t['crop']}, flip, batches of "
-              f"{t['batch']}) on this {t['cpus']}-CPU machine:", ""]
-    lines += table(["grain workers", "images/s", "CPU seconds used", "images per CPU-second (per core)"],
-                   [[w, fmt(v["images_per_s"]), fmt(v["cpu_seconds"], 1), fmt(v.get("images_per_cpu_second"))]
-                    for w, v in t["rows"].items()])
-    lines += ["", "Images per CPU-second counts the CPU time of this process and all grain's workers (each decodes "
-              "with a few threads), so it is the rate one fully used host core sustains.", ""]
+    lines += [
+        "",
+        f"Streamed input alone ({t['image']} decoded, random-resized crop to {t['crop']}, flip, batches of "
+        f"{t['batch']}) on this {t['cpus']}-CPU machine:",
+        "",
+    ]
+    lines += table(
+        ["grain workers", "images/s", "CPU seconds used", "images per CPU-second (per core)"],
+        [
+            [w, fmt(v["images_per_s"]), fmt(v["cpu_seconds"], 1), fmt(v.get("images_per_cpu_second"))]
+            for w, v in t["rows"].items()
+        ],
+    )
+    lines += [
+        "",
+        "Images per CPU-second counts the CPU time of this process and all grain's workers (each decodes "
+        "with a few threads), so it is the rate one fully used host core sustains.",
+        "",
+    ]
     if "storage" in r:
         st = r["storage"]
         methods_ = [m for m in next(iter(st["rows"].values())) if m != "logits"]
-        lines += ["", f"Teacher-logits store in half precision: max abs error against float32 on {st['n']:,} "
-                  f"ImageNet-like rows x {st['k']:,} classes, of the logits and of each method's targets (what its "
-                  "loss reads: DeBKD its region lo/hi, the others the target logits), with the share of rows whose "
-                  "targets moved by more than 0.01.", ""]
-        lines += table(["store dtype", "logits", *methods_],
-                       [[d, f"{v['logits']:.1e}", *(f"{v[m]['max_abs']:.1e} ({100 * v[m]['rows_over_1e-2']:.1f}%)"
-                                                     for m in methods_)] for d, v in st["rows"].items()])
+        lines += [
+            "",
+            f"Teacher-logits store in half precision: max abs error against float32 on {st['n']:,} "
+            f"ImageNet-like rows x {st['k']:,} classes, of the logits and of each method's targets (what its "
+            "loss reads: DeBKD its region lo/hi, the others the target logits), with the share of rows whose "
+            "targets moved by more than 0.01.",
+            "",
+        ]
+        lines += table(
+            ["store dtype", "logits", *methods_],
+            [
+                [
+                    d,
+                    f"{v['logits']:.1e}",
+                    *(f"{v[m]['max_abs']:.1e} ({100 * v[m]['rows_over_1e-2']:.1f}%)" for m in methods_),
+                ]
+                for d, v in st["rows"].items()
+            ],
+        )
     rn = r["resnet18"]
     lines += ["", f"Train step of {rn['model']} at 224x224, batch {rn['batch']}, CE, interleaved:", ""]
-    lines += table(["JAX img/s", "PyTorch img/s", "JAX vs PyTorch"],
-                   [[fmt(rn["jax"]["images_per_s"], 1),
-                     fmt(rn["torch"]["images_per_s"], 1) if "torch" in rn else "skipped",
-                     ratio(rn["speedup_vs_torch"]) if "speedup_vs_torch" in rn else "n/a"]])
+    lines += table(
+        ["JAX img/s", "PyTorch img/s", "JAX vs PyTorch"],
+        [
+            [
+                fmt(rn["jax"]["images_per_s"], 1),
+                fmt(rn["torch"]["images_per_s"], 1) if "torch" in rn else "skipped",
+                ratio(rn["speedup_vs_torch"]) if "speedup_vs_torch" in rn else "n/a",
+            ]
+        ],
+    )
     return lines + [""]
 
 
@@ -304,8 +378,20 @@ def write(results: dict, out_dir: str) -> str:
     with open(os.path.join(out_dir, "benchmarks_scale.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     commands = sorted(set(results.get("commands", {}).values())) or [results["command"]]
-    text = "\n".join(["# Benchmarks: ImageNet scale", "", "Written by " + " and ".join(f"`{c}`" for c in commands)
-                      + f", last on {results['date']} ({results['cpus']} CPUs).", "", *render(results)]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "# Benchmarks: ImageNet scale",
+                "",
+                "Written by "
+                + " and ".join(f"`{c}`" for c in commands)
+                + f", last on {results['date']} ({results['cpus']} CPUs).",
+                "",
+                *render(results),
+            ]
+        )
+        + "\n"
+    )
     with open(os.path.join(out_dir, "BENCHMARKS_SCALE.md"), "w", encoding="utf-8") as f:
         f.write(text)
     return text
@@ -322,8 +408,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and models: the plumbing")
-    parser.add_argument("--parts", default="throughput,resnet18,storage,memory",
-                        help="a subset re-measures those parts into an existing benchmarks_scale.json in --out")
+    parser.add_argument(
+        "--parts",
+        default="throughput,resnet18,storage,memory",
+        help="a subset re-measures those parts into an existing benchmarks_scale.json in --out",
+    )
     args = parser.parse_args(argv)
     mode = MODES["smoke" if args.smoke else "quick"]
     t0 = time.perf_counter()
@@ -351,8 +440,12 @@ def main(argv=None) -> int:
         results["commands"].update(measured["commands"])
         results["load_before"] = max(results["load_before"], measured["load_before"])
         results["load_after"] = max(results["load_after"], measured["load_after"])
-    results.update(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                   cpus=os.cpu_count(), seconds=time.perf_counter() - t0)
+    results.update(
+        command=command,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        cpus=os.cpu_count(),
+        seconds=time.perf_counter() - t0,
+    )
     print(write(results, args.out))
     return 0
 

@@ -76,7 +76,10 @@ class JaxStep:
             cfg, num_classes, dtype, objective, 100, False, self.conv_backward, method_cfg=method_cfg, **kw
         )
         state = training.init_state(
-            jax.random.key(seed), self.spec.model, training.make_optimizer(cfg, 100), (image_size, image_size, 3)
+            jax.random.key(seed),
+            self.spec.model,
+            training.make_optimizer(cfg, 100),
+            (image_size, image_size, 3),
         )
         self.step = training.make_train_step(self.spec, mesh, seed)
         # As `training.fit` places them: state (and teacher) replicated, the batch sharded on 'data'.

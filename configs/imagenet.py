@@ -1,4 +1,5 @@
-"""ImageNet distillation as the field runs it: ResNet-34 teacher -> ResNet-18 student at 224x224, streamed from
+"""ImageNet distillation as the field runs it: ResNet-34 teacher -> ResNet-18 student at 224x224, streamed
+from
 TFDS array_record (docs/scale.md), with CE, KD, DKD, DeBKD and BTKD.
 
     python -m debkd_jax.main --config=configs/imagenet.py --workdir=/mnt/shared/runs/imagenet \
@@ -11,10 +12,12 @@ TFDS array_record (docs/scale.md), with CE, KD, DKD, DeBKD and BTKD.
 The protocol is mdistiller's ImageNet config (megvii-research/mdistiller, configs/imagenet/r34_r18/*.yaml and
 mdistiller/engine/cfg.py; the same as torchdistill's configs/official/ilsvrc2012): 100 epochs, batch 512, SGD
 momentum 0.9, learning rate 0.2 decayed x0.1 at epochs 30, 60 and 90, weight decay 1e-4, no warm-up; KD with
-T = 1 (mdistiller's ImageNet KD: CE weight 0.5, KD weight 0.5), DKD alpha 0.5, beta 0.5, T = 1, 1 warm-up epoch.
+T = 1 (mdistiller's ImageNet KD: CE weight 0.5, KD weight 0.5), DKD alpha 0.5, beta 0.5, T = 1, 1 warm-up
+epoch.
 The field's teacher is torchvision's pretrained ResNet-34 (`third_party/torchvision_to_flax.py` converts its
 state_dict; see docs/scale.md for the input normalization, which differs). Differences from mdistiller: weight
-decay on conv/dense kernels only (not BatchNorm parameters or biases); the best epoch on the validation split is
+decay on conv/dense kernels only (not BatchNorm parameters or biases); the best epoch on the validation
+split is
 kept (mdistiller reports its best top-1 too); no teacher.variables: a ResNet-34 teacher is trained here first.
 """
 
@@ -61,14 +64,17 @@ def get_config(arg: str | None = None):
     if variant == "smoke":
         smoke(config)
     elif variant:
-        raise ValueError(f"unknown variant {arg!r}; use configs/imagenet.py or configs/imagenet.py:smoke[:METHOD]")
+        raise ValueError(
+            f"unknown variant {arg!r}; use configs/imagenet.py or configs/imagenet.py:smoke[:METHOD]"
+        )
     if only:  # e.g. smoke:KD, one method (the benchmarks and tests)
         config.methods = {only: config.methods[only]}
     return config
 
 
 def smoke(config):
-    """Any image folder on a CPU in minutes: at most 1,000 images per class, tiny ImageNet-stem models at 32x32,
+    """Any image folder on a CPU in minutes: at most 1,000 images per class, tiny ImageNet-stem models at
+    32x32,
     2 epochs of a teacher trained here on the stream, a streamed teacher pass over every one of those images,
     then each method's student for 2 epochs (a few hundred steps in all)."""
     config.data.source = "folder:../shared/data/dogs_vs_cats_32"

@@ -1,4 +1,5 @@
-"""Configs: the run config every `configs/*.py` starts from, the `smoke` shrink used by tests and quick checks,
+"""Configs: the run config every `configs/*.py` starts from, the `smoke` shrink used by tests and quick
+checks,
 the one loader of config files, and the validation of a whole config.
 
 Optimizer defaults (the paper gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4 on conv and dense
@@ -81,8 +82,10 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.data.tfds_data_dir = ""
     config.data.use_dataset_test_split = False
     config.data.augment = False  # random crop (pad 4) + flip on device; streamed: random-resized crop + flip
-    # "memory": decode the source once into memory (the default, for data that fits); "stream": read it with grain,
-    # a batch at a time, per host (docs/scale.md); "auto": stream when the decoded images would not fit comfortably.
+    # "memory": decode the source once into memory (the default, for data that fits); "stream": read it
+    # with grain,
+    # a batch at a time, per host (docs/scale.md); "auto": stream when the decoded images would not fit
+    # comfortably.
     config.data.pipeline = "memory"
     config.data.eval_crop = 224 / 256  # streamed eval: shorter side to image_size / eval_crop, center crop
     config.data.workers = 2  # streamed: grain worker processes decoding and augmenting (0: threads here)
@@ -99,7 +102,8 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     # K - 1 folds, that did not see it (out-of-fold); val/test logits from the teacher trained on all of them.
     # K + 1 teacher trainings in all (docs/teachers.md).
     config.teacher.folds = 1
-    config.teacher.logits_dtype = "float32"  # streamed: the teacher-logits store's dtype (float16, bfloat16 halve it)
+    # Streamed: the teacher-logits store's dtype ("float16" and "bfloat16" halve it).
+    config.teacher.logits_dtype = "float32"
     config.student = train_config("resnet8", num_epochs=15)
 
     config.methods = ml_collections.ConfigDict({name: methods.preset(name) for name in method_names})

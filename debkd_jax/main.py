@@ -7,7 +7,6 @@ interrupted command resumes it.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
@@ -25,17 +24,13 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv) -> int:
     cli.start(argv)
-    from debkd_jax import console, pipeline, report, stream_job
+    from debkd_jax import console, pipeline, report
 
     console.log_to_stderr()
-    command = " ".join(["python -m debkd_jax.main", *sys.argv[1:]])
     with cli.user_errors(FLAGS.workdir):
-        choice, why = stream_job.choose(FLAGS.config)
-        logging.getLogger("debkd_jax").info("data: %s pipeline (%s)", choice, why)
-        if choice == "stream":
-            results = stream_job.train_and_evaluate(FLAGS.config, FLAGS.workdir, command, why)
-        else:
-            results = pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir, command=command)
+        results = pipeline.train_and_evaluate(
+            FLAGS.config, FLAGS.workdir, command=" ".join(["python -m debkd_jax.main", *sys.argv[1:]])
+        )
     print()
     print(report.results_table(results))
     print(f"\nResults in {FLAGS.workdir}: results.md, results.json, val_accuracy.png")

@@ -26,7 +26,6 @@ LAYERS = {
     "training": 5,
     "cli": 5,
     "pipeline": 6,
-    "stream_job": 6,
     "export": 6,
     "sweep": 7,
     "main": 7,

@@ -33,7 +33,9 @@ def source(folder) -> stream.StreamSource:
 
 
 def test_the_stream_lists_the_same_split_and_reads_the_same_images_as_memory(folder, source, tmp_path):
-    dataset = data_lib.load_dataset(f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False)
+    dataset = data_lib.load_dataset(
+        f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False
+    )
     for split in ("train", "val", "test"):
         records = source.splits[split]
         np.testing.assert_array_equal(records.ids, getattr(dataset, f"{split}_ids"))
@@ -46,8 +48,10 @@ def test_the_stream_lists_the_same_split_and_reads_the_same_images_as_memory(fol
 def test_processes_read_disjoint_parts_of_every_epoch_that_together_are_the_epoch():
     n, batch, epochs = 50, 8, 2
     one = stream.TrainOrder(n, batch, seed=1, num_epochs=epochs)
-    parts = [stream.TrainOrder(n, batch, seed=1, num_epochs=epochs, process_index=p, process_count=2)
-             for p in range(2)]
+    parts = [
+        stream.TrainOrder(n, batch, seed=1, num_epochs=epochs, process_index=p, process_count=2)
+        for p in range(2)
+    ]
     whole = np.asarray([one[i][0] for i in range(len(one))]).reshape(epochs, -1, batch)
     split = [np.asarray([o[i][0] for i in range(len(o))]).reshape(epochs, -1, batch // 2) for o in parts]
     # Each global batch is process 0's rows then process 1's; per epoch the parts are disjoint.
@@ -60,7 +64,8 @@ def test_processes_read_disjoint_parts_of_every_epoch_that_together_are_the_epoc
 
 def test_the_train_transform_is_a_crop_of_the_image_and_a_function_of_seed_epoch_and_position():
     img = pytest.importorskip("PIL.Image").fromarray(
-        np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+        np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    )
     a = stream.train_transform(img, 16, np.random.default_rng([0, 1, 2]))
     b = stream.train_transform(img, 16, np.random.default_rng([0, 1, 2]))
     c = stream.train_transform(img, 16, np.random.default_rng([0, 1, 3]))
@@ -73,8 +78,9 @@ def test_the_train_transform_is_a_crop_of_the_image_and_a_function_of_seed_epoch
 
 
 def _store(tmp_path, logits, labels, dtype="float32", chunk_rows=16):
-    store = stream.LogitsStore.create(str(tmp_path / f"store-{dtype}"), len(logits), logits.shape[1], dtype,
-                                      chunk_rows, "k", writer=True)
+    store = stream.LogitsStore.create(
+        str(tmp_path / f"store-{dtype}"), len(logits), logits.shape[1], dtype, chunk_rows, "k", writer=True
+    )
     for c, rows in enumerate(stream.chunks_of(len(logits), chunk_rows)):
         store.write_chunk(c, logits[rows], np.ones(len(rows), bool), labels[rows], [])
     return stream.LogitsStore.open(store.path, len(logits), logits.shape[1])
@@ -105,26 +111,52 @@ def _fit(train_data, dataset, logits, run_dir, num_epochs=2, on_epoch=None, meth
     objective = methods.objective(method, num_epochs)
     n = len(train_data.train) if train_data is not None else len(dataset.train_labels)
     spec = training.build_step_spec(cfg, 2, "float32", objective, n // 16, False, method_cfg=method)
-    targets = None if train_data is not None or logits is None else methods.method_targets(method, logits, dataset.train_labels)
-    return training.fit(name="kd", spec=spec, train_cfg=cfg, dataset=dataset, train_targets=targets,
-                        run_dir=str(run_dir), mesh=training.create_mesh(), seed=0, stream=train_data,
-                        show_progress=False, on_epoch=on_epoch)
+    targets = (
+        None
+        if train_data is not None or logits is None
+        else methods.method_targets(method, logits, dataset.train_labels)
+    )
+    return training.fit(
+        name="kd",
+        spec=spec,
+        train_cfg=cfg,
+        dataset=dataset,
+        train_targets=targets,
+        run_dir=str(run_dir),
+        mesh=training.create_mesh(),
+        seed=0,
+        stream=train_data,
+        show_progress=False,
+        on_epoch=on_epoch,
+    )
 
 
 def test_streamed_training_equals_in_memory_training_on_the_same_images(folder, source, tmp_path):
-    dataset = data_lib.load_dataset(f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False)
+    dataset = data_lib.load_dataset(
+        f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False
+    )
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(len(dataset.train_labels), 2)).astype(np.float32) * 3
     store = _store(tmp_path, logits, dataset.train_labels)
-    data = training.StreamTrainData(train=source.splits["train"], val=source.splits["val"], image_size=SIZE,
-                                    augment=False, eval_crop=1.0, workers=0, logits=store)
+    data = training.StreamTrainData(
+        train=source.splits["train"],
+        val=source.splits["val"],
+        image_size=SIZE,
+        augment=False,
+        eval_crop=1.0,
+        workers=0,
+        logits=store,
+    )
     streamed = _fit(data, None, None, tmp_path / "s")
     memory = _fit(None, dataset, logits, tmp_path / "m")
     for a, b in zip(streamed.history, memory.history, strict=True):
         assert a["val_accuracy"] == b["val_accuracy"]
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 streamed.best_variables, memory.best_variables)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        streamed.best_variables,
+        memory.best_variables,
+    )
 
 
 class Interrupt(Exception):
@@ -132,8 +164,14 @@ class Interrupt(Exception):
 
 
 def test_an_interrupted_streamed_run_resumes_to_the_uninterrupted_result(source, tmp_path):
-    data = training.StreamTrainData(train=source.splits["train"], val=source.splits["val"], image_size=24,
-                                    augment=True, eval_crop=0.875, workers=1)
+    data = training.StreamTrainData(
+        train=source.splits["train"],
+        val=source.splits["val"],
+        image_size=24,
+        augment=True,
+        eval_crop=0.875,
+        workers=1,
+    )
 
     def stop_after_first(record):
         if record["epoch"] == 1:
@@ -161,10 +199,13 @@ def test_an_unreadable_image_is_skipped_and_listed_and_a_training_batch_stays_wh
     assert substituted["valid"] and substituted["row"] != row and substituted["image"].any()
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda p: p.mkdir(), "no images found"),
-    (lambda p: None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p.mkdir(), "no images found"),
+        (lambda p: None, "does not exist"),
+    ],
+)
 def test_a_missing_or_empty_folder_is_one_clear_error(tmp_path, make, needle):
     make(tmp_path / "data")
     with pytest.raises(ValueError, match=needle):

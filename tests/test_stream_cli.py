@@ -1,5 +1,7 @@
-"""The streamed job through the real CLI (configs/imagenet.py:smoke on a generated folder, KD only): two processes
-(jax.distributed over Gloo) train like one process with two devices; a SIGKILL and a restart give the results of
+"""The streamed job through the real CLI (configs/imagenet.py:smoke on a generated folder, KD only): two
+processes
+(jax.distributed over Gloo) train like one process with two devices; a SIGKILL and a restart give the
+results of
 an uninterrupted run; bad input is one line."""
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def config_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process_two_devices(cache_dir, config_file, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stream_one") / "run"
-    proc = run_cli(cli_args(workdir, cache_dir / "data", config=str(config_file)), cli_env(cache_dir, devices=2),
-                   timeout=JOB_SECONDS)
+    proc = run_cli(
+        cli_args(workdir, cache_dir / "data", config=str(config_file)),
+        cli_env(cache_dir, devices=2),
+        timeout=JOB_SECONDS,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "data: stream pipeline (data.pipeline='stream')" in proc.stderr
     return workdir
@@ -75,8 +80,9 @@ def assert_same_run(ours: pathlib.Path, reference: pathlib.Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3 * JOB_SECONDS)
-def test_two_streaming_processes_train_like_one_process_with_two_devices(one_process_two_devices, cache_dir,
-                                                                        config_file, tmp_path):
+def test_two_streaming_processes_train_like_one_process_with_two_devices(
+    one_process_two_devices, cache_dir, config_file, tmp_path
+):
     job = launch(tmp_path / "run", cache_dir, config_file, tmp_path / "logs")
     assert job.wait(timeout=JOB_SECONDS) == [0, 0], job.tails()
     for i in (0, 1):
@@ -87,13 +93,16 @@ def test_two_streaming_processes_train_like_one_process_with_two_devices(one_pro
 
 @pytest.mark.slow
 @pytest.mark.timeout(3 * JOB_SECONDS)
-def test_a_killed_streamed_run_restarts_to_the_uninterrupted_result(one_process_two_devices, cache_dir,
-                                                                   config_file, tmp_path):
+def test_a_killed_streamed_run_restarts_to_the_uninterrupted_result(
+    one_process_two_devices, cache_dir, config_file, tmp_path
+):
     workdir = tmp_path / "run"
     args = cli_args(workdir, cache_dir / "data", config=str(config_file))
     env = cli_env(cache_dir, devices=2)
     # Killed once the student's first epoch is checkpointed (its grain iterator position with it).
-    status, err = kill_when(args, env, workdir / "students" / "KD-seed0" / "checkpoints" / "1", timeout=JOB_SECONDS)
+    status, err = kill_when(
+        args, env, workdir / "students" / "KD-seed0" / "checkpoints" / "1", timeout=JOB_SECONDS
+    )
     assert status == -9, err[-3000:]
     proc = run_cli(args, env, timeout=JOB_SECONDS)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -106,9 +115,21 @@ def test_a_missing_tfds_split_and_an_empty_folder_are_one_line_errors(cache_dir,
     (tmp_path / "empty").mkdir()
     env = cli_env(cache_dir)
     base = ["--config.data.pipeline=stream"]
-    proc = run_cli(cli_args(tmp_path / "w1", cache_dir / "data", *base,
-                            f"--config.data.source=folder:{tmp_path / 'empty'}"), env)
+    proc = run_cli(
+        cli_args(
+            tmp_path / "w1", cache_dir / "data", *base, f"--config.data.source=folder:{tmp_path / 'empty'}"
+        ),
+        env,
+    )
     assert_clean_error(proc, "no images found")
-    proc = run_cli(cli_args(tmp_path / "w2", cache_dir / "data", *base, "--config.data.source=tfds:no_such_ds_xyz",
-                            f"--config.data.tfds_data_dir={tmp_path}"), env)
+    proc = run_cli(
+        cli_args(
+            tmp_path / "w2",
+            cache_dir / "data",
+            *base,
+            "--config.data.source=tfds:no_such_ds_xyz",
+            f"--config.data.tfds_data_dir={tmp_path}",
+        ),
+        env,
+    )
     assert_clean_error(proc, "no_such_ds_xyz")

@@ -1,4 +1,5 @@
-"""ImageNet ResNets: torchvision-layout state_dict -> Flax variables (third_party/torchvision_to_flax.py) gives
+"""ImageNet ResNets: torchvision-layout state_dict -> Flax variables (third_party/torchvision_to_flax.py)
+gives
 the same eval-mode logits."""
 
 import pathlib
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.peer
 
 
 def randomized(model, seed: int):
-    """`model` in eval mode with BatchNorm weight/bias/mean/var drawn away from 1/0/0/1, so the test can fail."""
+    """`model` in eval mode with BatchNorm weight/bias/mean/var drawn away from 1/0/0/1, so the test can
+    fail."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -53,7 +55,9 @@ def test_converted_torchvision_resnet_gives_the_same_logits(name):
     logits, _ = jax.jit(lambda v, x: flax_model.apply(v, x, train=False))(variables, x)
     assert np.max(np.abs(np.asarray(logits) - expected)) <= 1e-4
     # The converted tree is exactly the model's (no extra or missing variables, same shapes).
-    abstract = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 35, 35, 3)), train=False))
+    abstract = jax.eval_shape(
+        lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 35, 35, 3)), train=False)
+    )
     assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, variables)
 
 

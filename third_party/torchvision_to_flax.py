@@ -5,7 +5,8 @@
 prints the model to name beside it, e.g. `--config.teacher.model=imagenet_resnet34
 --config.teacher.variables=resnet34.msgpack`. Any `state_dict` with torchvision's keys (`conv1`, `bn1`,
 `layer{s}.{j}.conv1 ...`, `layer{s}.0.downsample.{0,1}`, `fc`) converts: torchvision's own checkpoints, timm's
-`resnet*` (same keys), or `third_party/torch_peer/torchvision_resnet.py`. A checkpoint that wraps it (`{"state_dict":
+`resnet*` (same keys), or `third_party/torch_peer/torchvision_resnet.py`. A checkpoint that wraps it
+(`{"state_dict":
 ...}`, `{"model": ...}`) or prefixes it (`module.` from DataParallel) is unwrapped.
 
 Mapping (conv OIHW -> HWIO, linear (out, in) -> (in, out), BatchNorm weight/bias/running_mean/running_var ->
@@ -49,8 +50,10 @@ def architecture(state_dict: Mapping) -> dict:
     """What the keys and shapes say: {'stage_sizes', 'bottleneck', 'widths', 'stem_width', 'num_classes'}."""
     sd = unwrap(state_dict)
     if "conv1.weight" not in sd or "fc.weight" not in sd:
-        raise ValueError("not a torchvision-layout ResNet state_dict: it needs conv1.weight and fc.weight keys "
-                         f"(found e.g. {sorted(sd)[:5]})")
+        raise ValueError(
+            "not a torchvision-layout ResNet state_dict: it needs conv1.weight and fc.weight keys "
+            f"(found e.g. {sorted(sd)[:5]})"
+        )
     blocks: dict[int, set[int]] = {}
     for key in sd:
         if m := _BLOCK.match(key):
@@ -62,8 +65,10 @@ def architecture(state_dict: Mapping) -> dict:
     return {
         "stage_sizes": tuple(len(blocks[s]) for s in stages),
         "bottleneck": bottleneck,
-        "widths": tuple(int(sd[f"layer{s}.0.conv1.weight" if not bottleneck else f"layer{s}.0.conv2.weight"]
-                            .shape[0]) for s in stages),
+        "widths": tuple(
+            int(sd[f"layer{s}.0.conv1.weight" if not bottleneck else f"layer{s}.0.conv2.weight"].shape[0])
+            for s in stages
+        ),
         "stem_width": int(sd["conv1.weight"].shape[0]),
         "num_classes": int(sd["fc.weight"].shape[0]),
     }
@@ -145,8 +150,10 @@ def main(argv=None) -> None:
         f.write(serialization.msgpack_serialize(variables))
     name = model_name(arch)
     model = name or f"(no preset: stages {arch['stage_sizes']}, widths {arch['widths']})"
-    print(f"wrote {args.out}: --config.teacher.model={model} --config.teacher.variables={args.out} "
-          f"({arch['num_classes']} classes)")
+    print(
+        f"wrote {args.out}: --config.teacher.model={model} --config.teacher.variables={args.out} "
+        f"({arch['num_classes']} classes)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,18 +2,20 @@
 
     plan_stream      a source listed (folder) or opened (TFDS) but not decoded: train/val/test `SplitRecords`
     SplitRecords     random access to one split's examples: read + decode one image (in grain's workers)
-    train_transform  random-resized crop to S (scale 0.08-1, ratio 3/4-4/3) + flip, seeded per example
-    eval_transform   shorter side to S / eval_crop (S * 256 / 224 by default), center crop S x S
+    train_transform  (transforms.py) random-resized crop to S (scale 0.08-1, ratio 3/4-4/3) + flip
+    eval_transform   (transforms.py) shorter side to S / eval_crop (S * 256 / 224 by default), center crop
     TrainOrder       element i of the whole run -> (row, epoch, global position): the in-memory path's order
     EvalOrder        this process's rows of a split, in whole chunks, padded with -1 for a lockstep pass
     loader           grain: order -> read/decode/augment (worker processes) -> local batches -> prefetch
-    LogitsStore      teacher logits on disk, one row per example, in chunk files any host reads row by row
+    LogitsStore      (logits_store.py) teacher logits on disk, one row per example, in chunk files
     choose_pipeline  data.pipeline = "memory" | "stream" | "auto", and why
 
 The order of the training examples is `batching.batch_indices(n, B, seed, epoch)`, as in memory, and process p
 of P takes columns [p B/P, (p+1) B/P) of every global batch: each host reads only the images it trains on, the
-processes' parts of an epoch are disjoint and together the whole epoch, and the global batch does not depend on
-the number of processes. The augmentation of an example is seeded by (seed, epoch, global position) alone, so it
+processes' parts of an epoch are disjoint and together the whole epoch, and the global batch does not
+depend on
+the number of processes. The augmentation of an example is seeded by (seed, epoch, global position) alone,
+so it
 does not depend on the number of processes or workers either, and a restart at a step repeats it exactly.
 """
 
@@ -22,23 +24,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-from debkd_jax import workdir_lib
 from debkd_jax.data import sources
 from debkd_jax.data import split as split_lib
 from debkd_jax.data.batching import batch_indices
+from debkd_jax.data.logits_store import STORE_DTYPES, LogitsStore, decode_logits, encode_logits  # noqa: F401
+from debkd_jax.data.transforms import EVAL_CROP, eval_transform, rrc_box, train_transform  # noqa: F401
 
-EVAL_CROP = 224 / 256
-"""The share of the resized image's shorter side that evaluation keeps (the field's 224 of 256)."""
-
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3 / 4, 4 / 3)
 PIPELINES = ("memory", "stream", "auto")
 AUTO_MEMORY_SHARE = 0.25
 """`data.pipeline="auto"` streams when the decoded images would take more than this share of the memory."""
@@ -98,8 +95,13 @@ class SplitRecords:
     def select(self, rows: np.ndarray) -> SplitRecords:
         """The same split restricted to `rows` (in that order)."""
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
-        return dataclasses.replace(self, ids=self.ids[rows], paths=pick(self.paths), labels=pick(self.labels),
-                                   indices=pick(self.indices))
+        return dataclasses.replace(
+            self,
+            ids=self.ids[rows],
+            paths=pick(self.paths),
+            labels=pick(self.labels),
+            indices=pick(self.indices),
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,8 +118,14 @@ class StreamSource:
         return len(self.class_names)
 
 
-def plan_stream(source: str, *, seed: int, split=(0.7, 0.1, 0.2), max_per_class: int | None = None,
-                tfds_data_dir: str | None = None) -> StreamSource:
+def plan_stream(
+    source: str,
+    *,
+    seed: int,
+    split=(0.7, 0.1, 0.2),
+    max_per_class: int | None = None,
+    tfds_data_dir: str | None = None,
+) -> StreamSource:
     """`folder:PATH`: listed (no image decoded) and split train/val/test as `load_dataset` splits it (same
     seed, same stratified split, same rows when no image is unreadable). `tfds:NAME`: its own 'train' split,
     and 'validation' (or 'test') as both val and test. ValueError for a missing/empty folder, a source the
@@ -127,45 +135,77 @@ def plan_stream(source: str, *, seed: int, split=(0.7, 0.1, 0.2), max_per_class:
         root = os.path.abspath(os.path.expanduser(arg))
         listing = sources.folder_listing(root)
         bad = {p for p, _ in listing.unstattable}
-        keep = [i for i in split_lib.subset_per_class(listing.labels, max_per_class)
-                if listing.paths[i] not in bad]
+        keep = [
+            i
+            for i in split_lib.subset_per_class(listing.labels, max_per_class)
+            if listing.paths[i] not in bad
+        ]
         labels = listing.labels[keep]
         split_lib.check_class_counts(labels, listing.class_names, f"folder:{root}", len(bad), None)
         parts = split_lib.split_indices(labels, split_lib.check_split(split), seed)
         paths = np.asarray([os.path.join(root, listing.paths[i]) for i in keep])
         ids = np.asarray([sources.folder_id(listing.paths[i]) for i in keep])
-        splits = {name: SplitRecords(ids=ids[rows], paths=paths[rows], labels=labels[rows])
-                  for name, rows in zip(("train", "val", "test"), parts, strict=True)}
-        return StreamSource(f"folder:{root}", listing.class_names, splits,
-                            {"source": "folder", "files": len(listing.paths),
-                             "files_sha": _sha(listing.fingerprint), "seed": seed, "split": list(split),
-                             "max_per_class": max_per_class})
+        splits = {
+            name: SplitRecords(ids=ids[rows], paths=paths[rows], labels=labels[rows])
+            for name, rows in zip(("train", "val", "test"), parts, strict=True)
+        }
+        return StreamSource(
+            f"folder:{root}",
+            listing.class_names,
+            splits,
+            {
+                "source": "folder",
+                "files": len(listing.paths),
+                "files_sha": _sha(listing.fingerprint),
+                "seed": seed,
+                "split": list(split),
+                "max_per_class": max_per_class,
+            },
+        )
     if kind != "tfds":
-        raise ValueError(f"data.pipeline='stream' reads 'folder:PATH' or 'tfds:NAME', not {source!r}; "
-                         "use data.pipeline='memory' for it")
+        raise ValueError(
+            f"data.pipeline='stream' reads 'folder:PATH' or 'tfds:NAME', not {source!r}; "
+            "use data.pipeline='memory' for it"
+        )
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(arg, data_dir=tfds_data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"TFDS dataset {arg!r} not found ({e}); prepare it with `tfds build {arg} "
-                         "--file_format=array_record --data_dir=DIR` and pass data.tfds_data_dir=DIR") from e
+        raise ValueError(
+            f"TFDS dataset {arg!r} not found ({e}); prepare it with `tfds build {arg} "
+            "--file_format=array_record --data_dir=DIR` and pass data.tfds_data_dir=DIR"
+        ) from e
     recorded = tuple(builder.info.splits)
     val = next((s for s in _TFDS_VAL_SPLITS if s in recorded), None)
     if "train" not in recorded or val is None:
-        raise ValueError(f"TFDS dataset {arg!r} has splits {list(recorded)}; streaming needs 'train' and "
-                         "'validation' (or 'test'); prepare those splits")
+        raise ValueError(
+            f"TFDS dataset {arg!r} has splits {list(recorded)}; streaming needs 'train' and "
+            "'validation' (or 'test'); prepare those splits"
+        )
     splits = {}
     for name, tfds_split in (("train", "train"), ("val", val), ("test", val)):
         n = builder.info.splits[tfds_split].num_examples
         if max_per_class:  # a fixed prefix: labels are unknown before reading
             n = min(n, max_per_class * builder.info.features["label"].num_classes)
-        splits[name] = SplitRecords(ids=np.asarray([sources.tfds_id(tfds_split, i) for i in range(n)]),
-                                    tfds_name=arg, tfds_split=tfds_split, tfds_data_dir=tfds_data_dir,
-                                    indices=np.arange(n))
-    return StreamSource(f"tfds:{arg}", tuple(builder.info.features["label"].names), splits,
-                        {"source": "tfds", "name": arg, "version": str(builder.info.version),
-                         "rows": {k: len(v) for k, v in splits.items()}})
+        splits[name] = SplitRecords(
+            ids=np.asarray([sources.tfds_id(tfds_split, i) for i in range(n)]),
+            tfds_name=arg,
+            tfds_split=tfds_split,
+            tfds_data_dir=tfds_data_dir,
+            indices=np.arange(n),
+        )
+    return StreamSource(
+        f"tfds:{arg}",
+        tuple(builder.info.features["label"].names),
+        splits,
+        {
+            "source": "tfds",
+            "name": arg,
+            "version": str(builder.info.version),
+            "rows": {k: len(v) for k, v in splits.items()},
+        },
+    )
 
 
 def _sha(rows) -> str:
@@ -190,8 +230,13 @@ def num_examples(source: str, tfds_data_dir: str | None = None) -> int:
     return int(sum(s.num_examples for s in info.splits.values()))
 
 
-def choose_pipeline(setting: str, source: str, image_size: int, tfds_data_dir: str | None = None,
-                    memory_bytes: int | None = None) -> tuple[str, str]:
+def choose_pipeline(
+    setting: str,
+    source: str,
+    image_size: int,
+    tfds_data_dir: str | None = None,
+    memory_bytes: int | None = None,
+) -> tuple[str, str]:
     """("memory" | "stream", why). "auto" streams when N * S * S * 3 bytes of decoded images exceed
     `AUTO_MEMORY_SHARE` of this host's memory (`memory_bytes`, default: physical memory)."""
     if setting not in PIPELINES:
@@ -205,57 +250,11 @@ def choose_pipeline(setting: str, source: str, image_size: int, tfds_data_dir: s
     memory = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     choice = "stream" if need > AUTO_MEMORY_SHARE * memory else "memory"
     verb = "more" if choice == "stream" else "no more"
-    return choice, (f"data.pipeline='auto': {n} images decoded at {image_size}x{image_size} take "
-                    f"{need / 2**30:.2f} GiB, {verb} than {AUTO_MEMORY_SHARE:.0%} of the "
-                    f"{memory / 2**30:.1f} GiB of memory")
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
-
-
-def eval_transform(img: Image.Image, image_size: int, crop: float = EVAL_CROP) -> np.ndarray:
-    """Shorter side resized to round(S / crop), then the central S x S: (S, S, 3) uint8."""
-    w, h = img.size
-    short = max(image_size, round(image_size / crop))
-    scale = short / min(w, h)
-    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    img = _resize(img, (nw, nh))
-    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    return np.asarray(img.crop((left, top, left + image_size, top + image_size)), np.uint8)
-
-
-def rrc_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
-    """torchvision's `RandomResizedCrop.get_params`: (left, top, w, h) covering a uniform share of the area
-    in `RRC_SCALE` with a log-uniform aspect ratio in `RRC_RATIO` (10 tries, then the central crop)."""
-    area = width * height
-    log_ratio = np.log(RRC_RATIO)
-    for _ in range(10):
-        target = area * rng.uniform(*RRC_SCALE)
-        ratio = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < RRC_RATIO[0]:
-        w, h = width, round(width / RRC_RATIO[0])
-    elif in_ratio > RRC_RATIO[1]:
-        w, h = round(height * RRC_RATIO[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Random-resized crop to S x S (bilinear) and a left-right flip with probability 1/2: (S, S, 3) uint8."""
-    left, top, w, h = rrc_box(rng, *img.size)
-    out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    x = np.asarray(out, np.uint8)
-    return x[:, ::-1] if rng.random() < 0.5 else x
+    return choice, (
+        f"data.pipeline='auto': {n} images decoded at {image_size}x{image_size} take "
+        f"{need / 2**30:.2f} GiB, {verb} than {AUTO_MEMORY_SHARE:.0%} of the "
+        f"{memory / 2**30:.1f} GiB of memory"
+    )
 
 
 # ----------------------------------------------------------------------------- orders
@@ -281,7 +280,9 @@ class TrainOrder:
         if self.batch_size % self.process_count:
             raise ValueError(f"batch_size={self.batch_size} must divide over {self.process_count} processes")
         if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size={self.batch_size} is larger than the {self.num_rows} training examples")
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {self.num_rows} training examples"
+            )
 
     @property
     def local_batch(self) -> int:
@@ -302,8 +303,9 @@ class TrainOrder:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - a few small instances per run
     def _order(self, epoch: int) -> np.ndarray:
-        return batch_indices(self.num_rows, self.batch_size, seed=self.seed, epoch=epoch,
-                             shuffle=self.shuffle).reshape(-1)
+        return batch_indices(
+            self.num_rows, self.batch_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle
+        ).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,8 +317,9 @@ class EvalOrder:
     rows: np.ndarray
 
     @classmethod
-    def build(cls, chunks: Sequence[np.ndarray], chunk_rows: int, process_index: int = 0,
-              process_count: int = 1) -> EvalOrder:
+    def build(
+        cls, chunks: Sequence[np.ndarray], chunk_rows: int, process_index: int = 0, process_count: int = 1
+    ) -> EvalOrder:
         slots = -(-len(chunks) // process_count)
         rows = np.full((slots, chunk_rows), -1, np.int64)
         for t in range(slots):
@@ -339,9 +342,11 @@ class EvalOrder:
 class ReadExample:
     """(row, epoch, position) -> {'image' (S, S, 3) uint8, 'label', 'row', 'valid', ['teacher_logits' (k,)]}.
 
-    Runs in grain's worker processes. `train=True`: `train_transform` seeded by (seed, epoch, position), and an
+    Runs in grain's worker processes. `train=True`: `train_transform` seeded by (seed, epoch, position),
+    and an
     unreadable image is replaced by another row drawn from the same seed (the batch stays whole and the order
-    stays a function of the seed; the teacher pass counts and lists the unreadable files). Eval: `eval_transform`;
+    stays a function of the seed; the teacher pass counts and lists the unreadable files). Eval:
+    `eval_transform`;
     row -1 (padding) and an unreadable image give a black image with valid=False, the reason in `reason`.
     """
 
@@ -367,7 +372,9 @@ class ReadExample:
                 else:
                     image = eval_transform(img, self.image_size, self.eval_crop)
         out = {
-            "image": image if image is not None else np.zeros((self.image_size, self.image_size, 3), np.uint8),
+            "image": image
+            if image is not None
+            else np.zeros((self.image_size, self.image_size, 3), np.uint8),
             "label": np.int32(max(label, 0)),
             "row": np.int64(row),
             "valid": np.bool_(image is not None),
@@ -377,7 +384,6 @@ class ReadExample:
             out["teacher_logits"] = self.logits.row(max(row, 0))
         return out
 
-
     def _substitute(self, row: int, epoch: int, position: int, reason: str):
         rng = np.random.default_rng([self.seed, epoch, position, 1])
         for _ in range(_SUBSTITUTE_TRIES):
@@ -385,8 +391,10 @@ class ReadExample:
             img, label, _ = self.records.read(other)
             if img is not None:
                 return other, img, label
-        raise ValueError(f"{self.records.ids[row]} is unreadable ({reason}) and so were {_SUBSTITUTE_TRIES} "
-                         "others drawn in its place; check the data")
+        raise ValueError(
+            f"{self.records.ids[row]} is unreadable ({reason}) and so were {_SUBSTITUTE_TRIES} "
+            "others drawn in its place; check the data"
+        )
 
 
 _SUBSTITUTE_TRIES = 16
@@ -405,140 +413,17 @@ def loader(order, read: ReadExample, local_batch: int, *, workers: int, prefetch
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.source(order).map(read).batch(local_batch, drop_remainder=True, batch_fn=_stack)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, local_batch)),
-                                              prefetch_buffer_size=max(1, prefetch * local_batch)))
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=max(1, min(8, local_batch)), prefetch_buffer_size=max(1, prefetch * local_batch)
+        )
+    )
     if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+        )
     return it
 
 
 def chunks_of(num_rows: int, chunk_rows: int) -> list[np.ndarray]:
     return [np.arange(s, min(s + chunk_rows, num_rows)) for s in range(0, num_rows, chunk_rows)]
-
-
-# ----------------------------------------------------------------------------- teacher logits on disk
-
-
-STORE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LogitsStore:
-    """A split's teacher logits in `path`: `manifest.json` (rows, classes, dtype, chunk_rows, key) and, per
-    chunk c of `chunk_rows` rows, `chunk-c.npy` (rows, k) logits in `dtype` (bfloat16 stored as its uint16
-    bits) and `chunk-c.npz` (valid, labels, the unreadable rows' ids and reasons). A chunk is whole files or
-    nothing (one atomic write each, the .npy last), so a pass resumes at the first missing chunk; `row(r)`
-    maps only chunk r // chunk_rows (np.load mmap), so no host loads the file whole."""
-
-    path: str
-    num_rows: int
-    num_classes: int
-    dtype: str
-    chunk_rows: int
-    key: str
-
-    @classmethod
-    def create(cls, path: str, num_rows: int, num_classes: int, dtype: str, chunk_rows: int, key: str,
-               writer: bool) -> LogitsStore:
-        """The store at `path`, its manifest written (by `writer`) when new. ValueError when `path` holds a
-        store of other data (another key, row or class count)."""
-        if dtype not in STORE_DTYPES:
-            raise ValueError(f"teacher logits storage dtype must be one of {STORE_DTYPES}, got {dtype!r}")
-        store = cls(path, num_rows, num_classes, dtype, chunk_rows, key)
-        manifest = workdir_lib.read_json(os.path.join(path, "manifest.json"))
-        if manifest is None:
-            if writer:
-                os.makedirs(path, exist_ok=True)
-                workdir_lib.write_json(os.path.join(path, "manifest.json"), store.manifest())
-            return store
-        if manifest != store.manifest():
-            raise ValueError(f"the teacher logits in {path} are of other data or another teacher ({manifest}, "
-                             f"expected {store.manifest()}); move them away or use a new workdir")
-        return store
-
-    @classmethod
-    def open(cls, path: str, num_rows: int, num_classes: int) -> LogitsStore:
-        """A finished store, checked against the data: ValueError (one line) for a missing or incomplete store
-        or one whose rows or classes do not match."""
-        manifest = workdir_lib.read_json(os.path.join(path, "manifest.json"))
-        if manifest is None:
-            raise ValueError(f"no teacher logits store at {path} (manifest.json missing)")
-        store = cls(path, **{k: manifest[k] for k in ("num_rows", "num_classes", "dtype", "chunk_rows", "key")})
-        if (store.num_rows, store.num_classes) != (num_rows, num_classes):
-            raise ValueError(f"the teacher logits in {path} have {store.num_rows} rows x {store.num_classes} "
-                             f"classes, the data {num_rows} x {num_classes}; they are of other data")
-        if missing := store.missing_chunks():
-            raise ValueError(f"the teacher logits in {path} lack {len(missing)} chunk(s) (e.g. {missing[0]}); "
-                             "finish the teacher pass (re-run the same command)")
-        return store
-
-    def manifest(self) -> dict:
-        return {"num_rows": self.num_rows, "num_classes": self.num_classes, "dtype": self.dtype,
-                "chunk_rows": self.chunk_rows, "key": self.key}
-
-    @property
-    def num_chunks(self) -> int:
-        return -(-self.num_rows // self.chunk_rows)
-
-    def _file(self, c: int, ext: str) -> str:
-        return os.path.join(self.path, f"chunk-{c:06d}.{ext}")
-
-    def missing_chunks(self) -> list[int]:
-        return [c for c in range(self.num_chunks) if not os.path.exists(self._file(c, "npy"))]
-
-    def write_chunk(self, c: int, logits: np.ndarray, valid: np.ndarray, labels: np.ndarray,
-                    skipped: Sequence[tuple[str, str]]) -> None:
-        import io
-
-        rows = min(self.chunk_rows, self.num_rows - c * self.chunk_rows)
-        if logits.shape != (rows, self.num_classes):
-            raise ValueError(f"chunk {c}: logits {logits.shape}, expected {(rows, self.num_classes)}")
-        meta = io.BytesIO()
-        np.savez(meta, valid=valid, labels=labels, skipped=np.asarray(list(skipped), dtype=str).reshape(-1, 2))
-        workdir_lib.atomic_write_bytes(self._file(c, "npz"), meta.getvalue())
-        data = io.BytesIO()
-        np.save(data, encode_logits(logits, self.dtype))
-        workdir_lib.atomic_write_bytes(self._file(c, "npy"), data.getvalue())
-
-    def row(self, r: int) -> np.ndarray:
-        """Row r as float32 (k,), read from its chunk's memory map."""
-        c, i = divmod(int(r), self.chunk_rows)
-        return decode_logits(np.asarray(self._chunk(c)[i]), self.dtype)
-
-    @functools.lru_cache(maxsize=16)  # noqa: B019 - per process; maps, not data
-    def _chunk(self, c: int) -> np.ndarray:
-        return np.load(self._file(c, "npy"), mmap_mode="r")
-
-    def __getstate__(self):
-        return dataclasses.asdict(self)
-
-    def __setstate__(self, state):
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
-
-    def meta(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-        """(valid (N,) bool, labels (N,) int32, [(id, reason) of the unreadable rows])."""
-        valid, labels, skipped = [], [], []
-        for c in range(self.num_chunks):
-            with np.load(self._file(c, "npz")) as z:
-                valid.append(z["valid"])
-                labels.append(z["labels"])
-                skipped.extend((str(a), str(b)) for a, b in z["skipped"])
-        return np.concatenate(valid), np.concatenate(labels).astype(np.int32), skipped
-
-
-def encode_logits(logits: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 logits in the store's dtype: float16/float32 as such, bfloat16 as the uint16 of its bits."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return np.asarray(logits, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
-    return np.asarray(logits, np.float32).astype(dtype)
-
-
-def decode_logits(stored: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return np.asarray(stored).view(ml_dtypes.bfloat16).astype(np.float32)
-    return np.asarray(stored, np.float32)

@@ -1,7 +1,9 @@
-"""CIFAR-style and ImageNet (torchvision layout) ResNets, FitNets hint regressors, and the conv layer they are built with (docs/models.md).
+"""CIFAR-style and ImageNet (torchvision layout) ResNets, FitNets hint regressors, and the conv layer they
+are built with (docs/models.md).
 
     conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward
-    resnet.py   BasicBlock, Bottleneck, ResNet (CIFAR or ImageNet stem), the presets (MODELS), get_model, feature_taps, count_params
+    resnet.py   BasicBlock, Bottleneck, ResNet (CIFAR or ImageNet stem), the presets (MODELS), get_model,
+                feature_taps, count_params
     hints.py    HintRegressor
     external.py any Flax module as a model: "package.module:factory" (Adapted, load_factory)
 """

@@ -94,7 +94,8 @@ class ResNet(nn.Module):
     """Stem, residual stages, global average pool, dense head.
 
     `stem`: "cifar" (3x3 stride-1 conv, BN, ReLU) or "imagenet" (torchvision's: 7x7 stride-2 conv padded 3,
-    BN, ReLU, 3x3 stride-2 max-pool padded 1), which maps (B, H, W, 3) to (B, ceil(H/4), ceil(W/4), stem_width).
+    BN, ReLU, 3x3 stride-2 max-pool padded 1), which maps (B, H, W, 3) to (B, ceil(H/4), ceil(W/4),
+    stem_width).
 
     `dtype` is the compute dtype; parameters and batch statistics stay float32 and logits are returned as
     float32, block outputs in `dtype`. `conv` builds every conv, the blocks' included.

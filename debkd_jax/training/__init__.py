@@ -22,7 +22,6 @@ from debkd_jax.training.state import (
     variables_of,
     zero_metrics,
 )
-from debkd_jax.training.streamed import StreamTrainData, local_eval_batch, local_rows, pass_accuracy, predict_pass
 from debkd_jax.training.step import (
     StepSpec,
     Student,
@@ -30,6 +29,13 @@ from debkd_jax.training.step import (
     make_predict_fn,
     make_train_step,
     predict_logits,
+)
+from debkd_jax.training.streamed import (
+    StreamTrainData,
+    local_eval_batch,
+    local_rows,
+    pass_accuracy,
+    predict_pass,
 )
 
 __all__ = [

@@ -63,7 +63,8 @@ def fit(
     last complete checkpoint in `run_dir`. Returns the variables of the best epoch on validation accuracy (of
     equal ones the earliest), restored from its checkpoint.
 
-    `stream` (instead of `dataset` and `train_targets`): batches from grain (`StreamTrainData`), whose iterator
+    `stream` (instead of `dataset` and `train_targets`): batches from grain (`StreamTrainData`), whose
+    iterator
     position is saved with every checkpoint and restored with it."""
     n_train = len(stream.train) if stream is not None else len(dataset.train_labels)
     steps_per_epoch = n_train // train_cfg.batch_size

@@ -71,5 +71,6 @@ def variables_of(state) -> dict:
 
 
 def host_copy(tree):
-    """A host copy: the step donates the state's buffers, so anything kept across steps must not alias them."""
+    """A host copy: the step donates the state's buffers, so anything kept across steps must not alias
+    them."""
     return jax.tree.map(lambda a: np.array(jax.device_get(a)), tree)

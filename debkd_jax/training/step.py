@@ -102,7 +102,8 @@ def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
             t_logits, t_blocks = spec.teacher.apply(teacher_vars, x, train=False)
             teacher_feats = tuple(jax.lax.stop_gradient(t_blocks[i]) for i in spec.teacher_taps)
             if spec.method_cfg.online_targets:
-                # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's easy/hard
+                # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's
+                # easy/hard
                 # split matches the rows that were rectified or infused; KI's table is the precomputed one.
                 rows = methods.method_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
         epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch

@@ -20,7 +20,6 @@ from debkd_jax import console
 from debkd_jax.data import stream
 from debkd_jax.data.batching import make_global_batch
 
-
 MIN_ROWS_FOR_WORKERS = 4096
 """An eval-mode pass over fewer rows reads in threads instead of starting grain's worker processes."""
 
@@ -43,10 +42,22 @@ def local_eval_batch(eval_batch_size: int, mesh: Mesh) -> int:
     return max(local_devices, per - per % local_devices)
 
 
-def predict_pass(predict: Callable, variables, records: stream.SplitRecords, *, image_size: int, eval_crop: float,
-                 mesh: Mesh, chunks: list[np.ndarray], chunk_rows: int, workers: int,
-                 on_chunk: Callable[[int, dict], None], progress: str | None = None) -> None:
-    """Eval-mode logits of `records`' rows in `chunks`: process p handles chunks p, p + P, ... (all processes in
+def predict_pass(
+    predict: Callable,
+    variables,
+    records: stream.SplitRecords,
+    *,
+    image_size: int,
+    eval_crop: float,
+    mesh: Mesh,
+    chunks: list[np.ndarray],
+    chunk_rows: int,
+    workers: int,
+    on_chunk: Callable[[int, dict], None],
+    progress: str | None = None,
+) -> None:
+    """Eval-mode logits of `records`' rows in `chunks`: process p handles chunks p, p + P, ... (all
+    processes in
     lockstep); `on_chunk(chunk index, {'logits' (n, k), 'valid', 'label', 'row', 'reason'})` gets each of this
     process's chunks whole. `chunk_rows` must be a multiple of `local_eval_batch`."""
     p, n_proc = jax.process_index(), jax.process_count()
@@ -66,16 +77,29 @@ def predict_pass(predict: Callable, variables, records: stream.SplitRecords, *, 
         for _ in range(chunk_rows // local):
             batch = next(it)
             images = make_global_batch(batch["image"], sharding)
-            parts.append({**{k: batch[k] for k in ("valid", "label", "row", "reason")},
-                          "logits": local_rows(predict(variables, images)[0])})
+            parts.append(
+                {
+                    **{k: batch[k] for k in ("valid", "label", "row", "reason")},
+                    "logits": local_rows(predict(variables, images)[0]),
+                }
+            )
         c = t * n_proc + p
         if c < len(chunks):
             whole = {k: np.concatenate([part[k] for part in parts])[: len(chunks[c])] for k in parts[0]}
             on_chunk(c, whole)
 
 
-def pass_accuracy(predict: Callable, variables, records: stream.SplitRecords, *, image_size: int,
-                  eval_crop: float, mesh: Mesh, batch_size: int, workers: int) -> float:
+def pass_accuracy(
+    predict: Callable,
+    variables,
+    records: stream.SplitRecords,
+    *,
+    image_size: int,
+    eval_crop: float,
+    mesh: Mesh,
+    batch_size: int,
+    workers: int,
+) -> float:
     """Top-1 accuracy over every row of `records` (all processes together)."""
     local = local_eval_batch(batch_size, mesh)
     counts = np.zeros(2, np.int64)
@@ -84,9 +108,18 @@ def pass_accuracy(predict: Callable, variables, records: stream.SplitRecords, *,
         counts[0] += int(np.sum((np.argmax(chunk["logits"], -1) == chunk["label"]) & chunk["valid"]))
         counts[1] += int(np.sum(chunk["valid"]))
 
-    predict_pass(predict, variables, records, image_size=image_size, eval_crop=eval_crop, mesh=mesh,
-                 chunks=stream.chunks_of(len(records), local), chunk_rows=local, workers=workers,
-                 on_chunk=count)
+    predict_pass(
+        predict,
+        variables,
+        records,
+        image_size=image_size,
+        eval_crop=eval_crop,
+        mesh=mesh,
+        chunks=stream.chunks_of(len(records), local),
+        chunk_rows=local,
+        workers=workers,
+        on_chunk=count,
+    )
     if jax.process_count() > 1:
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
     return float(counts[0] / max(counts[1], 1))
@@ -106,13 +139,20 @@ class StreamTrainData:
     logits: stream.LogitsStore | None = None
 
     def order(self, batch_size: int, seed: int, num_epochs: int) -> stream.TrainOrder:
-        return stream.TrainOrder(len(self.train), batch_size, seed, num_epochs, jax.process_index(),
-                                 jax.process_count())
+        return stream.TrainOrder(
+            len(self.train), batch_size, seed, num_epochs, jax.process_index(), jax.process_count()
+        )
 
     def iterator(self, order: stream.TrainOrder, seed: int, state: dict | None):
         """The run's batch iterator (grain), at `state` (a checkpoint's `get_state()`) when given."""
-        read = stream.ReadExample(self.train, self.image_size, train=self.augment, seed=seed,
-                                  eval_crop=self.eval_crop, logits=self.logits)
+        read = stream.ReadExample(
+            self.train,
+            self.image_size,
+            train=self.augment,
+            seed=seed,
+            eval_crop=self.eval_crop,
+            logits=self.logits,
+        )
         it = iter(stream.loader(order, read, order.local_batch, workers=self.workers))
         if state is not None:
             it.set_state(state)
@@ -125,5 +165,13 @@ class StreamTrainData:
         return make_global_batch({k: batch[k] for k in keys}, sharding)
 
     def val_accuracy(self, predict: Callable, variables, mesh: Mesh, batch_size: int) -> float:
-        return pass_accuracy(predict, variables, self.val, image_size=self.image_size, eval_crop=self.eval_crop,
-                             mesh=mesh, batch_size=batch_size, workers=self.workers)
+        return pass_accuracy(
+            predict,
+            variables,
+            self.val,
+            image_size=self.image_size,
+            eval_crop=self.eval_crop,
+            mesh=mesh,
+            batch_size=batch_size,
+            workers=self.workers,
+        )

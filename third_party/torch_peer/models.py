@@ -139,7 +139,8 @@ class WithBlockOutputs(nn.Module):
 
 
 def get_model(name: str, num_classes: int) -> nn.Module:
-    """A CIFAR-style peer by name, or `imagenet_<name>`: torchvision's layout (`torchvision_resnet`), wrapped to
+    """A CIFAR-style peer by name, or `imagenet_<name>`: torchvision's layout (`torchvision_resnet`),
+    wrapped to
     return `(logits, ())`."""
     from .torchvision_resnet import MODELS as IMAGENET
 

@@ -10,7 +10,8 @@ architecture module for module. Its `state_dict` has torchvision's keys and shap
     fc.weight (num_classes, 512 * expansion), fc.bias
 
 Stride on the 3x3 conv of a Bottleneck (ResNet v1.5), as torchvision. forward returns the logits only, as
-torchvision's does. `third_party/torchvision_to_flax.py` converts any such `state_dict` (this module's, or a real
+torchvision's does. `third_party/torchvision_to_flax.py` converts any such `state_dict` (this module's, or
+a real
 torchvision/timm `resnet*` checkpoint) to Flax variables of `debkd_jax.models`' `imagenet_resnet*`.
 """
 
@@ -78,8 +79,13 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """(B, 3, H, W) -> (B, num_classes) logits."""
 
-    def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 1000,
-                 widths: tuple[int, ...] = (64, 128, 256, 512)):
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: list[int],
+        num_classes: int = 1000,
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+    ):
         super().__init__()
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
@@ -87,7 +93,9 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for s, (width, blocks) in enumerate(zip(widths, layers, strict=True)):
-            self.add_module(f"layer{s + 1}", self._make_layer(block, width, blocks, stride=1 if s == 0 else 2))
+            self.add_module(
+                f"layer{s + 1}", self._make_layer(block, width, blocks, stride=1 if s == 0 else 2)
+            )
         self.num_layers = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
