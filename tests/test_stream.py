@@ -241,3 +241,76 @@ def test_auto_streams_when_the_decoded_images_would_not_fit(folder):
     assert choice == "stream" and str(n) in why
     choice, _ = stream.choose_pipeline("auto", f"folder:{folder}", 32, memory_bytes=10**12)
     assert choice == "memory"
+
+
+def test_online_targets_on_the_stream_equal_targets_from_the_teacher_pass(folder, source, tmp_path):
+    """With the same (un-augmented) images, a teacher run in the step gives the targets its logits store gives."""
+    from debkd_jax import models
+
+    dataset = data_lib.load_dataset(
+        f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False
+    )
+    teacher = models.get_model("resnet_tiny", 2)
+    variables = training.init_state(
+        jax.random.key(7),
+        teacher,
+        training.make_optimizer(config_lib.train_config("resnet_tiny", 1), 1),
+        (SIZE, SIZE, 3),
+    )
+    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
+    predict = training.make_predict_fn(teacher, np.float32)
+    logits = training.predict_logits(predict, variables, dataset.train_images, 64, training.create_mesh())
+    store = _store(tmp_path, logits, dataset.train_labels)
+    # The online run gets a store of zeros: only the teacher run in its step can give it the right targets.
+    zeros = stream.LogitsStore.create(
+        str(tmp_path / "zeros"), len(logits), 2, "float32", 16, "z", writer=True
+    )
+    for c, rows in enumerate(stream.chunks_of(len(logits), 16)):
+        zeros.write_chunk(
+            c, np.zeros((len(rows), 2), np.float32), np.ones(len(rows), bool), dataset.train_labels[rows], []
+        )
+    cfg = config_lib.train_config("resnet_tiny", num_epochs=1, batch_size=16)
+    runs = {}
+    for online in (False, True):
+        method = methods.preset("KD", online_targets=online)
+        kw = {"teacher": teacher} if online else {}
+        spec = training.build_step_spec(
+            cfg,
+            2,
+            "float32",
+            methods.objective(method, 1),
+            len(source.splits["train"]) // 16,
+            False,
+            method_cfg=method,
+            **kw,
+        )
+        data = training.StreamTrainData(
+            train=source.splits["train"],
+            val=source.splits["val"],
+            image_size=SIZE,
+            augment=False,
+            eval_crop=1.0,
+            workers=0,
+            logits=zeros if online else store,
+        )
+        runs[online] = training.fit(
+            name="kd",
+            spec=spec,
+            train_cfg=cfg,
+            dataset=None,
+            train_targets=None,
+            run_dir=str(tmp_path / f"online-{online}"),
+            mesh=training.create_mesh(),
+            seed=0,
+            stream=data,
+            show_progress=False,
+            teacher_vars=variables if online else None,
+        )
+    np.testing.assert_allclose(
+        runs[True].history[0]["train_loss"], runs[False].history[0]["train_loss"], rtol=1e-5
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        runs[True].best_variables,
+        runs[False].best_variables,
+    )
