@@ -12,6 +12,7 @@ import functools
 import os
 from collections.abc import Sequence
 
+import ml_dtypes
 import numpy as np
 
 from debkd_jax import workdir_lib
@@ -149,15 +150,11 @@ class LogitsStore:
 def encode_logits(logits: np.ndarray, dtype: str) -> np.ndarray:
     """float32 logits in the store's dtype: float16/float32 as such, bfloat16 as the uint16 of its bits."""
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return np.asarray(logits, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     return np.asarray(logits, np.float32).astype(dtype)
 
 
 def decode_logits(stored: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return np.asarray(stored).view(ml_dtypes.bfloat16).astype(np.float32)
     return np.asarray(stored, np.float32)

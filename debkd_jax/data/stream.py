@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,9 +47,17 @@ _TFDS_VAL_SPLITS = ("validation", "test")
 # ----------------------------------------------------------------------------- sources
 
 
+# grain reads an example per thread. CPython 3.11 can fail ("AST constructor recursion depth mismatch") when
+# threads import modules at the same time: Pillow's format plugins are loaded here, once, at import (so in
+# every grain worker before its threads start), and TFDS is opened under a lock.
+Image.init()
+_OPEN_LOCK = threading.Lock()
+
+
 def _read_tfds(name: str, split: str, data_dir: str | None):
     """The `tfds.data_source` of one split, opened once per process (grain workers included)."""
-    return _open_tfds(name, split, data_dir)
+    with _OPEN_LOCK:
+        return _open_tfds(name, split, data_dir)
 
 
 @functools.lru_cache(maxsize=8)
