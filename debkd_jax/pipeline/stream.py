@@ -30,6 +30,7 @@ from debkd_jax.pipeline.stream_logits import (
     streamed_infusion_table,
     teacher_pass,
 )
+from debkd_jax.pipeline.student import claim_run
 
 log = logging.getLogger("debkd_jax")
 
@@ -297,11 +298,10 @@ def train_student(
         "stream": stream_settings(config),
         "teacher_logits": key,
     }
-    workdir_lib.claim_run_dir(run_dir, identity, f"a {method_name} student (seed {seed})", writer)
-    training.sync_processes("claim " + run_dir)
-    done = workdir_lib.read_json(os.path.join(run_dir, "result.json"))
+    done = claim_run(
+        run_dir=run_dir, identity=identity, method_name=method_name, seed=seed, overwrite=config.overwrite
+    )
     if done is not None:
-        log.info("%s (seed %d): finished before, reusing %s", method_name, seed, run_dir)
         return done
     started = time.perf_counter()
     result = fit_on_stream(
