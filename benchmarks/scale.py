@@ -334,8 +334,8 @@ def render(r: dict) -> list[str]:
     )
     lines += [
         "",
-        "Images per CPU-second counts the CPU time of this process and all grain's workers (each decodes "
-        "with a few threads), so it is the rate one fully used host core sustains.",
+        "Images per CPU-second counts the CPU time of this process and all grain's workers (each a process "
+        "reading one image at a time), so it is the rate one fully used host core sustains.",
         "",
     ]
     if "storage" in r:

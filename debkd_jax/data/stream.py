@@ -414,18 +414,21 @@ def _stack(examples: Sequence[dict]) -> dict:
 
 
 def loader(order, read: ReadExample, local_batch: int, *, workers: int, prefetch: int = 2):
-    """A grain `IterDataset`: order -> `read` (in `workers` processes; 0 reads in this process's threads) ->
-    local batches of `local_batch` -> prefetched. Its iterators have `get_state`/`set_state`."""
+    """A grain `IterDataset`: order -> `read` (in `workers` processes, one example at a time each; 0 reads in
+    this process's threads) -> local batches of `local_batch` -> prefetched. Its iterators have
+    `get_state`/`set_state`."""
     import grain
     from absl import flags
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.source(order).map(read).batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    # Worker processes read one example at a time (one core each): with reader threads inside them, CPython
+    # 3.11 failed now and then ("AST constructor recursion depth mismatch", concurrent parsing in threads) in
+    # the 20k/80k benchmark runs. Without workers, this process reads with threads.
+    threads = 1 if workers > 0 else max(1, min(8, local_batch))
     it = ds.to_iter_dataset(
-        grain.ReadOptions(
-            num_threads=max(1, min(8, local_batch)), prefetch_buffer_size=max(1, prefetch * local_batch)
-        )
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, prefetch * local_batch))
     )
     if workers > 0:
         it = it.mp_prefetch(
