@@ -423,9 +423,8 @@ def loader(order, read: ReadExample, local_batch: int, *, workers: int, prefetch
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.source(order).map(read).batch(local_batch, drop_remainder=True, batch_fn=_stack)
-    # Worker processes read one example at a time (one core each): with reader threads inside them, CPython
-    # 3.11 failed now and then ("AST constructor recursion depth mismatch", concurrent parsing in threads) in
-    # the 20k/80k benchmark runs. Without workers, this process reads with threads.
+    # Worker processes read one example at a time (one core each): with reader threads in them, CPython 3.11
+    # failed now and then in the 20k/80k benchmark runs ("AST constructor recursion depth mismatch").
     threads = 1 if workers > 0 else max(1, min(8, local_batch))
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, prefetch * local_batch))
