@@ -72,21 +72,25 @@ def predict_pass(
     workers = workers if len(order) >= MIN_ROWS_FOR_WORKERS else 0
     it = iter(stream.loader(order, read, local, workers=workers))
     bar = console.progress(range(slots), desc=progress, total=slots, disable=progress is None, unit="chunk")
-    for t in bar:
-        parts = []
-        for _ in range(chunk_rows // local):
-            batch = next(it)
-            images = make_global_batch(batch["image"], sharding)
-            parts.append(
-                {
-                    **{k: batch[k] for k in ("valid", "label", "row", "reason")},
-                    "logits": local_rows(predict(variables, images)[0]),
-                }
-            )
-        c = t * n_proc + p
-        if c < len(chunks):
-            whole = {k: np.concatenate([part[k] for part in parts])[: len(chunks[c])] for k in parts[0]}
-            on_chunk(c, whole)
+    try:
+        for t in bar:
+            parts = []
+            for _ in range(chunk_rows // local):
+                batch = next(it)
+                images = make_global_batch(batch["image"], sharding)
+                parts.append(
+                    {
+                        **{k: batch[k] for k in ("valid", "label", "row", "reason")},
+                        "logits": local_rows(predict(variables, images)[0]),
+                    }
+                )
+            c = t * n_proc + p
+            if c < len(chunks):
+                whole = {k: np.concatenate([part[k] for part in parts])[: len(chunks[c])] for k in parts[0]}
+                on_chunk(c, whole)
+    finally:
+        if hasattr(it, "close"):
+            it.close()  # grain's worker processes end with the pass, not when the iterator is collected
 
 
 def pass_accuracy(
