@@ -4,6 +4,8 @@
     python -m benchmarks --full --out=DIR        # more rounds and pairs, every model, the real main job
     python -m benchmarks --smoke                 # seconds, tiny models: the plumbing (what the tests run)
     python -m benchmarks --quick --only=train_step,levers
+    python -m benchmarks --accelerator --only=train_step   # GPU sizes: batch 512/2048, float32/bfloat16
+    python -m benchmarks.render DIR/benchmarks.json      # the report again, from its JSON alone
     python -m benchmarks.data --source=digits    # the input pipeline alone (BENCHMARKS_DATA.md)
 
 Run from the repository root; not part of the installed package. One module per section (`modes.SECTIONS`),

@@ -12,6 +12,7 @@ import numpy as np
 from benchmarks.render import table
 from benchmarks.steps import get_step
 from benchmarks.timing import block, interleaved
+from benchmarks.train_step import headline
 from debkd_jax import models, training
 
 CONVENTION = (
@@ -107,7 +108,9 @@ def model_flops(name: str) -> dict:
 
 def achieved(ctx, name: str, per_image: int, peak: dict) -> dict | None:
     """FLOP/s of the train-step section's measured images/s (None when that section did not run)."""
-    row = ctx.results.get("train_step", {}).get("models", {}).get(name)
+    row = (
+        headline(ctx.results["train_step"], ctx.mode.batch).get(name) if "train_step" in ctx.results else None
+    )
     if row is None:
         return None
     step = get_step(name, "CE", batch=ctx.mode.batch)

@@ -48,7 +48,9 @@ class Mode:
     all_variants: tuple[str, ...]  # models that also get the DeBKD + plain-XLA-conv row in train_step
     batch: int
     rounds: int
-    steps: dict  # model -> calls per sample in the train-step comparison
+    steps: (
+        dict  # model -> calls per sample in the train-step comparison at `batch` (scaled for other batches)
+    )
     epoch_teacher: str
     epoch_student: str
     epoch_images: int  # training images of one epoch (Dogs vs Cats: 70% of 25,000)
@@ -74,6 +76,9 @@ class Mode:
     data_source: str
     data_model: str
     data_steps: int
+    train_batches: tuple[int, ...] = ()  # train_step's batches; () is (batch,)
+    train_dtypes: tuple[str, ...] = ("float32",)  # train_step's compute dtypes (config.dtype; peer: autocast)
+    train_methods: tuple[str, ...] = ("CE", "DeBKD")  # train_step's JAX steps (the peer runs CE)
     peer_threads: int | None = None  # None: every CPU
     peer_timeout_s: float = 600.0  # any one request to the peer worker
     worker_timeout_s: float = 900.0  # any one lever or memory subprocess
@@ -192,6 +197,21 @@ MODES = {
         worker_timeout_s=1800.0,
     ),
 }
+
+
+# The train step at the batches and precisions a GPU/TPU user runs (`--accelerator --only=train_step`); the
+# other sections keep the quick sizes.
+MODES["accelerator"] = dataclasses.replace(
+    MODES["quick"],
+    name="accelerator",
+    all_variants=(),
+    batch=512,
+    rounds=7,
+    steps={"resnet8": 20, "resnet18": 8},
+    train_batches=(512, 2048),
+    train_dtypes=("float32", "bfloat16"),
+    train_methods=("CE",),
+)
 
 
 @dataclasses.dataclass

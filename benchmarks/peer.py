@@ -30,24 +30,48 @@ def unavailable() -> str | None:
 class Peer:
     """Parent side of the peer worker. `timeout` bounds every request, `start_timeout` the first one."""
 
-    def __init__(self, threads: int, timeout: float, start_timeout: float = 600.0, command=None):
+    def __init__(
+        self, threads: int, timeout: float, start_timeout: float = 600.0, command=None, device: str = "cpu"
+    ):
         self.timeout = timeout
         env = workers.child_env(OMP_NUM_THREADS=str(threads), **PEER_THREAD_ENV)
-        cmd = command or [sys.executable, "-m", "benchmarks.peer_worker", f"--threads={threads}"]
+        cmd = command or [
+            sys.executable,
+            "-m",
+            "benchmarks.peer_worker",
+            f"--threads={threads}",
+            f"--device={device}",
+        ]
         self.worker = workers.LineWorker(cmd, env=env, name="the PyTorch peer worker")
         self._keys = itertools.count()
         self.info = self.worker.request("hello", timeout=start_timeout, section="peer start")
 
     def _build(self, op: str, section: str, **fields) -> RemoteSampler:
         teacher = f", teacher {fields['teacher']}" if fields.get("teacher") else ""
-        key = f"{op} {fields['model']}{teacher}, batch {fields['batch']} (#{next(self._keys)})"
+        dtype = f", {fields['dtype']}" if fields.get("dtype", "float32") != "float32" else ""
+        key = f"{op} {fields['model']}{teacher}, batch {fields['batch']}{dtype} (#{next(self._keys)})"
         self.worker.request(op, timeout=self.timeout, section=section, key=key, **fields)
         return RemoteSampler(self, key, section)
 
-    def train_step(self, section: str, model: str, batch: int, teacher: str | None = None,
-                   image_size: int = 32) -> RemoteSampler:
-        return self._build("train_step", section, model=model, batch=batch, num_classes=2, teacher=teacher,
-                           image_size=image_size)
+    def train_step(
+        self,
+        section: str,
+        model: str,
+        batch: int,
+        teacher: str | None = None,
+        dtype: str = "float32",
+        image_size: int = 32,
+    ) -> RemoteSampler:
+        return self._build(
+            "train_step",
+            section,
+            model=model,
+            batch=batch,
+            num_classes=2,
+            teacher=teacher,
+            dtype=dtype,
+            image_size=image_size,
+        )
 
     def eval(self, section: str, model: str, batch: int) -> RemoteSampler:
         return self._build("eval", section, model=model, batch=batch, num_classes=2)

@@ -20,9 +20,7 @@ import benchmarks
 from benchmarks import peer as peer_lib
 from benchmarks import steps, timing, workers
 from benchmarks.modes import MODES, SECTIONS, Context, Mode
-from benchmarks.render import render
-
-NOISY_LOAD = 1.5
+from benchmarks.render import busy, render
 
 
 def cpu_name() -> str:
@@ -51,14 +49,22 @@ def versions(peer) -> dict:
     return v
 
 
-def start_peer(mode: Mode, log):
+def peer_device(setting: str) -> str:
+    """The peer's torch device: "auto" follows JAX (a GPU backend: "cuda"; else "cpu")."""
+    if setting != "auto":
+        return setting
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
+def start_peer(mode: Mode, log, device: str = "auto"):
     """(the peer worker or None, why it is skipped or None)."""
     reason = peer_lib.unavailable()
     if reason:
         return None, reason
     threads = mode.peer_threads or os.cpu_count() or 1
-    log(f"peer: starting its worker process ({threads} thread(s))")
-    return peer_lib.Peer(threads, timeout=mode.peer_timeout_s), None
+    device = peer_device(device)
+    log(f"peer: starting its worker process ({threads} thread(s), {device})")
+    return peer_lib.Peer(threads, timeout=mode.peer_timeout_s, device=device), None
 
 
 def meta_of(mode: Mode, only: Sequence[str], peer, skipped) -> dict:
@@ -70,10 +76,14 @@ def meta_of(mode: Mode, only: Sequence[str], peer, skipped) -> dict:
         "platform": platform.platform(),
         "jax_backend": jax.default_backend(),
         "jax_devices": jax.device_count(),
+        "jax_device_kind": jax.devices()[0].device_kind,
         "versions": versions(peer),
         "peer_skipped": skipped,
         "peer": None if peer is None else peer.info,
-        "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS")},
+        "env": {
+            k: os.environ.get(k, "")
+            for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+        },
         "load_before": os.getloadavg()[0],
         "sections": list(only),
     }
@@ -85,9 +95,16 @@ def measure_sections(ctx: Context, only: Sequence[str]) -> None:
             ctx.results[name] = importlib.import_module(f"benchmarks.{name}").measure(ctx)
 
 
-def run(mode: Mode, out_dir: str, only: Sequence[str] = SECTIONS, log=print, command: str = "") -> dict:
+def run(
+    mode: Mode,
+    out_dir: str,
+    only: Sequence[str] = SECTIONS,
+    log=print,
+    command: str = "",
+    peer_device: str = "auto",
+) -> dict:
     needs_peer = {"train_step", "epoch", "memory", "inference"} & set(only)
-    peer, skipped = start_peer(mode, log) if needs_peer else (None, "no section that uses it")
+    peer, skipped = start_peer(mode, log, peer_device) if needs_peer else (None, "no section that uses it")
     results: dict[str, Any] = {"meta": meta_of(mode, only, peer, skipped), "notes": []}
     results["meta"]["command"] = command or f"python -m benchmarks --{mode.name}"
     t0 = time.perf_counter()
@@ -105,7 +122,7 @@ def run(mode: Mode, out_dir: str, only: Sequence[str] = SECTIONS, log=print, com
             peer.close()
     meta = results["meta"]
     meta["load_after"] = os.getloadavg()[0]
-    meta["noisy"] = max(meta["load_before"], meta["load_after"]) > NOISY_LOAD
+    meta["noisy"] = busy(meta)
     meta["seconds"] = time.perf_counter() - t0
     if mode.name == "quick":
         results["notes"].append(
@@ -122,6 +139,22 @@ def write(results: dict, out_dir: str) -> None:
         json.dump(results, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     with open(os.path.join(out_dir, "BENCHMARKS.md"), "w", encoding="utf-8") as f:
         f.write(render(results) + "\n")
+
+
+def csv(text: str, kind=str) -> tuple:
+    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+
+
+def with_train_options(mode: Mode, models: str, batches: str, dtypes: str) -> Mode:
+    """The mode with train_step's models, batches and dtypes replaced where given (comma-separated)."""
+    changes = {}
+    if models:
+        changes["train_models"] = csv(models)
+    if batches:
+        changes["train_batches"] = csv(batches, int)
+    if dtypes:
+        changes["train_dtypes"] = csv(dtypes)
+    return dataclasses.replace(mode, **changes)
 
 
 def with_lever_options(mode: Mode, pairs: int | None, models: str) -> Mode:
@@ -148,17 +181,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--lever-pairs", type=int, default=None, help="levers: pairs per setting and workload"
     )
     parser.add_argument("--lever-models", default="", help="levers: only the workloads of these models")
+    parser.add_argument("--train-models", default="", help="train_step: these models (comma-separated)")
+    parser.add_argument("--train-batches", default="", help="train_step: these batch sizes (comma-separated)")
+    parser.add_argument(
+        "--train-dtypes", default="", help="train_step: these compute dtypes, of float32,bfloat16"
+    )
+    parser.add_argument(
+        "--peer-device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="the PyTorch peer's device; auto: cuda when JAX runs on a GPU, else cpu",
+    )
     args = parser.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     mode = with_lever_options(MODES[args.mode or "quick"], args.lever_pairs, args.lever_models)
+    try:
+        mode = with_train_options(mode, args.train_models, args.train_batches, args.train_dtypes)
+    except ValueError as e:
+        parser.error(f"--train-batches takes comma-separated integers ({e})")
+    bad = sorted(set(mode.train_dtypes) - {"float32", "bfloat16"})
+    if bad:
+        parser.error(f"--train-dtypes: {bad} not supported; use float32 and/or bfloat16")
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
     try:
         results = run(
-            mode, args.out, only, log, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])])
+            mode,
+            args.out,
+            only,
+            log,
+            command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])]),
+            peer_device=args.peer_device,
         )
     except (workers.WorkerTimeout, workers.WorkerFailed) as e:
         print(f"error: {e}", file=sys.stderr)

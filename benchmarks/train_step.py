@@ -1,4 +1,8 @@
-"""a. Student train step, images/s: the project's step (CE, DeBKD; both conv backwards) vs the peer."""
+"""a. Student train step, images/s: the project's step (CE, DeBKD; both conv backwards) vs the peer.
+
+One run per (batch, dtype) of the mode (`train_batches` x `train_dtypes`), on whatever device JAX runs on; the
+peer runs on its own device (`run.py --peer-device`), in float32 or under bfloat16 autocast.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +19,27 @@ LABELS = {
 }
 
 
-def measure_model(ctx, name: str) -> dict:
+def calls_per_sample(mode, name: str, batch: int) -> int:
+    """`mode.steps[name]` calls at `mode.batch`, scaled so every batch times about as many images."""
+    return max(1, round(mode.steps.get(name, 1) * mode.batch / batch))
+
+
+def measure_model(ctx, name: str, batch: int, dtype: str = "float32") -> dict:
     mode = ctx.mode
-    fns = {
-        "jax_ce": get_step(name, "CE", batch=mode.batch),
-        "jax_debkd": get_step(name, "DeBKD", batch=mode.batch),
-        "jax_ce_xla_conv": get_step(name, "CE", batch=mode.batch, conv_backward="xla"),
-    }
-    if name in mode.all_variants:
-        fns["jax_debkd_xla_conv"] = get_step(name, "DeBKD", batch=mode.batch, conv_backward="xla")
+    fns = {"jax_ce": get_step(name, "CE", batch=batch, dtype=dtype)}
+    if "DeBKD" in mode.train_methods:
+        fns["jax_debkd"] = get_step(name, "DeBKD", batch=batch, dtype=dtype)
+    # The plain XLA conv backward is a separate step only where "auto" resolves to another one (CPU).
+    other_backward = fns["jax_ce"].conv_backward != "xla"
+    if other_backward:
+        fns["jax_ce_xla_conv"] = get_step(name, "CE", batch=batch, dtype=dtype, conv_backward="xla")
+        if name in mode.all_variants and "jax_debkd" in fns:
+            fns["jax_debkd_xla_conv"] = get_step(name, "DeBKD", batch=batch, dtype=dtype, conv_backward="xla")
     compile_s = {k: f.compile_s for k, f in fns.items()}
     if ctx.peer is not None:
-        fns["torch_ce"] = ctx.peer.train_step("train_step", name, mode.batch)
-    samples = interleaved(fns, rounds=mode.rounds, calls=mode.steps.get(name, 1))
-    row = {k: summary(v, mode.batch) for k, v in samples.items()}
+        fns["torch_ce"] = ctx.peer.train_step("train_step", name, batch, dtype=dtype)
+    samples = interleaved(fns, rounds=mode.rounds, calls=calls_per_sample(mode, name, batch))
+    row = {k: summary(v, batch) for k, v in samples.items()}
     for k, s in compile_s.items():
         row[k]["compile_s"] = s
     if "torch_ce" in samples:
@@ -37,45 +48,71 @@ def measure_model(ctx, name: str) -> dict:
         }
     # The default step (config.conv_backward="auto", resolved here) over the plain XLA conv backward.
     row["conv_backward"] = fns["jax_ce"].conv_backward
-    row["speedup_over_xla_conv"] = {"ce": paired_ratio(samples["jax_ce_xla_conv"], samples["jax_ce"])}
-    if "jax_debkd_xla_conv" in samples:
-        row["speedup_over_xla_conv"]["debkd"] = paired_ratio(
-            samples["jax_debkd_xla_conv"], samples["jax_debkd"]
-        )
+    if other_backward:
+        row["speedup_over_xla_conv"] = {"ce": paired_ratio(samples["jax_ce_xla_conv"], samples["jax_ce"])}
+        if "jax_debkd_xla_conv" in samples:
+            row["speedup_over_xla_conv"]["debkd"] = paired_ratio(
+                samples["jax_debkd_xla_conv"], samples["jax_debkd"]
+            )
     return row
 
 
 def measure(ctx) -> dict:
-    out = {"batch": ctx.mode.batch, "image_size": 32, "models": {}}
-    for name in ctx.mode.train_models:
-        ctx.log(f"train_step: {name}, batch {ctx.mode.batch}")
-        out["models"][name] = measure_model(ctx, name)
+    mode = ctx.mode
+    out = {"image_size": 32, "runs": []}
+    for batch in mode.train_batches or (mode.batch,):
+        for dtype in mode.train_dtypes:
+            run = {"batch": batch, "dtype": dtype, "models": {}}
+            for name in mode.train_models:
+                ctx.log(f"train_step: {name}, batch {batch}, {dtype}")
+                row = run["models"][name] = measure_model(ctx, name, batch, dtype)
+                vs = row.get("speedup_vs_torch", {}).get("jax_ce")
+                ips = fmt(row["jax_ce"]["images_per_s"])
+                versus = "" if vs is None else f", {ratio(vs)} the peer's speed"
+                ctx.log(f"train_step: {name}, batch {batch}, {dtype}: JAX CE {ips} img/s{versus}")
+            out["runs"].append(run)
     return out
 
 
+def runs_of(r: dict) -> list[dict]:
+    """The section's runs; results written before it had several (one float32 batch) read as one run."""
+    return r.get("runs") or [{"batch": r["batch"], "dtype": "float32", "models": r["models"]}]
+
+
+def headline(r: dict, batch: int) -> dict:
+    """{model: row} of the float32 run at `batch`, or {} when there is none."""
+    runs = [x for x in runs_of(r) if x["batch"] == batch and x["dtype"] == "float32"]
+    return runs[0]["models"] if runs else {}
+
+
 def render(r: dict) -> list[str]:
-    lines = [f"## a. Student train step (batch {r['batch']}, 32x32, float32)", ""]
+    runs = runs_of(r)
+    lines = [f"## a. Student train step ({r.get('image_size', 32)}x{r.get('image_size', 32)})", ""]
     rows = []
-    for name, row in r["models"].items():
-        sp = row.get("speedup_vs_torch", {})
-        for key, label in LABELS.items():
-            if key in row:
-                vs = "1.00x" if key == "torch_ce" else (ratio(sp[key]) if key in sp else "n/a (no peer)")
-                rows.append(
-                    [
-                        name,
-                        label,
-                        f"{fmt(row[key]['images_per_s'])} ({fmt(row[key]['best_images_per_s'])})",
-                        vs,
-                    ]
+    for run in runs:
+        for name, row in run["models"].items():
+            sp = row.get("speedup_vs_torch", {})
+            for key, label in LABELS.items():
+                if key in row:
+                    vs = "1.00x" if key == "torch_ce" else (ratio(sp[key]) if key in sp else "n/a (no peer)")
+                    ips = f"{fmt(row[key]['images_per_s'])} ({fmt(row[key]['best_images_per_s'])})"
+                    rows.append([name, run["batch"], run["dtype"], label, ips, vs])
+    lines += table(["model", "batch", "dtype", "step", "img/s (best)", "vs PyTorch"], rows) + [""]
+    for run in runs:
+        for name, row in run["models"].items():
+            m = row.get("speedup_over_xla_conv")
+            if m:
+                debkd = f" and {ratio(m['debkd'])} (DeBKD)" if "debkd" in m else ""
+                lines.append(
+                    f"- {name}, batch {run['batch']}, {run['dtype']}: the default conv backward (here "
+                    f"`{row['conv_backward']}`) over the plain XLA conv backward: "
+                    f"{ratio(m['ce'])} (CE){debkd}."
                 )
-    lines += table(["model", "step", "img/s (best)", "vs PyTorch"], rows) + [""]
-    for name, row in r["models"].items():
-        m = row["speedup_over_xla_conv"]
-        debkd = f" and {ratio(m['debkd'])} (DeBKD)" if "debkd" in m else ""
-        lines.append(
-            f"- {name}: the default conv backward (here `{row['conv_backward']}`) over the plain XLA "
-            f"conv backward: {ratio(m['ce'])} (CE){debkd}."
-        )
-    lines += ["", "PyTorch: `third_party/torch_peer`, eager, SGD momentum, channels_last.", ""]
+    lines += [
+        "",
+        "dtype: the compute dtype (`config.dtype`; parameters and optimizer stay float32); the peer runs "
+        "float32 or the same under `torch.autocast(bfloat16)`. PyTorch: `third_party/torch_peer`, eager, "
+        "SGD momentum, channels_last. Both sides wait for every step's result.",
+        "",
+    ]
     return lines

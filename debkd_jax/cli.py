@@ -18,19 +18,23 @@ import sys
 import jax
 from absl import flags
 
-from debkd_jax import config_lib
+from debkd_jax import config_lib, supervisor
 from debkd_jax.errors import UserError
+from debkd_jax.supervisor import EXIT_INTERRUPTED, EXIT_USER_ERROR
 
 FLAGS = flags.FLAGS
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+
+def _say_error(message: str, status: int) -> None:
+    """Prints `error: message`; a supervised job also sends it to its parent, which ends with it."""
+    supervisor.tell_parent("error", message=message, status=status)
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def fail(message: str, status: int = EXIT_USER_ERROR):
     """Prints `error: message` and exits. Libraries' log records emitted while the interpreter shuts down
     (asyncio's 'Future exception was never retrieved' for a failed checkpoint write) would only repeat it."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    _say_error(message, status)
     logging.disable(logging.CRITICAL)
     sys.exit(status)
 
@@ -38,7 +42,7 @@ def fail(message: str, status: int = EXIT_USER_ERROR):
 def fail_now(message: str, status: int = EXIT_USER_ERROR):
     """Prints `error: message` and exits at once, skipping the exit handlers: once another process of the job
     has died, `jax.distributed`'s exit handler would wait for it and then abort with a stack trace."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    _say_error(message, status)
     sys.stdout.flush()
     os._exit(status)
 
@@ -153,6 +157,17 @@ def start(argv) -> None:
             f"unexpected arguments: {' '.join(argv[1:])} (flags: --config=..., --workdir=..., --config.X=V)."
         )
     quiet_libraries()
+
+
+def supervise(config) -> None:
+    """With `config.distributed`, the process the user started runs the job as a supervised child (the same
+    command line; `debkd_jax.supervisor`) and exits as the child's outcome says: every fault of the job,
+    even one where JAX aborts the child, ends with one `error:` line and status 2. Returns at once in the
+    child and without `distributed`."""
+    if supervisor.is_supervised():
+        supervisor.start_child()
+    elif config.get("distributed", False):
+        sys.exit(supervisor.run_supervised())
 
 
 def quiet_libraries() -> None:

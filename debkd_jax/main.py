@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv) -> int:
     cli.start(argv)
+    cli.supervise(FLAGS.config)
     from debkd_jax import console, pipeline, report
 
     console.log_to_stderr()

@@ -233,8 +233,9 @@ def main(argv) -> int:
     from absl import flags
 
     cli.start(argv)
-    console.log_to_stderr()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    cli.supervise(config)
+    console.log_to_stderr()
     with cli.user_errors(workdir):
         results = run_sweep(config, workdir)
     basename = _basename(config)

@@ -22,6 +22,7 @@ LAYERS = {
     "data": 4,
     "report": 4,
     "config_lib": 4,
+    "supervisor": 4,
     "teachers": 4,
     "training": 5,
     "cli": 5,

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import lever_worker, levers, modes, peer, render, run, steps, timing, workers
+from benchmarks import lever_worker, levers, modes, peer, render, run, steps, timing, train_step, workers
 from benchmarks.flops import conv_dense_macs, training_flops_per_image
 
 
@@ -49,14 +49,16 @@ def test_smoke_report_is_rendered_from_its_json_alone(smoke):
 
 def test_train_step_ratios_and_table_equal_the_recorded_samples(smoke):
     results, md = smoke
-    ((name, row),) = results["train_step"]["models"].items()
-    batch = results["train_step"]["batch"]
+    ((run_,),) = [results["train_step"]["runs"]]
+    ((name, row),) = run_["models"].items()
+    batch, dtype = run_["batch"], run_["dtype"]
+    assert (batch, dtype) == (modes.MODES["smoke"].batch, "float32")
     for key, label in (("jax_ce", "JAX CE"), ("jax_debkd", "JAX DeBKD, targets precomputed")):
         s = row[key]["samples_s"]
         assert row[key]["images_per_s"] == pytest.approx(batch / np.median(s))
-        cells = row_of(md, name, label)
+        cells = row_of(md, name, str(batch), dtype, label)
         assert (
-            cells[2]
+            cells[4]
             == f"{render.fmt(row[key]['images_per_s'])} ({render.fmt(row[key]['best_images_per_s'])})"
         )
     want = median_ratio(row["jax_ce_xla_conv"]["samples_s"], row["jax_ce"]["samples_s"])
@@ -66,7 +68,55 @@ def test_train_step_ratios_and_table_equal_the_recorded_samples(smoke):
     if results["meta"]["peer_skipped"] is None:
         want = median_ratio(row["torch_ce"]["samples_s"], row["jax_ce"]["samples_s"])
         assert row["speedup_vs_torch"]["jax_ce"] == pytest.approx(want)
-        assert row_of(md, name, "JAX CE")[3] == f"{want:.2f}x"
+        assert row_of(md, name, str(batch), dtype, "JAX CE")[5] == f"{want:.2f}x"
+
+
+def test_train_step_grid_runs_every_batch_and_dtype_and_the_render_cli_reproduces_the_report(
+    tmp_path, capsys
+):
+    argv = [
+        "--smoke",
+        "--only=train_step",
+        "--train-batches=8,16",
+        "--train-dtypes=bfloat16",
+        f"--out={tmp_path}",
+    ]
+    assert run.main(argv) == 0
+    results = json.loads((tmp_path / "benchmarks.json").read_text())
+    runs = results["train_step"]["runs"]
+    assert [(r["batch"], r["dtype"]) for r in runs] == [(8, "bfloat16"), (16, "bfloat16")]
+    for r in runs:
+        ((name, row),) = r["models"].items()
+        assert row["jax_ce"]["images_per_s"] == pytest.approx(
+            r["batch"] / np.median(row["jax_ce"]["samples_s"])
+        )
+        if results["meta"]["peer_skipped"] is None:  # the peer under bfloat16 autocast, side by side
+            assert row["speedup_vs_torch"]["jax_ce"] == pytest.approx(
+                median_ratio(row["torch_ce"]["samples_s"], row["jax_ce"]["samples_s"])
+            )
+        step = steps.get_step(name, "CE", batch=r["batch"], dtype="bfloat16")
+        assert step.spec.dtype == np.dtype("bfloat16") and step.spec.model.backbone.dtype == "bfloat16"
+    steps.clear_steps()
+    capsys.readouterr()
+    render.main([str(tmp_path / "benchmarks.json")])
+    assert capsys.readouterr().out == (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_calls_per_sample_keep_the_images_per_sample():
+    mode = dataclasses.replace(modes.MODES["accelerator"], batch=512, steps={"resnet8": 20})
+    assert train_step.calls_per_sample(mode, "resnet8", 512) == 20
+    assert train_step.calls_per_sample(mode, "resnet8", 2048) == 5
+    assert train_step.calls_per_sample(mode, "resnet8", 1 << 20) == 1
+    assert train_step.calls_per_sample(mode, "resnet18", 512) == 1  # a model without a count: one call
+
+
+def test_results_written_before_the_grid_still_render():
+    row = {k: {"images_per_s": 10.0, "best_images_per_s": 12.0} for k in ("jax_ce", "torch_ce")}
+    row["speedup_vs_torch"] = {"jax_ce": 1.5}
+    old = {"batch": 128, "image_size": 32, "models": {"resnet8": row}}
+    lines = train_step.render(old)
+    assert "| resnet8 | 128 | float32 | JAX CE | 10 (12) | 1.50x |" in lines
+    assert train_step.headline(old, 128) == {"resnet8": row} and train_step.headline(old, 64) == {}
 
 
 def test_epoch_overhead_and_loss_ratios_equal_the_recorded_samples(smoke):
@@ -100,7 +150,8 @@ def test_flops_and_inference_rows_follow_from_the_json(smoke):
     ((name, model),) = flops["models"].items()
     assert model["training_flops_per_image"] == training_flops_per_image(conv_dense_macs(name))
     step = flops["train_step"][name]
-    ips = results["train_step"]["models"][name]["jax_ce"]["images_per_s"]
+    (headline,) = [r for r in results["train_step"]["runs"] if r["dtype"] == "float32"]
+    ips = headline["models"][name]["jax_ce"]["images_per_s"]
     assert step["jax_share_of_gemm_peak"] == pytest.approx(
         model["training_flops_per_image"] * ips / flops["gemm"]["flops_per_s"]
     )
@@ -245,6 +296,15 @@ def test_the_peer_worker_runs_torch_with_explicit_threads():
     assert p.worker.proc.poll() == 0  # it quit when asked
 
 
+@pytest.mark.peer
+def test_a_peer_asked_for_cuda_without_one_fails_with_the_reason():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(workers.WorkerFailed, match="sees no CUDA device; use --device=cpu"):
+        peer.Peer(1, timeout=60, device="cuda")
+
+
 def test_steps_use_the_models_conv_backward():
     default = steps.get_step("resnet_tiny", "CE", batch=8)
     plain = steps.get_step("resnet_tiny", "CE", batch=8, conv_backward="xla")
@@ -281,7 +341,9 @@ def test_unknown_section_is_a_usage_error(capsys):
 
 def test_a_peer_hang_ends_the_run_with_one_line_naming_the_section(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(
-        run, "start_peer", lambda mode, log: (peer.Peer(1, timeout=2, command=HANGS_AFTER_HELLO), None)
+        run,
+        "start_peer",
+        lambda mode, log, device: (peer.Peer(1, timeout=2, command=HANGS_AFTER_HELLO), None),
     )
     t0 = time.monotonic()
     assert run.main(["--smoke", "--only=train_step", f"--out={tmp_path}"]) == 1
@@ -296,3 +358,10 @@ def test_lever_options_narrow_the_mode():
     assert mode.lever_pairs == 8
     assert mode.lever_workloads == (("train_step", "resnet8", 128), ("teacher_pass", "resnet8x4", 256))
     assert run.with_lever_options(modes.MODES["quick"], None, "") == modes.MODES["quick"]
+
+
+def test_the_committed_gpu_report_is_its_json_rendered(capsys):
+    folder = os.path.join(workers.REPO_ROOT, "benchmarks", "results", "gpu-h200-2026-12-04")
+    render.main([os.path.join(folder, "benchmarks.json")])
+    with open(os.path.join(folder, "BENCHMARKS.md"), encoding="utf-8") as f:
+        assert capsys.readouterr().out == f.read()

@@ -72,6 +72,19 @@ def split_counts(ds):
 # ----------------------------------------------------------------------------- real Dogs vs Cats
 
 
+def test_the_source_is_recorded_as_given(shapes_dir, tmp_path, monkeypatch):
+    """A relative folder stays relative in `Dataset.source` (and so in results and reports); the images are
+    those of the absolute form."""
+    monkeypatch.chdir(shapes_dir.parent)
+    given = data.load_dataset(f"folder:{shapes_dir.name}", cache_dir=str(tmp_path), max_per_class=10,
+                              progress=False)
+    assert given.source == f"folder:{shapes_dir.name}"
+    absolute = data.load_dataset(f"folder:{shapes_dir}", cache_dir=str(tmp_path), max_per_class=10,
+                                 progress=False)
+    assert absolute.source == f"folder:{shapes_dir}"
+    np.testing.assert_array_equal(given.train_images, absolute.train_images)
+
+
 def test_dogs_vs_cats_slice(dogs_vs_cats_dir, tmp_path):
     ds = data.load_dataset(f"folder:{dogs_vs_cats_dir}", cache_dir=str(tmp_path), max_per_class=40,
                            progress=False)

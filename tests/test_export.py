@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from debkd_jax import data as data_lib
 from debkd_jax import export, models, predict, training, workdir_lib
 from debkd_jax.errors import UserError
 
@@ -65,6 +66,29 @@ def test_exported_outputs_equal_the_in_process_model(exported, batch):
     np.testing.assert_allclose(logits, np.asarray(want), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(probs, np.asarray(jax.nn.softmax(want)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["test_flax_models:small_mobilenet", "test_flax_models:small_mlp"])
+def test_a_student_built_from_a_factory_module_exports(name, tmp_path):
+    """A factory student (models/external.py): the export computes what the bare module computes from its
+    own variables. The MobileNet's three BatchNorms (after its stem and pointwise convs) are folded; the MLP
+    has none (only `Adapted`'s placeholder statistic)."""
+    import test_flax_models
+
+    run_dir = str(tmp_path / "students" / "KD-seed0")
+    _, variables = _student_run(run_dir, name=name)
+    out = str(tmp_path / "student.jax")
+    sidecar = export.export_run(run_dir, out)
+    assert sidecar["model"] == name
+    images = _images(5)
+    bare = getattr(test_flax_models, name.partition(":")[2])(2, jnp.float32)
+    own = {k: v for k, v in variables.items() if k != "batch_stats" or models.external.PLACEHOLDER not in v}
+    want = bare.apply(own, data_lib.normalize(jnp.asarray(images)), train=False)
+    want = want[0] if isinstance(want, tuple) else want
+    np.testing.assert_allclose(predict.load(out)(images)[0], np.asarray(want), rtol=1e-4, atol=1e-4)
+    model = models.get_model(name, 2)
+    _, shifts = export.fold_batchnorm(model, variables, (32, 32, 3))
+    assert len(shifts) == (3 if name.endswith("small_mobilenet") else 0)
 
 
 def test_batchnorm_is_folded_into_every_conv(exported):

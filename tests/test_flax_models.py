@@ -18,6 +18,7 @@ from conftest import REPO_ROOT
 from flax import serialization
 
 from debkd_jax import config_lib, data, models, pipeline, training, workdir_lib
+from debkd_jax import methods as methods_lib
 from debkd_jax.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,6 +135,45 @@ def test_fkd_from_a_teacher_given_as_variables_into_a_mobilenet_student(cache_di
     expected = float(np.mean(np.argmax(t_logits, -1) == dataset.test_labels))
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
     assert set(results["methods"]) == {"KD", "FKD"}
+    assert not os.path.exists(tmp_path / "w" / "teacher" / "final")  # nothing trained
+
+
+def test_fkd_from_a_factory_teacher_given_as_variables(cache_dir, tmp_path):
+    """A factory teacher's own (bare module's) variables, as msgpack: its logits are its own, and FKD taps its
+    features (the hint regressors map the student's blocks to the teacher's feature shapes)."""
+    config = small_config(cache_dir, methods=("FKD",))
+    dataset = load(config)
+    bare = small_mobilenet(dataset.num_classes, jnp.float32)
+    variables = bare.init(jax.random.key(4), jnp.zeros((1, 16, 16, 3)), train=False)
+    (tmp_path / "t.msgpack").write_bytes(serialization.to_bytes(variables))
+    config.teacher.model = "test_flax_models:small_mobilenet"
+    config.teacher.variables = str(tmp_path / "t.msgpack")
+
+    given = pipeline.given_teacher(config, dataset)
+    teacher = pipeline.get_teacher(
+        config=config, dataset=dataset, teacher_dir=str(tmp_path / "t"), mesh=training.create_mesh(), given=given
+    )
+    fkd = config.methods.FKD
+    spec = pipeline.student_step_spec(
+        config=config,
+        method_cfg=fkd,
+        objective=methods_lib.objective(fkd, config.student.num_epochs),
+        dataset=dataset,
+        teacher=teacher,
+        mesh=training.create_mesh(),
+    )
+    _, features = bare.apply(variables, jnp.zeros((1, 16, 16, 3)), train=False)
+    assert spec.model.hint_shapes == tuple(f.shape[1:] for f in features)  # both blocks, (16,16,16) (8,8,16)
+    assert isinstance(spec.teacher, models.Adapted) and spec.teacher_taps == (0, 1)
+
+    results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
+    own = bare.apply(variables, data.normalize(dataset.test_images), train=False)[0]
+    expected = float(np.mean(np.argmax(own, -1) == dataset.test_labels))
+    assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
+    history = results["methods"]["FKD"]["val_accuracy"][0]
+    assert len(history) == config.student.num_epochs
+    run = workdir_lib.read_json(str(tmp_path / "w" / "students" / "FKD-seed0" / "result.json"))
+    assert all(np.isfinite(e["train_loss"]) for e in run["history"])
     assert not os.path.exists(tmp_path / "w" / "teacher" / "final")  # nothing trained
 
 

@@ -201,3 +201,15 @@ def test_comparison_refuses_runs_that_are_not_paired(study):
     other["dataset"]["sizes"]["train"] += 1
     with pytest.raises(UserError, match="other data"):
         report.compare_results(results, other, ("a", "b"))
+
+
+def test_committed_results_name_no_machine_paths():
+    """Committed results and reports name data and run folders as they were given, relative to the checkout:
+    no absolute path of the machine they ran on."""
+    import re
+
+    absolute = re.compile(r"(?<![\w.~])/(work|tmp|home|root|Users|mnt|data|scratch)/")
+    files = [p for p in (REPO / "results").rglob("*") if p.suffix in (".json", ".md")]
+    assert files, "no committed results found"
+    found = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in files for m in absolute.finditer(p.read_text())]
+    assert not found, found[:5]

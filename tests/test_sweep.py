@@ -307,3 +307,70 @@ def test_sweep_method_override_is_used(tmp_path):
     points = sweep.sweep_points(config)
     assert [(p.method_cfg.beta, p.method_cfg.num_regions) for p in points] == [(0.35, 8), (0.35, 12)]
     methods.validate("x", points[0].method_cfg)
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_takes_its_teacher_from_a_logits_file_or_from_variables(tmp_path):
+    """`teacher.logits` and `teacher.variables` reach a sweep as they reach `main` (`pipeline.get_teacher`):
+    nothing is trained for the teacher, and the teacher row is the given one's."""
+    import hashlib
+
+    from flax import serialization
+
+    from debkd_jax import models, training
+
+    config = _tiny_sweep_config()
+    config.sweep.grid = (4,)
+    dataset = pipeline.load_data(config)
+
+    # A logits file for the training and validation images only: the report says the test split is missing.
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([dataset.train_ids, dataset.val_ids])
+    labels = np.concatenate([dataset.train_labels, dataset.val_labels])
+    logits = rng.normal(size=(len(ids), dataset.num_classes)).astype(np.float32)
+    logits[np.arange(len(ids)), labels] += 3.0
+    np.savez(tmp_path / "t.npz", ids=ids, logits=logits)
+    config.teacher.logits = str(tmp_path / "t.npz")
+    workdir = tmp_path / "from_file"
+    results = sweep.run_sweep(config, str(workdir))
+    assert results["teacher"] == {"model": "logits file t.npz", "test": None}
+    assert not (workdir / "teacher" / "final").exists()
+    run_dir = workdir / results["points"][0]["run_dirs"][0]
+    sha = hashlib.sha256((tmp_path / "t.npz").read_bytes()).hexdigest()
+    assert json.loads((run_dir / "run.json").read_text())["teacher_logits_file"] == sha
+    assert report.NO_TEACHER_TEST in (workdir / "sweep-regions-resnet_tiny.md").read_text()
+
+    # The variables of a teacher network (msgpack): its logits are computed here, nothing is trained.
+    config.teacher.logits = ""
+    teacher = models.get_model("resnet_tiny", dataset.num_classes)
+    size = config.data.image_size
+    variables = teacher.init(jax.random.key(5), np.zeros((1, size, size, 3), np.float32), train=False)
+    (tmp_path / "t.msgpack").write_bytes(serialization.to_bytes(variables))
+    config.teacher.model = "resnet_tiny"
+    config.teacher.variables = str(tmp_path / "t.msgpack")
+    workdir = tmp_path / "from_variables"
+    results = sweep.run_sweep(config, str(workdir))
+    predict = training.make_predict_fn(teacher, np.float32)
+    t_test = np.asarray(predict(variables, dataset.test_images)[0])
+    expected = float(np.mean(np.argmax(t_test, -1) == dataset.test_labels))
+    assert results["teacher"]["model"] == "resnet_tiny"
+    assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
+    assert (workdir / "teacher" / "logits.npz").exists() and not (workdir / "teacher" / "final").exists()
+    assert results["points"][0]["test"]["accuracy"]["n"] == 1
+
+
+def test_a_sweep_checks_before_it_writes(tmp_path):
+    """A student that cannot be built, or a teacher file that does not fit, stops a sweep before anything is
+    written (as `main`): no config.json, no teacher, no point folder."""
+    config = _tiny_sweep_config()
+    config.student.model = "no_such_module_here:factory"
+    with pytest.raises(UserError, match="student.model"):
+        sweep.run_sweep(config, str(tmp_path / "a"))
+    config = _tiny_sweep_config()
+    (tmp_path / "t.npz").write_bytes(b"not an npz")
+    config.teacher.logits = str(tmp_path / "t.npz")
+    with pytest.raises(UserError, match="teacher.logits"):
+        sweep.run_sweep(config, str(tmp_path / "b"))
+    for workdir in (tmp_path / "a", tmp_path / "b"):
+        written = [p for p in workdir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        assert not written, written

@@ -86,6 +86,20 @@ def test_load_rejects_incomplete_tree():
                                     variables["batch_stats"])
 
 
+def test_autocast_step_computes_in_bfloat16_and_keeps_float32_parameters():
+    torch.manual_seed(0)
+    model = torch_peer.get_model("resnet_tiny", 2)
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    before = model.head.weight.detach().clone()
+    step = peer_train.make_train_step(model, autocast_dtype=torch.bfloat16)
+    loss = step(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,)))
+    assert np.isfinite(loss) and seen == [torch.bfloat16]
+    assert model.head.weight.dtype == torch.float32 and not torch.equal(before, model.head.weight)
+    peer_train.make_train_step(model)(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,)))
+    assert seen[-1] == torch.float32  # without autocast the step stays float32
+
+
 def test_train_steps_run_and_time():
     torch.manual_seed(0)
     student = torch_peer.get_model("resnet_tiny", 2)

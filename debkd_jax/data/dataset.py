@@ -19,6 +19,7 @@ class Dataset:
 
     `<split>_ids` (N,) str: each image's stable id -- its path relative to the data folder (`folder:`),
     '<tfds split>/<index>' (`tfds:`), 'digits/<index>' (digits); None for a Dataset built by hand.
+    `source`: as the user gave it (a relative folder stays relative: reports name no machine's paths).
     """
 
     train_images: np.ndarray
@@ -105,7 +106,7 @@ def load_dataset(
         train_images=decoded.images[train], train_labels=decoded.labels[train],
         val_images=decoded.images[val], val_labels=decoded.labels[val],
         test_images=decoded.images[test], test_labels=decoded.labels[test],
-        class_names=decoded.class_names, source=plan.name, skipped=skipped,
+        class_names=decoded.class_names, source=source, skipped=skipped,
         train_ids=decoded.ids[train], val_ids=decoded.ids[val], test_ids=decoded.ids[test],
     )
 

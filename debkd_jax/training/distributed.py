@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from debkd_jax import config_lib, models
+from debkd_jax import config_lib, models, supervisor
 from debkd_jax.errors import UserError
 
 log = logging.getLogger("debkd_jax")
@@ -46,11 +46,24 @@ def initialize_distributed(config) -> None:
     if not config.get("distributed", False) or jax.distributed.is_initialized():
         return
     kwargs = distributed_kwargs(config)
+    timeout = kwargs["initialization_timeout"]
+    supervisor.tell_parent(
+        "connecting",
+        address=kwargs.get("coordinator_address"),
+        process_id=kwargs.get("process_id"),
+        num_processes=kwargs.get("num_processes"),
+        timeout=timeout,
+        heartbeat_timeout=kwargs["heartbeat_timeout_seconds"],
+    )
+    started = time.monotonic()
     if kwargs.get("process_id", 0) != 0:  # process 0 serves the coordinator itself
-        wait_for_coordinator(kwargs.get("coordinator_address"), kwargs["initialization_timeout"])
+        wait_for_coordinator(kwargs.get("coordinator_address"), timeout)
+    # What is left of the timeout: the wait above is part of it.
+    kwargs["initialization_timeout"] = max(1, round(timeout - (time.monotonic() - started)))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects CPU devices only
     try:
         jax.distributed.initialize(**kwargs)
+        supervisor.tell_parent("joined", process_id=jax.process_index(), num_processes=jax.process_count())
         log.info(
             "distributed: process %d of %d, %d of the job's %d devices",
             jax.process_index(),

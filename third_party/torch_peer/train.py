@@ -1,9 +1,12 @@
 """Eager PyTorch training steps as mdistiller/torchdistill run them (SGD, channels_last), and a timer.
 
 A step takes `(images, labels)`: images (B, 3, H, W) float32 (any memory format; converted to
-channels_last), labels (B,) int64; it returns the loss as a Python float.
+channels_last), labels (B,) int64, on the model's device; it returns the loss as a Python float.
+`autocast_dtype=torch.bfloat16` runs the forward and the loss under `torch.autocast` on that device (mixed
+precision: parameters, gradients and the optimizer stay float32, as with `config.dtype` in debkd_jax).
 """
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -18,15 +21,25 @@ def _sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> t
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def _autocast(model: nn.Module, dtype: torch.dtype | None):
+    """A context factory: `torch.autocast` to `dtype` on the model's device, or nothing when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext
+    device_type = next(model.parameters()).device.type
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
 def make_train_step(model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
-                    weight_decay: float = 5e-4) -> Step:
+                    weight_decay: float = 5e-4, autocast_dtype: torch.dtype | None = None) -> Step:
     """One SGD step of cross entropy on `model` (trained in place, in train mode)."""
     model.to(memory_format=torch.channels_last).train()
     opt = _sgd(model, lr, momentum, weight_decay)
+    autocast = _autocast(model, autocast_dtype)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> float:
-        logits, _ = model(images.contiguous(memory_format=torch.channels_last))
-        loss = F.cross_entropy(logits, labels)
+        with autocast():
+            logits, _ = model(images.contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
