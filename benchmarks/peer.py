@@ -54,10 +54,23 @@ class Peer:
         return RemoteSampler(self, key, section)
 
     def train_step(
-        self, section: str, model: str, batch: int, teacher: str | None = None, dtype: str = "float32"
+        self,
+        section: str,
+        model: str,
+        batch: int,
+        teacher: str | None = None,
+        dtype: str = "float32",
+        image_size: int = 32,
     ) -> RemoteSampler:
         return self._build(
-            "train_step", section, model=model, batch=batch, num_classes=2, teacher=teacher, dtype=dtype
+            "train_step",
+            section,
+            model=model,
+            batch=batch,
+            num_classes=2,
+            teacher=teacher,
+            dtype=dtype,
+            image_size=image_size,
         )
 
     def eval(self, section: str, model: str, batch: int) -> RemoteSampler:

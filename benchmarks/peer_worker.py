@@ -8,7 +8,8 @@ Requests:
 
     {"op": "hello"}                           -> torch version, threads, thread settings, pid, device
     {"op": "train_step", "key": K, "model": M, "batch": B, "num_classes": C, "teacher": T or null,
-     "dtype": "float32" | "bfloat16"}         bfloat16: autocast (mixed precision), CE steps only
+     "dtype": "float32" | "bfloat16", "image_size": S (default 32)}
+                                              bfloat16: autocast (mixed precision), CE steps only
     {"op": "eval", "key": K, "model": M, "batch": B, "num_classes": C}
     {"op": "time", "key": K, "calls": N}                         -> {"seconds_per_call": s}, timed here
     {"op": "quit"}
@@ -25,9 +26,9 @@ import time
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
 
 
-def _batch(torch, batch: int, num_classes: int, device: str = "cpu", seed: int = 0):
+def _batch(torch, batch: int, num_classes: int, device: str = "cpu", seed: int = 0, image_size: int = 32):
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, 32, 32, generator=gen)
+    images = torch.randn(batch, 3, image_size, image_size, generator=gen)
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     return images.to(device).contiguous(memory_format=torch.channels_last), labels.to(device)
 
@@ -74,7 +75,7 @@ class Peer:
         else:
             autocast = torch.bfloat16 if dtype == "bfloat16" else None
             step = self.train.make_train_step(student, autocast_dtype=autocast)
-        images, labels = _batch(torch, req["batch"], k, self.device)
+        images, labels = _batch(torch, req["batch"], k, self.device, image_size=req.get("image_size", 32))
         self.fns[req["key"]] = lambda: step(images, labels)
         return {"key": req["key"]}
 

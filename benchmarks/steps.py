@@ -59,6 +59,7 @@ class JaxStep:
         teacher_name: str | None = None,
         seed: int = 0,
         conv_backward: str = "auto",
+        image_size: int = 32,
         **method_overrides,
     ):
         mesh = training.create_mesh()
@@ -76,7 +77,10 @@ class JaxStep:
             cfg, num_classes, dtype, objective, 100, False, self.conv_backward, method_cfg=method_cfg, **kw
         )
         state = training.init_state(
-            jax.random.key(seed), self.spec.model, training.make_optimizer(cfg, 100), (32, 32, 3)
+            jax.random.key(seed),
+            self.spec.model,
+            training.make_optimizer(cfg, 100),
+            (image_size, image_size, 3),
         )
         self.step = training.make_train_step(self.spec, mesh, seed)
         # As `training.fit` places them: state (and teacher) replicated, the batch sharded on 'data'.
@@ -86,7 +90,7 @@ class JaxStep:
         if self.teacher_vars is not None:
             self.teacher_vars = jax.device_put(self.teacher_vars, replicated)
         rng = np.random.default_rng(seed)
-        images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
         rows = jax.tree.map(np.asarray, targets)
         self.batch = jax.device_put({"image": images, "label": labels, "rows": rows}, sharded)
         self.images = batch

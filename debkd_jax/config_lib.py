@@ -1,4 +1,5 @@
-"""Configs: the run config every `configs/*.py` starts from, the `smoke` shrink used by tests and quick checks,
+"""Configs: the run config every `configs/*.py` starts from, the `smoke` shrink used by tests and quick
+checks,
 the one loader of config files, and the validation of a whole config.
 
 Optimizer defaults (the paper gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4 on conv and dense
@@ -80,7 +81,15 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.data.digits_classes = 2  # digits: 2 = "0-4" vs "5-9", 10 = ten digits
     config.data.tfds_data_dir = ""
     config.data.use_dataset_test_split = False
-    config.data.augment = False  # random crop (pad 4) + flip on device
+    config.data.augment = False  # random crop (pad 4) + flip on device; streamed: random-resized crop + flip
+    # "memory": decode the source once into memory (the default, for data that fits); "stream": read it
+    # with grain,
+    # a batch at a time, per host (docs/scale.md); "auto": stream when the decoded images would not fit
+    # comfortably.
+    config.data.pipeline = "memory"
+    config.data.eval_crop = 224 / 256  # streamed eval: shorter side to image_size / eval_crop, center crop
+    config.data.workers = 2  # streamed: grain worker processes decoding and augmenting (0: threads here)
+    config.data.logits_chunk_rows = 1024  # streamed: rows per teacher-logits chunk file
 
     config.teacher = train_config("resnet8x4", num_epochs=6)
     config.teacher.checkpoint = ""  # a finished run's teacher/ folder to reuse instead of training
@@ -93,6 +102,8 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     # K - 1 folds, that did not see it (out-of-fold); val/test logits from the teacher trained on all of them.
     # K + 1 teacher trainings in all (docs/teachers.md).
     config.teacher.folds = 1
+    # Streamed: the teacher-logits store's dtype ("float16" and "bfloat16" halve it).
+    config.teacher.logits_dtype = "float32"
     config.student = train_config("resnet8", num_epochs=15)
 
     config.methods = ml_collections.ConfigDict({name: methods.preset(name) for name in method_names})
@@ -142,6 +153,25 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def validate_stream_fields(config) -> None:
+    """`data.pipeline`, `data.eval_crop`, `data.workers`, `data.logits_chunk_rows`, `teacher.logits_dtype`."""
+    d = config.data
+    checks = [
+        ("data.pipeline", d.get("pipeline", "memory"), lambda v: v in ("memory", "stream", "auto"),
+         "'memory', 'stream' or 'auto'"),
+        ("data.eval_crop", d.get("eval_crop", 0.875), lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+         "a share in (0, 1], e.g. 0.875 (224/256)"),
+        ("data.workers", d.get("workers", 2), lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+        ("data.logits_chunk_rows", d.get("logits_chunk_rows", 1024), lambda v: _is_int(v) and v >= 1,
+         "an int >= 1"),
+        ("teacher.logits_dtype", config.teacher.get("logits_dtype", "float32"),
+         lambda v: v in ("float32", "float16", "bfloat16"), "'float32', 'float16' or 'bfloat16'"),
+    ]
+    for name, value, ok, valid in checks:
+        if not ok(value):
+            raise UserError(f"{name}={value!r} is not valid; use {valid}.")
+
+
 def validate_config(config) -> None:
     """Checks the whole config up front, with messages naming the field and the valid values.
 
@@ -149,6 +179,7 @@ def validate_config(config) -> None:
     `training.initialize_distributed` first: the batch-size check needs the global device count.
     """
     validate_cluster(config)
+    validate_stream_fields(config)
     if not config.methods:
         raise UserError("config.methods is empty: name at least one method, e.g. 'DeBKD'.")
     for name, mcfg in config.methods.items():

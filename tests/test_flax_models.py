@@ -259,8 +259,10 @@ def test_builtin_resnets_take_32_and_64_pixels(name, size):
         lambda x: model.init_with_output(jax.random.key(0), x, train=False), x
     )
     assert logits.shape == (2, 10)
-    # Same variables at any size (global average pool); the last block is size / total stride wide.
-    assert blocks[-1].shape[1] == size // int(np.prod(model.strides))
+    # Same variables at any size (global average pool); the last block is size / total stride wide (the
+    # ImageNet stem's conv and max-pool stride 4 more).
+    stem_stride = 4 if model.stem == "imagenet" else 1
+    assert blocks[-1].shape[1] == size // stem_stride // int(np.prod(model.strides))
 
 
 def test_a_student_trains_on_64_pixel_images(cache_dir, tmp_path):

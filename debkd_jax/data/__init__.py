@@ -5,6 +5,9 @@
     cache.py      the decoded arrays as one .npz per source and preprocessing
     split.py      the per-class subset, the stratified, seeded split, stratified_folds of the training set
     batching.py   normalize, augment (jittable), batch_indices, make_global_batch, gather_batch
+    stream.py     streamed input with grain (folders, TFDS array_record), never held whole (docs/scale.md)
+    logits_store.py  teacher logits on disk, one row per example, read by memory map
+    transforms.py the ImageNet transforms: random-resized crop + flip, resize + center crop
 """
 
 from debkd_jax.data.batching import augment, batch_indices, gather_batch, make_global_batch, normalize

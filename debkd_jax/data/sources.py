@@ -112,6 +112,21 @@ def decode_file(path: str, image_size: int) -> tuple[np.ndarray | None, str | No
         return None, f"{type(e).__name__}: {e}"
 
 
+def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
+    """An image file as an RGB Pillow image (EXIF orientation applied, `_to_rgb`); JPEGs decoded at the
+    smallest scale whose sides stay >= `draft_size` when given. Raises what Pillow raises for a bad file."""
+    with Image.open(path) as img:
+        if draft_size:
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return _to_rgb(_exif_transposed(img))
+
+
+def array_to_rgb(x: np.ndarray) -> Image.Image:
+    """A decoded TFDS image array (H, W[, 1|3|4]), uint8 or uint16, as an RGB Pillow image."""
+    return _to_rgb(_array_to_image(x))
+
+
 def _exif_transposed(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)

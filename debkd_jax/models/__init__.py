@@ -1,9 +1,11 @@
-"""CIFAR-style ResNets, FitNets hint regressors, and the conv layer they are built with (docs/models.md).
+"""CIFAR-style and ImageNet (torchvision layout) ResNets, FitNets hint regressors, and the conv layer they
+are built with (docs/models.md).
 
     conv.py     CONV_BACKWARDS: "xla" -> nn.Conv, "materialized" -> the CPU conv with a materialized backward,
                 "onednn" -> oneDNN's conv and its gradients on the CPU (debkd_jax.native)
     norm.py     BatchNorm, and its CPU variant (channel sums as GEMVs) that "onednn" builds models with
-    resnet.py   BasicBlock, Bottleneck, ResNet, the presets (MODELS), get_model, feature_taps, count_params
+    resnet.py   BasicBlock, Bottleneck, ResNet (CIFAR or ImageNet stem), the presets (MODELS), get_model,
+                feature_taps, count_params
     hints.py    HintRegressor
     external.py any Flax module as a model: "package.module:factory" (Adapted, load_factory)
 """
@@ -44,6 +46,10 @@ from debkd_jax.models.resnet import (
     count_params,
     feature_taps,
     get_model,
+    imagenet_resnet18,
+    imagenet_resnet34,
+    imagenet_resnet50,
+    imagenet_resnet_tiny,
     resnet8,
     resnet8x4,
     resnet18,
@@ -84,6 +90,10 @@ __all__ = [
     "feature_taps",
     "fusion_barrier",
     "get_model",
+    "imagenet_resnet18",
+    "imagenet_resnet34",
+    "imagenet_resnet50",
+    "imagenet_resnet_tiny",
     "onednn_conv",
     "onednn_unsupported",
     "resnet8",

@@ -1,8 +1,10 @@
-"""CIFAR-style ResNets (NHWC, 32x32 inputs) that return logits and every residual block's output.
+"""ResNets (NHWC) that return logits and every residual block's output: the CIFAR-style ones (3x3 stride-1
+stem, for 32x32 inputs) and the ImageNet ones of torchvision's layout (`imagenet_resnet18/34/50`: 7x7 stride-2
+stem, 3x3 stride-2 max-pool, stages 64-512; any input size).
 
 Variable names, stable for checkpoints, FKD taps and the PyTorch peer (third_party/torch_peer):
 
-    stem_conv/kernel                      (3, 3, 3, stem_width)
+    stem_conv/kernel                      (3, 3, 3, stem_width), (7, 7, 3, stem_width) for the ImageNet stem
     stem_bn/{scale,bias} + batch_stats/{mean,var}
     block_{i}/conv1, bn1, conv2, bn2      BasicBlock, i = 0..num_blocks-1 over all stages in order
     block_{i}/conv1..conv3, bn1..bn3      Bottleneck
@@ -92,7 +94,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """3x3 stride-1 stem, residual stages, global average pool, dense head.
+    """Stem, residual stages, global average pool, dense head.
+
+    `stem`: "cifar" (3x3 stride-1 conv, BN, ReLU) or "imagenet" (torchvision's: 7x7 stride-2 conv padded 3,
+    BN, ReLU, 3x3 stride-2 max-pool padded 1), which maps (B, H, W, 3) to (B, ceil(H/4), ceil(W/4),
+    stem_width).
 
     `dtype` is the compute dtype; parameters and batch statistics stay float32 and logits are returned as
     float32, block outputs in `dtype`. `conv` builds every conv and `norm` every BatchNorm, the blocks'
@@ -108,6 +114,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = BatchNorm
+    stem: str = "cifar"
 
     @property
     def conv_backward(self) -> str:
@@ -117,9 +124,17 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """(B, H, W, 3) normalized images -> ((B, num_classes) float32 logits, block outputs (B, h, w, c))."""
-        x = conv3x3(self.stem_width, 1, self.dtype, "stem_conv", self.conv)(x)
+        if self.stem == "imagenet":
+            x = self.conv(self.stem_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                          kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)
+        elif self.stem == "cifar":
+            x = conv3x3(self.stem_width, 1, self.dtype, "stem_conv", self.conv)(x)
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
         x = self.norm(use_running_average=not train, dtype=self.dtype, name="stem_bn")(x)
         x = nn.relu(x)
+        if self.stem == "imagenet":  # padded with -inf, as torch's MaxPool2d(3, 2, padding=1)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         block_outputs = []
         for size, width, stride in zip(self.stage_sizes, self.widths, self.strides, strict=True):
             for j in range(size):
@@ -144,12 +159,25 @@ resnet_tiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock
                                 widths=(4, 8), strides=(1, 2))
 """Test-only: compiles in well under a second."""
 
+imagenet_resnet = functools.partial(ResNet, stem="imagenet", stem_width=64, widths=(64, 128, 256, 512),
+                                    strides=(1, 2, 2, 2))
+imagenet_resnet18 = functools.partial(imagenet_resnet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+imagenet_resnet34 = functools.partial(imagenet_resnet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+imagenet_resnet50 = functools.partial(imagenet_resnet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+imagenet_resnet_tiny = functools.partial(ResNet, stem="imagenet", stage_sizes=(1, 1), block_cls=BasicBlock,
+                                         stem_width=8, widths=(8, 16), strides=(1, 2))
+"""The ImageNet stem on two small stages: for tests and `configs/imagenet.py:smoke`."""
+
 MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet8": resnet8,
     "resnet8x4": resnet8x4,
     "resnet18": resnet18,
     "resnet50": resnet50,
     "resnet_tiny": resnet_tiny,
+    "imagenet_resnet18": imagenet_resnet18,
+    "imagenet_resnet34": imagenet_resnet34,
+    "imagenet_resnet50": imagenet_resnet50,
+    "imagenet_resnet_tiny": imagenet_resnet_tiny,
 }
 
 

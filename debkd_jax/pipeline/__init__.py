@@ -7,6 +7,8 @@ folds.py             out-of-fold logits from K fold teachers (teacher.folds = K 
 student.py           train_student: claim, step spec, fit, evaluate, save
 identity.py          the one definition of "the same run" (teachers, students, sweep points)
 diagnostics.py       what the targets do to the teacher's logits; when and with what results were made
+stream.py            the same job on streamed data (data.pipeline="stream", docs/scale.md)
+stream_logits.py     its teacher pass to disk, knowledge infusion from the store
 """
 
 from debkd_jax.pipeline.diagnostics import run_diagnostics, run_meta, target_diagnostics

@@ -15,6 +15,7 @@ import ml_collections
 from debkd_jax import config_lib, methods, models, report, training, workdir_lib
 from debkd_jax import data as data_lib
 from debkd_jax.errors import UserError
+from debkd_jax.pipeline import stream
 from debkd_jax.pipeline.diagnostics import run_diagnostics, run_meta
 from debkd_jax.pipeline.folds import check_folds
 from debkd_jax.pipeline.student import train_student
@@ -24,7 +25,8 @@ log = logging.getLogger("debkd_jax")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str | None = None) -> dict:
-    """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results.
+    """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results. With
+    `data.pipeline = "stream"` (or "auto" choosing it) the same on streamed data (`pipeline.stream`).
 
     Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz; with
     `teacher.folds = K > 1` also folds-K/: the fold teachers and out_of_fold.npz),
@@ -33,6 +35,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     unreadable. Re-running the same command resumes an interrupted run and reuses finished parts; see
     docs/reliability.md.
     """
+    config_lib.validate_stream_fields(config)
+    choice, why = stream.choose(config)
+    log.info("data: %s pipeline (%s)", choice, why)
+    if choice == "stream":  # data.pipeline="stream" (or "auto" on data that would not fit): docs/scale.md
+        return stream.train_and_evaluate(config, workdir, command, why)
     training.initialize_distributed(config)
     config_lib.validate_config(config)
     workdir = workdir_lib.expand(workdir)

@@ -104,7 +104,6 @@ def claim_student(
 ) -> dict | None:
     """Claims `run_dir` for this student (`identity.student_identity`; with `config.overwrite` an existing
     folder is set aside first); returns its result when it finished before, else None."""
-    writer = jax.process_index() == 0
     identity = student_identity(
         config=config,
         method_cfg=method_cfg,
@@ -113,7 +112,16 @@ def claim_student(
         t_logits=teacher.logits,
         teacher_meta=teacher.meta,
     )
-    if config.overwrite and os.path.isdir(run_dir):
+    return claim_run(
+        run_dir=run_dir, identity=identity, method_name=method_name, seed=seed, overwrite=config.overwrite
+    )
+
+
+def claim_run(*, run_dir: str, identity: dict, method_name: str, seed: int, overwrite: bool) -> dict | None:
+    """Claims `run_dir` for a student of `identity` (`workdir_lib.claim_run_dir`; with `overwrite` an existing
+    folder is set aside first); returns its result when it finished before, else None."""
+    writer = jax.process_index() == 0
+    if overwrite and os.path.isdir(run_dir):
         if writer:
             moved = workdir_lib.keep_aside(run_dir)
             log.info("%s (seed %d): overwrite=True, the previous run is kept in %s", method_name, seed, moved)

@@ -1,6 +1,6 @@
 """Training one model: train state and optimizer, the train step (one factory for training, benchmarks and
-tests), the mesh and multi-process helpers, the `fit` loop with checkpoints and resume, and the per-epoch metric
-writer (metrics.jsonl, TensorBoard)."""
+tests), the mesh and multi-process helpers, the `fit` loop with checkpoints and resume, the per-epoch metric
+writer (metrics.jsonl, TensorBoard), and the passes over streamed data (`streamed.py`)."""
 
 from debkd_jax.training.distributed import (
     create_mesh,
@@ -30,12 +30,20 @@ from debkd_jax.training.step import (
     make_train_step,
     predict_logits,
 )
+from debkd_jax.training.streamed import (
+    StreamTrainData,
+    local_eval_batch,
+    local_rows,
+    pass_accuracy,
+    predict_pass,
+)
 
 __all__ = [
     "FitResult",
     "MetricWriter",
     "NonFiniteLoss",
     "StepSpec",
+    "StreamTrainData",
     "Student",
     "TrainState",
     "build_step_spec",
@@ -46,6 +54,10 @@ __all__ = [
     "init_state",
     "initialize_distributed",
     "jitted_init",
+    "local_eval_batch",
+    "local_rows",
+    "pass_accuracy",
+    "predict_pass",
     "make_optimizer",
     "make_predict_fn",
     "make_train_step",

@@ -27,6 +27,7 @@ from debkd_jax.training.distributed import process_local
 from debkd_jax.training.metric_writer import MetricWriter
 from debkd_jax.training.state import host_copy, init_state, make_optimizer, variables_of, zero_metrics
 from debkd_jax.training.step import StepSpec, make_predict_fn, make_train_step, predict_logits
+from debkd_jax.training.streamed import StreamTrainData
 
 log = logging.getLogger("debkd_jax")
 
@@ -47,8 +48,8 @@ def fit(
     name: str,
     spec: StepSpec,
     train_cfg,
-    dataset: data_lib.Dataset,
-    train_targets: targets_lib.Targets,
+    dataset: data_lib.Dataset | None,
+    train_targets: targets_lib.Targets | None,
     run_dir: str,
     mesh: Mesh,
     seed: int,
@@ -56,11 +57,16 @@ def fit(
     infusion=None,
     on_epoch: Callable[[dict], None] | None = None,
     show_progress: bool = True,
+    stream: StreamTrainData | None = None,
 ) -> FitResult:
     """Trains `spec.model` for `train_cfg.num_epochs`, checkpointing every epoch (orbax) and resuming from the
     last complete checkpoint in `run_dir`. Returns the variables of the best epoch on validation accuracy (of
-    equal ones the earliest), restored from its checkpoint."""
-    n_train = len(dataset.train_labels)
+    equal ones the earliest), restored from its checkpoint.
+
+    `stream` (instead of `dataset` and `train_targets`): batches from grain (`StreamTrainData`), whose
+    iterator
+    position is saved with every checkpoint and restored with it."""
+    n_train = len(stream.train) if stream is not None else len(dataset.train_labels)
     steps_per_epoch = n_train // train_cfg.batch_size
     if steps_per_epoch < 1:
         raise UserError(
@@ -69,13 +75,16 @@ def fit(
         )
     tx = make_optimizer(train_cfg, steps_per_epoch)
     init_rng = jax.random.key(seed)
-    state = init_state(init_rng, spec.model, tx, dataset.train_images.shape[1:])
+    image_shape = (stream.image_size,) * 2 + (3,) if stream is not None else dataset.train_images.shape[1:]
+    state = init_state(init_rng, spec.model, tx, image_shape)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     history: list[dict] = []
+    data_state = None
 
     ckpt = workdir_lib.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
     writer = None
+    batches = None
     try:
         latest = ckpt.latest_step()
         if latest is not None:
@@ -85,14 +94,14 @@ def fit(
                     "(no validation metrics beside them); re-run with --config.overwrite=True (the old run "
                     "is set aside) or a new --workdir."
                 )
-            restored = ckpt.restore(
-                latest,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(host_copy(state)), history=ocp.args.JsonRestore()
-                ),
-            )
+            items = {"state": ocp.args.StandardRestore(host_copy(state)), "history": ocp.args.JsonRestore()}
+            if stream is not None:
+                items[_DATA_ITEM] = ocp.args.JsonRestore()
+            restored = ckpt.restore(latest, args=ocp.args.Composite(**items))
             state = jax.device_put(restored["state"], replicated)
             history = list(restored["history"]["epochs"])
+            if stream is not None:
+                data_state = restored[_DATA_ITEM][f"process_{jax.process_index()}"]
             log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
 
         step_fn = make_train_step(spec, mesh, seed)
@@ -104,8 +113,12 @@ def fit(
         if infusion is not None:
             infusion = jax.device_put(jnp.asarray(infusion), replicated)
         host_targets = jax.tree.map(np.asarray, train_targets)
-
         start_epoch = len(history)
+        batches = None
+        if stream is not None and start_epoch < train_cfg.num_epochs:
+            order = stream.order(train_cfg.batch_size, seed, train_cfg.num_epochs)
+            batches = stream.iterator(order, seed, data_state)
+
         epochs = console.progress(
             range(start_epoch, train_cfg.num_epochs),
             desc=f"{name}",
@@ -117,8 +130,11 @@ def fit(
         for epoch in epochs:
             t0 = time.perf_counter()
             acc = jax.device_put(zero_metrics(), replicated)
-            order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
-            local = process_local(order)
+            if stream is None:
+                order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
+                local = process_local(order)
+            else:
+                local = range(steps_per_epoch)
             steps = console.progress(
                 local,
                 desc=f"  epoch {epoch + 1}",
@@ -128,7 +144,10 @@ def fit(
                 unit="step",
             )
             for idx in steps:
-                batch = data_lib.gather_batch(dataset, host_targets, idx, batch_sharding)
+                if stream is None:
+                    batch = data_lib.gather_batch(dataset, host_targets, idx, batch_sharding)
+                else:
+                    batch = stream.global_batch(batches, batch_sharding)
                 state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
             acc = jax.device_get(acc)
             if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:
@@ -149,10 +168,13 @@ def fit(
                     f"{name}: the loss or its gradient became NaN/Inf at step {bad} of {total} (epoch "
                     f"{epoch + 1}); training stopped and {kept}."
                 )
-            val_logits = predict_logits(
-                predict, variables_of(state), dataset.val_images, train_cfg.eval_batch_size, mesh
-            )
-            val_acc = float(np.mean(np.argmax(val_logits, -1) == dataset.val_labels))
+            if stream is None:
+                val_logits = predict_logits(
+                    predict, variables_of(state), dataset.val_images, train_cfg.eval_batch_size, mesh
+                )
+                val_acc = float(np.mean(np.argmax(val_logits, -1) == dataset.val_labels))
+            else:
+                val_acc = stream.val_accuracy(predict, variables_of(state), mesh, train_cfg.eval_batch_size)
             # Only values that the config and seed decide: a resumed or repeated run writes the same records.
             record = {
                 "epoch": epoch + 1,
@@ -162,15 +184,18 @@ def fit(
                 "val_accuracy": val_acc,
             }
             history.append(record)
+            items = {
+                # A host copy: orbax writes host arrays from process 0 alone, while replicated device
+                # arrays would be split among the processes (each writing its part of the checkpoint).
+                "state": ocp.args.StandardSave(host_copy(state)),
+                "history": ocp.args.JsonSave({"epochs": history}),
+            }
+            if stream is not None:  # every process's grain iterator position, written by process 0
+                items[_DATA_ITEM] = ocp.args.JsonSave(_gathered_iterator_states(batches.get_state()))
             _save_checkpoint(
                 ckpt,
                 epoch + 1,
-                ocp.args.Composite(
-                    # A host copy: orbax writes host arrays from process 0 alone, while replicated device
-                    # arrays would be split among the processes (each writing its part of the checkpoint).
-                    state=ocp.args.StandardSave(host_copy(state)),
-                    history=ocp.args.JsonSave({"epochs": history}),
-                ),
+                ocp.args.Composite(**items),
                 {"epoch": epoch + 1, "val_accuracy": val_acc},
                 run_dir,
             )
@@ -206,10 +231,28 @@ def fit(
         try:
             _wait_for_checkpoint(ckpt, run_dir)
         finally:
+            if stream is not None and batches is not None and hasattr(batches, "close"):
+                batches.close()  # grain's worker processes
             ckpt.close()
             if writer is not None:
                 writer.close()
     return FitResult(best_variables=best_variables, history=history, best_epoch=best_epoch)
+
+
+_DATA_ITEM = "data_iterator"
+
+
+def _gathered_iterator_states(state: dict) -> dict:
+    """{'process_<i>': process i's grain iterator state} on every process (JSON, gathered as bytes)."""
+    import json
+
+    if jax.process_count() == 1:
+        return {"process_0": state}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(state).encode().ljust(4096), np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(raw)).reshape(jax.process_count(), -1)
+    return {f"process_{i}": json.loads(bytes(row).decode().strip()) for i, row in enumerate(everyone)}
 
 
 def _save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args, metrics: dict, run_dir: str) -> None:

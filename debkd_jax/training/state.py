@@ -19,14 +19,20 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with Nesterov momentum, decoupled-from-BN weight decay on kernels, linear warm-up then cosine decay."""
+    """SGD with (Nesterov, unless `cfg.nesterov` is False) momentum, weight decay on kernels, and the learning
+    rate of `cfg.lr_schedule`: "cosine" (default: linear warm-up then cosine decay to 0) or "step" (the
+    ImageNet recipe: `learning_rate` times `lr_decay_rate` at each epoch of `lr_decay_epochs`)."""
     total = max(cfg.num_epochs * steps_per_epoch, 1)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, end_value=0.0)
+    if cfg.get("lr_schedule", "cosine") == "step":
+        boundaries = {int(e * steps_per_epoch): cfg.lr_decay_rate for e in cfg.lr_decay_epochs}
+        schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+    else:
+        warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, end_value=0.0)
     kernels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay, mask=kernels),
-        optax.sgd(schedule, momentum=cfg.momentum, nesterov=True),
+        optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.get("nesterov", True)),
     )
 
 
@@ -65,5 +71,6 @@ def variables_of(state) -> dict:
 
 
 def host_copy(tree):
-    """A host copy: the step donates the state's buffers, so anything kept across steps must not alias them."""
+    """A host copy: the step donates the state's buffers, so anything kept across steps must not alias
+    them."""
     return jax.tree.map(lambda a: np.array(jax.device_get(a)), tree)

@@ -78,14 +78,22 @@ def build_step_spec(
 def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
     """Returns the jitted `step(state, acc, batch, teacher_vars, infusion) -> (state, acc)`.
 
-    batch: {'image': uint8 (B, H, W, 3), 'label': int32 (B,), 'rows': Targets rows (B, ...)} sharded on 'data'.
+    batch: {'image': uint8 (B, H, W, 3), 'label': int32 (B,), and 'rows': Targets rows (B, ...), or
+    'teacher_logits' (B, k) from which the step builds the method's targets, or neither for CE}, sharded on
+    'data'.
     teacher_vars / infusion: replicated, used only when the objective runs the teacher online.
     """
     aug_key = jax.random.key(seed)
     objective = spec.objective
 
     def step(state: TrainState, acc, batch, teacher_vars, infusion):
-        images, labels, rows = batch["image"], batch["label"], batch["rows"]
+        images, labels = batch["image"], batch["label"]
+        if "rows" in batch:
+            rows = batch["rows"]
+        elif "teacher_logits" in batch:  # streamed: the batch's rows of the logits store -> targets, here
+            rows = methods.method_targets(spec.method_cfg, batch["teacher_logits"], labels, infusion=infusion)
+        else:  # CE needs no targets
+            rows = None
         if spec.augment:
             images = data_lib.augment(jax.random.fold_in(aug_key, state.step), images)
         x = data_lib.normalize(images, spec.dtype)
@@ -94,7 +102,8 @@ def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
             t_logits, t_blocks = spec.teacher.apply(teacher_vars, x, train=False)
             teacher_feats = tuple(jax.lax.stop_gradient(t_blocks[i]) for i in spec.teacher_taps)
             if spec.method_cfg.online_targets:
-                # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's easy/hard
+                # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's
+                # easy/hard
                 # split matches the rows that were rectified or infused; KI's table is the precomputed one.
                 rows = methods.method_targets(spec.method_cfg, t_logits, labels, infusion=infusion)
         epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch

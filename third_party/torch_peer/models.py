@@ -127,9 +127,28 @@ MODELS = {
 }
 
 
-def get_model(name: str, num_classes: int) -> ResNet:
+class WithBlockOutputs(nn.Module):
+    """A logits-only network (torchvision's ResNet) returning `(logits, ())` as the peer's models do."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        return self.net(x), ()
+
+
+def get_model(name: str, num_classes: int) -> nn.Module:
+    """A CIFAR-style peer by name, or `imagenet_<name>`: torchvision's layout (`torchvision_resnet`),
+    wrapped to
+    return `(logits, ())`."""
+    from .torchvision_resnet import MODELS as IMAGENET
+
+    if name.startswith("imagenet_") and name.removeprefix("imagenet_") in IMAGENET:
+        return WithBlockOutputs(IMAGENET[name.removeprefix("imagenet_")](num_classes=num_classes))
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}, "
+                         f"imagenet_{{{', '.join(IMAGENET)}}}")
     return MODELS[name](num_classes=num_classes)
 
 

@@ -1,0 +1,160 @@
+"""Teacher logits on disk, one row per example: `LogitsStore` (docs/scale.md).
+
+The teacher pass writes a split's logits chunk by chunk (any process any chunk); training reads its
+batches' rows
+by memory map, never the store whole. float16/bfloat16 storage halves it (`encode_logits`/`decode_logits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from debkd_jax import workdir_lib
+
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogitsStore:
+    """A split's teacher logits in `path`: `manifest.json` (rows, classes, dtype, chunk_rows, key) and, per
+    chunk c of `chunk_rows` rows, `chunk-c.npy` (rows, k) logits in `dtype` (bfloat16 stored as its uint16
+    bits) and `chunk-c.npz` (valid, labels, the unreadable rows' ids and reasons). A chunk is whole files or
+    nothing (one atomic write each, the .npy last), so a pass resumes at the first missing chunk; `row(r)`
+    maps only chunk r // chunk_rows (np.load mmap), so no host loads the file whole."""
+
+    path: str
+    num_rows: int
+    num_classes: int
+    dtype: str
+    chunk_rows: int
+    key: str
+
+    @classmethod
+    def create(
+        cls, path: str, num_rows: int, num_classes: int, dtype: str, chunk_rows: int, key: str, writer: bool
+    ) -> LogitsStore:
+        """The store at `path`, its manifest written (by `writer`) when new. ValueError when `path` holds a
+        store of other data (another key, row or class count)."""
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"teacher logits storage dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+        store = cls(path, num_rows, num_classes, dtype, chunk_rows, key)
+        manifest = workdir_lib.read_json(os.path.join(path, "manifest.json"))
+        if manifest is None:
+            if writer:
+                os.makedirs(path, exist_ok=True)
+                workdir_lib.write_json(os.path.join(path, "manifest.json"), store.manifest())
+            return store
+        if manifest != store.manifest():
+            raise ValueError(
+                f"the teacher logits in {path} are of other data or another teacher ({manifest}, "
+                f"expected {store.manifest()}); move them away or use a new workdir"
+            )
+        return store
+
+    @classmethod
+    def open(cls, path: str, num_rows: int, num_classes: int) -> LogitsStore:
+        """A finished store, checked against the data: ValueError (one line) for a missing or incomplete store
+        or one whose rows or classes do not match."""
+        manifest = workdir_lib.read_json(os.path.join(path, "manifest.json"))
+        if manifest is None:
+            raise ValueError(f"no teacher logits store at {path} (manifest.json missing)")
+        store = cls(
+            path, **{k: manifest[k] for k in ("num_rows", "num_classes", "dtype", "chunk_rows", "key")}
+        )
+        if (store.num_rows, store.num_classes) != (num_rows, num_classes):
+            raise ValueError(
+                f"the teacher logits in {path} have {store.num_rows} rows x {store.num_classes} "
+                f"classes, the data {num_rows} x {num_classes}; they are of other data"
+            )
+        if missing := store.missing_chunks():
+            raise ValueError(
+                f"the teacher logits in {path} lack {len(missing)} chunk(s) (e.g. {missing[0]}); "
+                "finish the teacher pass (re-run the same command)"
+            )
+        return store
+
+    def manifest(self) -> dict:
+        return {
+            "num_rows": self.num_rows,
+            "num_classes": self.num_classes,
+            "dtype": self.dtype,
+            "chunk_rows": self.chunk_rows,
+            "key": self.key,
+        }
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_rows // self.chunk_rows)
+
+    def _file(self, c: int, ext: str) -> str:
+        return os.path.join(self.path, f"chunk-{c:06d}.{ext}")
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if not os.path.exists(self._file(c, "npy"))]
+
+    def write_chunk(
+        self,
+        c: int,
+        logits: np.ndarray,
+        valid: np.ndarray,
+        labels: np.ndarray,
+        skipped: Sequence[tuple[str, str]],
+    ) -> None:
+        import io
+
+        rows = min(self.chunk_rows, self.num_rows - c * self.chunk_rows)
+        if logits.shape != (rows, self.num_classes):
+            raise ValueError(f"chunk {c}: logits {logits.shape}, expected {(rows, self.num_classes)}")
+        meta = io.BytesIO()
+        np.savez(
+            meta, valid=valid, labels=labels, skipped=np.asarray(list(skipped), dtype=str).reshape(-1, 2)
+        )
+        workdir_lib.atomic_write_bytes(self._file(c, "npz"), meta.getvalue())
+        data = io.BytesIO()
+        np.save(data, encode_logits(logits, self.dtype))
+        workdir_lib.atomic_write_bytes(self._file(c, "npy"), data.getvalue())
+
+    def row(self, r: int) -> np.ndarray:
+        """Row r as float32 (k,), read from its chunk's memory map."""
+        c, i = divmod(int(r), self.chunk_rows)
+        return decode_logits(np.asarray(self._chunk(c)[i]), self.dtype)
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - per process; maps, not data
+    def _chunk(self, c: int) -> np.ndarray:
+        return np.load(self._file(c, "npy"), mmap_mode="r")
+
+    def __getstate__(self):
+        return dataclasses.asdict(self)
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+    def meta(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """(valid (N,) bool, labels (N,) int32, [(id, reason) of the unreadable rows])."""
+        valid, labels, skipped = [], [], []
+        for c in range(self.num_chunks):
+            with np.load(self._file(c, "npz")) as z:
+                valid.append(z["valid"])
+                labels.append(z["labels"])
+                skipped.extend((str(a), str(b)) for a, b in z["skipped"])
+        return np.concatenate(valid), np.concatenate(labels).astype(np.int32), skipped
+
+
+def encode_logits(logits: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 logits in the store's dtype: float16/float32 as such, bfloat16 as the uint16 of its bits."""
+    if dtype == "bfloat16":
+        return np.asarray(logits, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return np.asarray(logits, np.float32).astype(dtype)
+
+
+def decode_logits(stored: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return np.asarray(stored).view(ml_dtypes.bfloat16).astype(np.float32)
+    return np.asarray(stored, np.float32)

@@ -1,0 +1,135 @@
+"""The streamed job through the real CLI (configs/imagenet.py:smoke on a generated folder, KD only): two
+processes
+(jax.distributed over Gloo) train like one process with two devices; a SIGKILL and a restart give the
+results of
+an uninterrupted run; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import textwrap
+
+import pytest
+from conftest import write_shape_folder
+from test_cli import assert_clean_error, cli_args, cli_env, kill_when, read_jsonl, run_cli, shared_cache_dir
+from test_multihost import JOB_SECONDS, LOSS_RTOL, launch
+
+CONFIG = textwrap.dedent(
+    """
+    from debkd_jax import config_lib
+
+
+    def get_config():
+        config = config_lib.load_config("configs/imagenet.py:smoke")
+        config.methods = {{"KD": config.methods["KD"]}}
+        config.data.source = "folder:{folder}"
+        config.data.workers = 0
+        for part in (config.teacher, config.student):
+            part.batch_size = 16
+            part.eval_batch_size = 32
+        config.data.logits_chunk_rows = 32
+        return config
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return shared_cache_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    base = tmp_path_factory.mktemp("stream_cli")
+    folder = write_shape_folder(base / "shapes", per_class=40, seed=5)
+    path = base / "stream_smoke.py"
+    path.write_text(CONFIG.format(folder=folder))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process_two_devices(cache_dir, config_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("stream_one") / "run"
+    proc = run_cli(
+        cli_args(workdir, cache_dir / "data", config=str(config_file)),
+        cli_env(cache_dir, devices=2),
+        timeout=JOB_SECONDS,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "data: stream pipeline (data.pipeline='stream')" in proc.stderr
+    return workdir
+
+
+def histories(workdir: pathlib.Path) -> dict[str, list[dict]]:
+    teacher = json.loads((workdir / "teacher" / "teacher.json").read_text())["history"]
+    return {"teacher": teacher, "KD": read_jsonl(workdir / "students" / "KD-seed0" / "metrics.jsonl")}
+
+
+def assert_same_run(ours: pathlib.Path, reference: pathlib.Path) -> None:
+    a, b = histories(ours), histories(reference)
+    for name in a:
+        assert len(a[name]) == len(b[name]) == 2
+        for x, y in zip(a[name], b[name], strict=True):
+            assert x["train_loss"] == pytest.approx(y["train_loss"], rel=LOSS_RTOL), name
+            assert x["val_accuracy"] == y["val_accuracy"], name
+    ra = json.loads((ours / "results.json").read_text())["methods"]["KD"]["test"]["accuracy"]["mean"]
+    rb = json.loads((reference / "results.json").read_text())["methods"]["KD"]["test"]["accuracy"]["mean"]
+    assert ra == rb
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_SECONDS)
+def test_two_streaming_processes_train_like_one_process_with_two_devices(
+    one_process_two_devices, cache_dir, config_file, tmp_path
+):
+    job = launch(tmp_path / "run", cache_dir, config_file, tmp_path / "logs")
+    assert job.wait(timeout=JOB_SECONDS) == [0, 0], job.tails()
+    for i in (0, 1):
+        err = job.output(i)[1]
+        assert f"process {i} of 2 reads its 8 of every global batch of 16" in err, err[-3000:]
+    assert_same_run(tmp_path / "run", one_process_two_devices)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_SECONDS)
+def test_a_killed_streamed_run_restarts_to_the_uninterrupted_result(
+    one_process_two_devices, cache_dir, config_file, tmp_path
+):
+    workdir = tmp_path / "run"
+    args = cli_args(workdir, cache_dir / "data", config=str(config_file))
+    env = cli_env(cache_dir, devices=2)
+    # Killed once the student's first epoch is checkpointed (its grain iterator position with it).
+    status, err = kill_when(
+        args, env, workdir / "students" / "KD-seed0" / "checkpoints" / "1", timeout=JOB_SECONDS
+    )
+    assert status == -9, err[-3000:]
+    proc = run_cli(args, env, timeout=JOB_SECONDS)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "KD (seed 0): resumed from the checkpoint of epoch 1" in proc.stderr
+    assert_same_run(workdir, one_process_two_devices)
+
+
+@pytest.mark.slow
+def test_a_missing_tfds_split_and_an_empty_folder_are_one_line_errors(cache_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    env = cli_env(cache_dir)
+    base = ["--config.data.pipeline=stream"]
+    proc = run_cli(
+        cli_args(
+            tmp_path / "w1", cache_dir / "data", *base, f"--config.data.source=folder:{tmp_path / 'empty'}"
+        ),
+        env,
+    )
+    assert_clean_error(proc, "no images found")
+    proc = run_cli(
+        cli_args(
+            tmp_path / "w2",
+            cache_dir / "data",
+            *base,
+            "--config.data.source=tfds:no_such_ds_xyz",
+            f"--config.data.tfds_data_dir={tmp_path}",
+        ),
+        env,
+    )
+    assert_clean_error(proc, "no_such_ds_xyz")
