@@ -4,8 +4,8 @@ checkout, resume after SIGKILL (from outside mid-training, inside a checkpoint c
 teacher-logits write), re-runs, and the error messages for bad flags and config values.
 
 Every subprocess runs `python -m debkd_jax.main` (or a driver that installs a kill hook and then calls
-`debkd_jax.main.run()`) on one CPU device, with XLA's optimisations off and a persistent compilation cache
-shared by the module's runs, so that each compiles only what the previous ones did not.
+`debkd_jax.main.run()`) on one CPU device, with XLA's optimisations off and the session's persistent
+compilation cache (tests/conftest.py), so that each compiles only what the previous ones did not.
 """
 
 from __future__ import annotations
@@ -61,8 +61,6 @@ def cli_env(cache_dir: pathlib.Path, devices: int = 1) -> dict:
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONUNBUFFERED="1",
     )
     return env
