@@ -138,8 +138,8 @@ def shapes_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def dogs_vs_cats_dir():
-    """The real 32x32 Dogs vs Cats images beside the checkout (../shared/data); skipped if absent (a failure in
-    CI)."""
+    """The real 32x32 Dogs vs Cats images beside the checkout (../shared/data); skipped if absent (in CI a
+    failure)."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA

@@ -1,5 +1,5 @@
-"""What CI requires of the suite (tests/conftest.py): with `CI=true` nothing passes by skipping. Each case runs
-pytest in a subprocess, as .ci/run does, with torch hidden where the case needs it gone."""
+"""What CI requires of the suite (tests/conftest.py): with `CI=true` nothing passes by skipping. Each case
+runs pytest in a subprocess, as .ci/run does, with torch hidden where the case needs it gone."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The real command line, end to end, in subprocesses: a run on the generated image folder (conftest's
 `shapes_dir`, so it runs in every checkout) and one on real Dogs vs Cats photos where they are beside the
 checkout, resume after SIGKILL (from outside mid-training, inside a checkpoint commit and inside the
-teacher-logits write), re-runs, and the error messages for bad flags and config values.
+teacher-logits write), re-runs; and the error messages for bad flags and config values, in this process
+(`run_main`: the same flag parsing and `main(argv)`, without a process start per message).
 
 Every subprocess runs `python -m debkd_jax.main` (or a driver that installs a kill hook and then calls
 `debkd_jax.main.run()`) on one CPU device, with XLA's optimisations off and the session's persistent
@@ -10,8 +11,11 @@ compilation cache (tests/conftest.py), so that each compiles only what the previ
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -21,6 +25,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -75,6 +80,42 @@ def run_cli(args, env, *, driver: str | None = None, timeout: float = 300) -> su
     return subprocess.run(
         cmd + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_main(args) -> subprocess.CompletedProcess:
+    """`python -m debkd_jax.main ARGS` in this process: the CLI's flag parsing and `main(argv)`, as `run()`
+    calls them, with stdout and stderr captured and the exit status of `SystemExit`. For checks of what the
+    command line answers, where a new process would add only its start (the session's 8 CPU devices stand in
+    for the subprocesses' one). The process-wide state the command line sets (parsed flags and the config's
+    override flags, `sys.argv`, logging) is restored afterwards."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    from debkd_jax import cli, main
+
+    argv = ["debkd_jax.main", *args]
+    ours, absl_handler = logging.getLogger("debkd_jax"), absl_logging.get_absl_handler()
+    saved = (
+        sys.argv, list(ours.handlers), ours.level, ours.propagate, logging.root.manager.disable,
+        list(absl_handler.filters), absl_logging.get_verbosity(),
+    )
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        sys.argv = argv  # ml_collections reads the --config.X overrides from sys.argv
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main.main(cli.parse_flags(argv))
+            except SystemExit as e:
+                status = e.code
+    finally:
+        sys.argv, ours.handlers[:], ours.level, ours.propagate = saved[:4]
+        disable, absl_handler.filters[:], verbosity = saved[4:]
+        logging.disable(disable)
+        absl_logging.set_verbosity(verbosity)
+        flags.FLAGS.unparse_flags()
+        for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+    return subprocess.CompletedProcess(argv, status or 0, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -370,7 +411,7 @@ def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_
 
 
 @pytest.mark.timeout(600)  # a CLI run, plus e2e_run if first
-def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, tmp_path):
+def test_reused_teacher_of_another_architecture_is_refused(e2e_run, tmp_path):
     teacher = e2e_run["workdir"] / "teacher"
     args = [
         *[a for a in e2e_run["args"] if not a.startswith("--workdir")],
@@ -378,7 +419,7 @@ def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, t
         f"--config.teacher.checkpoint={teacher}",
         "--config.teacher.model=resnet8",
     ]
-    proc = run_cli(args, cli_env(cache_dir))
+    proc = run_main(args)
     assert_clean_error(proc, "architecture", "'resnet_tiny'", "'resnet8'")
 
 
@@ -392,7 +433,7 @@ def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, t
     ],
 )
 def test_bad_flags_and_values_give_one_clear_error(flag, needles, cache_dir, tmp_path):
-    proc = run_cli(cli_args(tmp_path / "run", cache_dir / "data", flag), cli_env(cache_dir))
+    proc = run_main(cli_args(tmp_path / "run", cache_dir / "data", flag))
     assert_clean_error(proc, *needles)
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
@@ -405,13 +446,14 @@ def test_bad_flags_and_values_give_one_clear_error(flag, needles, cache_dir, tmp
     ],
 )
 def test_bad_config_file_gives_one_clear_error(config, needles, cache_dir, tmp_path):
-    proc = run_cli(cli_args(tmp_path / "run", cache_dir / "data", config=config), cli_env(cache_dir))
+    proc = run_main(cli_args(tmp_path / "run", cache_dir / "data", config=config))
     assert_clean_error(proc, *needles)
 
 
 def test_batch_size_not_divisible_by_devices(cache_dir, tmp_path):
+    assert jax.device_count() == 8  # conftest's fake devices
     args = cli_args(tmp_path / "run", cache_dir / "data", "--config.student.batch_size=12")
-    proc = run_cli(args, cli_env(cache_dir, devices=8))
+    proc = run_main(args)
     assert_clean_error(proc, "student.batch_size=12", "8 devices")
 
 
@@ -420,7 +462,7 @@ def test_second_run_on_a_busy_workdir_is_refused(cache_dir, tmp_path):
     workdir.mkdir()
     with open(workdir / ".lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running job holds
-        proc = run_cli(cli_args(workdir, cache_dir / "data"), cli_env(cache_dir))
+        proc = run_main(cli_args(workdir, cache_dir / "data"))  # flock: this second open file is refused too
     assert_clean_error(proc, "in use by a running job", str(workdir))
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
 
@@ -428,6 +470,6 @@ def test_second_run_on_a_busy_workdir_is_refused(cache_dir, tmp_path):
 def test_unwritable_workdir(cache_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = run_cli(cli_args(blocker / "run", cache_dir / "data"), cli_env(cache_dir))
+    proc = run_main(cli_args(blocker / "run", cache_dir / "data"))
     assert_clean_error(proc, "cannot write", str(blocker / "run"))
     assert blocker.read_text() == "not a folder"

@@ -22,7 +22,7 @@ def _cases(kind: str) -> list[dict]:
         meta = json.loads(str(z["meta"]))
         arrays = {name: z[name] for name in z.files}
     return [
-        {**case, **{k.removeprefix(case["prefix"]): v for k, v in arrays.items() if k.startswith(case["prefix"])}}
+        {**case, **{k.removeprefix(p): v for k, v in arrays.items() if k.startswith(p := case["prefix"])}}
         for case in meta["cases"][kind]
     ]
 
@@ -52,7 +52,8 @@ def test_kd_loss_and_gradient_equal_torchdistill_kdloss(case):
     value, grad = _kd_value_and_grad(student, teacher, case["labels"], case["alpha"], case["temperature"])
     # float32 against float64: relative rounding of a few 1e-7 per term.
     np.testing.assert_allclose(float(value), case["loss"], rtol=2e-6)
-    np.testing.assert_allclose(np.asarray(grad), case["grad"], rtol=1e-4, atol=1e-7 * np.abs(case["grad"]).max())
+    atol = 1e-7 * np.abs(case["grad"]).max()
+    np.testing.assert_allclose(np.asarray(grad), case["grad"], rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("case", _cases("hint"), ids=lambda c: f"{c['layers']}-layers")
