@@ -34,8 +34,10 @@ DEBKD = str(REPO / "configs" / "debkd.py")
 STUDENTS = ("CE", "KD", "DeBKD")  # the students configs/debkd.py trains: the two methods and the CE baseline
 
 # The whole generated folder (150 images per class: 210 train, 30 val, 60 test), batch 16 (13 steps per
-# epoch), 3 epochs at a high learning rate. Measured: 90-92% test accuracy for the teacher and the CE, KD and
-# DeBKD students (chance 50%; its 8% mislabeled images cap it near 92%), in about 2 minutes on 2 busy cores.
+# epoch), 3 epochs at a high learning rate. Measured test accuracy of the teacher and the CE, KD and DeBKD
+# students (chance 50%; its 8% mislabeled images cap it near 92%): 90.0-91.7% at seed 0 (the test's) and
+# seed 1, 86.7-88.3% at seed 2; best val accuracy 90-93% at seed 0.
+SHAPES_MIN_ACCURACY = 0.85  # one test image (1.7 points) below the lowest measured
 SHAPES_FLAGS = (
     "--config.data.max_per_class=150",
     "--config.teacher.num_epochs=3",
@@ -46,8 +48,11 @@ SHAPES_FLAGS = (
     "--config.student.learning_rate=0.2",
 )
 
-# A slice of the real photos that the tiny models learn from in a few epochs (measured: 58-60% test accuracy
-# for the teacher and both students on 400 test images, chance 50%), in 30-50 s on 2 shared CPU cores.
+# A slice of the real photos that the tiny models learn from in a few epochs, in 30-50 s on 2 shared CPU cores.
+# Measured test accuracy on its 400 test photos (chance 50%, one standard error 2.5 points), teacher / CE / KD
+# / DeBKD: seed 0 (the test's) 59.0 / 59.0 / 58.0 / 59.75%, seed 1 61.25 / 61.25 / 61.5 / 61.5%, seed 2
+# 63.5 / 63.5 / 61.5 / 64.75%; best val accuracy (200 photos) 63.5-65% at seed 0.
+PHOTO_MIN_ACCURACY = 0.57  # below every measured value, by a point under the lowest (58.0%)
 PHOTO_FLAGS = (
     "--config.data.max_per_class=1000",
     "--config.teacher.num_epochs=3",
@@ -265,13 +270,13 @@ def check_run_writes_everything_and_learns(
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # pays for the module's e2e_run (one CLI run, up to 300 s)
 def test_end_to_end_on_the_generated_folder_writes_everything_and_learns(e2e_run):
-    """60 test images, chance 50% (one standard error 6.5 points): 70% is 3 standard errors above chance."""
+    """60 test images, chance 50% (one standard error 6.5 points)."""
     check_run_writes_everything_and_learns(
         e2e_run,
         class_names=["bar", "disc"],
         class_counts={"train": [105, 105], "val": [15, 15], "test": [30, 30]},
         steps_per_epoch=210 // 16,
-        min_accuracy=0.7,
+        min_accuracy=SHAPES_MIN_ACCURACY,
         max_per_class=150,
     )
 
@@ -287,7 +292,7 @@ def test_end_to_end_on_real_photos_writes_everything_and_learns(cache_dir, dogs_
         class_names=["cat", "dog"],
         class_counts={"train": [700, 700], "val": [100, 100], "test": [200, 200]},
         steps_per_epoch=1400 // 32,
-        min_accuracy=0.55,
+        min_accuracy=PHOTO_MIN_ACCURACY,
         max_per_class=1000,
     )
 

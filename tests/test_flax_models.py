@@ -262,4 +262,7 @@ def test_a_student_trains_on_64_pixel_images(cache_dir, tmp_path):
     results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
     saved = workdir_lib.read_json(str(tmp_path / "w" / "students" / "KD-seed0" / "model.json"))
     assert saved["image_size"] == 64
-    assert 0.0 <= results["methods"]["KD"]["test"]["accuracy"]["mean"] <= 1.0
+    # Deterministic (seed 0, CPU). Measured 0.5 for seeds 0, 1 and 2: one epoch on 28 images per class leaves
+    # the student predicting one class, 8 of the 16 test images.
+    assert len(dataset.test_labels) == 16
+    assert results["methods"]["KD"]["test"]["accuracy"]["mean"] == 0.5
