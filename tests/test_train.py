@@ -393,8 +393,8 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
     teacher must take it clearly above chance (50%; 60 test images, one standard error 6.5 points), and its 8%
     mislabeled images must leave it mistakes on the training split (what KI and rectification act on).
     Measured at batch 16, seeds 0, 1, 2: test 91.7, 90.0, 86.7%; val 93.3, 100, 96.7%; train 91.4, 88.1,
-    90.0%. The bounds sit about one test image (1.7 points), one val image (3.3) and 3 points below the lowest;
-    the test runs seed 0."""
+    90.0%. The bounds sit one test image (1.7 points), one val image (3.3) and 3 points below the lowest; the
+    test runs seed 0."""
     config = config_lib.smoke(config_lib.base_config(("KD",)))
     config.data.source = f"folder:{shapes_dir}"
     config.data.cache_dir = ""
