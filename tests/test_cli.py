@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import io
 import json
 import logging
@@ -91,12 +92,26 @@ def run_main(args) -> subprocess.CompletedProcess:
     """`python -m debkd_jax.main ARGS` in this process: the CLI's flag parsing and `main(argv)`, as `run()`
     calls them, with stdout and stderr captured and the exit status of `SystemExit`. For checks of what the
     command line answers, where a new process would add only its start (the session's 8 CPU devices stand in
-    for the subprocesses' one). The process-wide state the command line sets (parsed flags and the config's
-    override flags, `sys.argv`, logging) is restored afterwards."""
+    for the subprocesses' one). The process-wide state the command line sets (its flags, `sys.argv`, logging)
+    is restored afterwards: debkd_jax.main is imported for the call and its flags removed after it, and the
+    flags that another of the project's command lines defined in this process (third_party.write_logits': its
+    own --config and required --model, --out) are set aside meanwhile."""
     from absl import flags
     from absl import logging as absl_logging
 
-    from debkd_jax import cli, main
+    from debkd_jax import cli
+
+    FLAGS = flags.FLAGS
+    others = {
+        flag.name: (module, flag)
+        for module, defined in FLAGS.flags_by_module_dict().items()
+        if module.startswith(("debkd_jax.", "third_party.", "benchmarks."))
+        for flag in defined
+    }
+    for name in others:
+        delattr(FLAGS, name)
+    sys.modules.pop("debkd_jax.main", None)
+    main = importlib.import_module("debkd_jax.main")  # defines its flags anew
 
     argv = ["debkd_jax.main", *args]
     ours, absl_handler = logging.getLogger("debkd_jax"), absl_logging.get_absl_handler()
@@ -117,9 +132,13 @@ def run_main(args) -> subprocess.CompletedProcess:
         disable, absl_handler.filters[:], verbosity = saved[4:]
         logging.disable(disable)
         absl_logging.set_verbosity(verbosity)
-        flags.FLAGS.unparse_flags()
-        for name in [name for name in flags.FLAGS if name.startswith("config.")]:
-            delattr(flags.FLAGS, name)
+        FLAGS.unparse_flags()
+        for name in [name for name in FLAGS if name in ("config", "workdir") or name.startswith("config.")]:
+            delattr(FLAGS, name)
+        sys.modules.pop("debkd_jax.main", None)
+        for name, (module, flag) in others.items():
+            FLAGS[name] = flag
+            FLAGS.register_flag_by_module(module, flag)
     return subprocess.CompletedProcess(argv, status or 0, out.getvalue(), err.getvalue())
 
 
