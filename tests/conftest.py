@@ -1,11 +1,19 @@
-"""Test configuration: 8 fake CPU devices and short compile times, and the image folders the data, CLI and
-training tests read.
+"""Test configuration: 8 fake CPU devices, short compile times and a persistent compilation cache, the image
+folders the data, CLI and training tests read, and what CI requires.
 
-Both settings must be made before JAX initialises its backends, so they live here, at import time of the test
-session.
+The JAX settings must be made before JAX initialises its backends, so they live here, at import time of the
+test session, in the environment (the CLI subprocesses the tests start inherit them).
+
+In CI (`CI=true`, as .ci/run runs) nothing may pass by skipping: a missing PyTorch peer (torch) or missing
+shared data (../shared/data beside the checkout) stops the run at its start, naming what is missing, and any
+test that skips anyway fails with its reason. Locally such tests skip, with the reason (`-ra` lists them).
 """
 
+import atexit
+import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -15,6 +23,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Set in the environment so the CLI subprocesses the tests start inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+# JAX's persistent compilation cache, shared by every test and CLI subprocess of the session: most tests build
+# their steps anew (new Python functions, the same programs), which the in-memory cache cannot reuse but this
+# one, keyed by the program, can. Every entry is kept, however small or fast to compile. .ci/run points
+# DEBKD_TEST_XLA_CACHE at a folder kept between its runs; otherwise a fresh folder per session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set by a parent session: share its cache
+    if not os.environ.get("DEBKD_TEST_XLA_CACHE"):
+        os.environ["DEBKD_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="debkd-test-xla-cache-")
+        atexit.register(shutil.rmtree, os.environ["DEBKD_TEST_XLA_CACHE"], ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["DEBKD_TEST_XLA_CACHE"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pathlib  # noqa: E402
 
@@ -27,6 +49,40 @@ jax.config.update("jax_enable_x64", False)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "dogs_vs_cats_32"
+
+
+def missing_requirements() -> list[str]:
+    """What the full suite needs beyond the package's own dependencies and is not here, each with its fix."""
+    missing = []
+    if importlib.util.find_spec("torch") is None:
+        missing.append("torch, the PyTorch peer (pip install torch==2.13.0, or pip install -e .[peer])")
+    if not SHARED_DATA.is_dir():
+        missing.append(f"the shared data {SHARED_DATA} (../shared/data beside the checkout)")
+    return missing
+
+
+def pytest_sessionstart(session):
+    if IN_CI and (missing := missing_requirements()):
+        pytest.exit(f"CI=true and the suite's requirements are missing: {'; '.join(missing)}", returncode=3)
+
+
+def _fail_skip_in_ci(report) -> None:
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true runs every check, and this one skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
 
 # The generated folder: two classes of 32x32 images, half JPEG and half PNG.
 SHAPE_CLASSES = ("disc", "bar")
@@ -82,7 +138,8 @@ def shapes_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def dogs_vs_cats_dir():
-    """The real 32x32 Dogs vs Cats images beside the checkout (../shared/data); skipped if absent."""
+    """The real 32x32 Dogs vs Cats images beside the checkout (../shared/data); skipped if absent (in CI a
+    failure)."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA

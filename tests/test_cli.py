@@ -1,17 +1,22 @@
 """The real command line, end to end, in subprocesses: a run on the generated image folder (conftest's
 `shapes_dir`, so it runs in every checkout) and one on real Dogs vs Cats photos where they are beside the
 checkout, resume after SIGKILL (from outside mid-training, inside a checkpoint commit and inside the
-teacher-logits write), re-runs, and the error messages for bad flags and config values.
+teacher-logits write), re-runs; and the error messages for bad flags and config values, in this process
+(`run_main`: the same flag parsing and `main(argv)`, without a process start per message).
 
 Every subprocess runs `python -m debkd_jax.main` (or a driver that installs a kill hook and then calls
-`debkd_jax.main.run()`) on one CPU device, with XLA's optimisations off and a persistent compilation cache
-shared by the module's runs, so that each compiles only what the previous ones did not.
+`debkd_jax.main.run()`) on one CPU device, with XLA's optimisations off and the session's persistent
+compilation cache (tests/conftest.py), so that each compiles only what the previous ones did not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import importlib
+import io
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -21,6 +26,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -29,8 +35,10 @@ DEBKD = str(REPO / "configs" / "debkd.py")
 STUDENTS = ("CE", "KD", "DeBKD")  # the students configs/debkd.py trains: the two methods and the CE baseline
 
 # The whole generated folder (150 images per class: 210 train, 30 val, 60 test), batch 16 (13 steps per
-# epoch), 3 epochs at a high learning rate. Measured: 90-92% test accuracy for the teacher and the CE, KD and
-# DeBKD students (chance 50%; its 8% mislabeled images cap it near 92%), in about 2 minutes on 2 busy cores.
+# epoch), 3 epochs at a high learning rate. Measured test accuracy of the teacher and the CE, KD and DeBKD
+# students (chance 50%; its 8% mislabeled images cap it near 92%): 90.0-91.7% at seed 0 (the test's) and
+# seed 1, 86.7-88.3% at seed 2; best val accuracy 90-93% at seed 0.
+SHAPES_MIN_ACCURACY = 0.85  # one test image (1.7 points) below the lowest measured
 SHAPES_FLAGS = (
     "--config.data.max_per_class=150",
     "--config.teacher.num_epochs=3",
@@ -41,8 +49,11 @@ SHAPES_FLAGS = (
     "--config.student.learning_rate=0.2",
 )
 
-# A slice of the real photos that the tiny models learn from in a few epochs (measured: 58-60% test accuracy
-# for the teacher and both students on 400 test images, chance 50%), in 30-50 s on 2 shared CPU cores.
+# A slice of the real photos that the tiny models learn from in a few epochs, in 30-50 s on 2 shared CPU cores.
+# Measured test accuracy on its 400 test photos (chance 50%, one standard error 2.5 points), teacher / CE / KD
+# / DeBKD: seed 0 (the test's) 59.0 / 59.0 / 58.0 / 59.75%, seed 1 61.25 / 61.25 / 61.5 / 61.5%, seed 2
+# 63.5 / 63.5 / 61.5 / 64.75%; best val accuracy (200 photos) 63.5-65% at seed 0.
+PHOTO_MIN_ACCURACY = 0.57  # below every measured value, by a point under the lowest (58.0%)
 PHOTO_FLAGS = (
     "--config.data.max_per_class=1000",
     "--config.teacher.num_epochs=3",
@@ -61,8 +72,6 @@ def cli_env(cache_dir: pathlib.Path, devices: int = 1) -> dict:
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -77,6 +86,60 @@ def run_cli(args, env, *, driver: str | None = None, timeout: float = 300) -> su
     return subprocess.run(
         cmd + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_main(args) -> subprocess.CompletedProcess:
+    """`python -m debkd_jax.main ARGS` in this process: the CLI's flag parsing and `main(argv)`, as `run()`
+    calls them, with stdout and stderr captured and the exit status of `SystemExit`. For checks of what the
+    command line answers, where a new process would add only its start (the session's 8 CPU devices stand in
+    for the subprocesses' one). The process-wide state the command line sets (its flags, `sys.argv`, logging)
+    is restored afterwards: debkd_jax.main is imported for the call and its flags removed after it, and the
+    flags that another of the project's command lines defined in this process (third_party.write_logits': its
+    own --config and required --model, --out) are set aside meanwhile."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    from debkd_jax import cli
+
+    FLAGS = flags.FLAGS
+    others = {
+        flag.name: (module, flag)
+        for module, defined in FLAGS.flags_by_module_dict().items()
+        if module.startswith(("debkd_jax.", "third_party.", "benchmarks."))
+        for flag in defined
+    }
+    for name in others:
+        delattr(FLAGS, name)
+    sys.modules.pop("debkd_jax.main", None)
+    main = importlib.import_module("debkd_jax.main")  # defines its flags anew
+
+    argv = ["debkd_jax.main", *args]
+    ours, absl_handler = logging.getLogger("debkd_jax"), absl_logging.get_absl_handler()
+    saved = (
+        sys.argv, list(ours.handlers), ours.level, ours.propagate, logging.root.manager.disable,
+        list(absl_handler.filters), absl_logging.get_verbosity(),
+    )
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        sys.argv = argv  # ml_collections reads the --config.X overrides from sys.argv
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main.main(cli.parse_flags(argv))
+            except SystemExit as e:
+                status = e.code
+    finally:
+        sys.argv, ours.handlers[:], ours.level, ours.propagate = saved[:4]
+        disable, absl_handler.filters[:], verbosity = saved[4:]
+        logging.disable(disable)
+        absl_logging.set_verbosity(verbosity)
+        FLAGS.unparse_flags()
+        for name in [name for name in FLAGS if name in ("config", "workdir") or name.startswith("config.")]:
+            delattr(FLAGS, name)
+        sys.modules.pop("debkd_jax.main", None)
+        for name, (module, flag) in others.items():
+            FLAGS[name] = flag
+            FLAGS.register_flag_by_module(module, flag)
+    return subprocess.CompletedProcess(argv, status or 0, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -226,13 +289,13 @@ def check_run_writes_everything_and_learns(
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # pays for the module's e2e_run (one CLI run, up to 300 s)
 def test_end_to_end_on_the_generated_folder_writes_everything_and_learns(e2e_run):
-    """60 test images, chance 50% (one standard error 6.5 points): 70% is 3 standard errors above chance."""
+    """60 test images, chance 50% (one standard error 6.5 points)."""
     check_run_writes_everything_and_learns(
         e2e_run,
         class_names=["bar", "disc"],
         class_counts={"train": [105, 105], "val": [15, 15], "test": [30, 30]},
         steps_per_epoch=210 // 16,
-        min_accuracy=0.7,
+        min_accuracy=SHAPES_MIN_ACCURACY,
         max_per_class=150,
     )
 
@@ -248,7 +311,7 @@ def test_end_to_end_on_real_photos_writes_everything_and_learns(cache_dir, dogs_
         class_names=["cat", "dog"],
         class_counts={"train": [700, 700], "val": [100, 100], "test": [200, 200]},
         steps_per_epoch=1400 // 32,
-        min_accuracy=0.55,
+        min_accuracy=PHOTO_MIN_ACCURACY,
         max_per_class=1000,
     )
 
@@ -372,7 +435,7 @@ def test_rerun_reuses_finished_work_and_never_overwrites_results(e2e_run, cache_
 
 
 @pytest.mark.timeout(600)  # a CLI run, plus e2e_run if first
-def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, tmp_path):
+def test_reused_teacher_of_another_architecture_is_refused(e2e_run, tmp_path):
     teacher = e2e_run["workdir"] / "teacher"
     args = [
         *[a for a in e2e_run["args"] if not a.startswith("--workdir")],
@@ -380,7 +443,7 @@ def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, t
         f"--config.teacher.checkpoint={teacher}",
         "--config.teacher.model=resnet8",
     ]
-    proc = run_cli(args, cli_env(cache_dir))
+    proc = run_main(args)
     assert_clean_error(proc, "architecture", "'resnet_tiny'", "'resnet8'")
 
 
@@ -394,7 +457,7 @@ def test_reused_teacher_of_another_architecture_is_refused(e2e_run, cache_dir, t
     ],
 )
 def test_bad_flags_and_values_give_one_clear_error(flag, needles, cache_dir, tmp_path):
-    proc = run_cli(cli_args(tmp_path / "run", cache_dir / "data", flag), cli_env(cache_dir))
+    proc = run_main(cli_args(tmp_path / "run", cache_dir / "data", flag))
     assert_clean_error(proc, *needles)
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
@@ -407,13 +470,14 @@ def test_bad_flags_and_values_give_one_clear_error(flag, needles, cache_dir, tmp
     ],
 )
 def test_bad_config_file_gives_one_clear_error(config, needles, cache_dir, tmp_path):
-    proc = run_cli(cli_args(tmp_path / "run", cache_dir / "data", config=config), cli_env(cache_dir))
+    proc = run_main(cli_args(tmp_path / "run", cache_dir / "data", config=config))
     assert_clean_error(proc, *needles)
 
 
 def test_batch_size_not_divisible_by_devices(cache_dir, tmp_path):
+    assert jax.device_count() == 8  # conftest's fake devices
     args = cli_args(tmp_path / "run", cache_dir / "data", "--config.student.batch_size=12")
-    proc = run_cli(args, cli_env(cache_dir, devices=8))
+    proc = run_main(args)
     assert_clean_error(proc, "student.batch_size=12", "8 devices")
 
 
@@ -422,7 +486,7 @@ def test_second_run_on_a_busy_workdir_is_refused(cache_dir, tmp_path):
     workdir.mkdir()
     with open(workdir / ".lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running job holds
-        proc = run_cli(cli_args(workdir, cache_dir / "data"), cli_env(cache_dir))
+        proc = run_main(cli_args(workdir, cache_dir / "data"))  # flock: this second open file is refused too
     assert_clean_error(proc, "in use by a running job", str(workdir))
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
 
@@ -430,6 +494,6 @@ def test_second_run_on_a_busy_workdir_is_refused(cache_dir, tmp_path):
 def test_unwritable_workdir(cache_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = run_cli(cli_args(blocker / "run", cache_dir / "data"), cli_env(cache_dir))
+    proc = run_main(cli_args(blocker / "run", cache_dir / "data"))
     assert_clean_error(proc, "cannot write", str(blocker / "run"))
     assert blocker.read_text() == "not a folder"

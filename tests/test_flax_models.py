@@ -6,8 +6,6 @@ sys.path under pytest, so they are named 'test_flax_models:small_mlp'.
 """
 
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from flax import serialization
+from test_cli import assert_clean_error, run_main
 
 from debkd_jax import config_lib, data, models, pipeline, training, workdir_lib
 from debkd_jax import methods as methods_lib
@@ -226,24 +225,14 @@ def test_teacher_variables_of_another_model_are_refused(cache_dir, tmp_path):
 
 
 def test_cli_names_a_module_that_does_not_import(tmp_path):
-    proc = subprocess.run(
+    proc = run_main(
         [
-            sys.executable,
-            "-m",
-            "debkd_jax.main",
-            "--config=configs/debkd.py:smoke",
+            f"--config={REPO_ROOT / 'configs' / 'debkd.py'}:smoke",
             f"--workdir={tmp_path}/w",
             "--config.student.model=no_such_module_xyz:net",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot import 'no_such_module_xyz'" in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_clean_error(proc, "cannot import 'no_such_module_xyz'")
     assert not os.path.exists(tmp_path / "w" / "config.json")
 
 
@@ -273,4 +262,7 @@ def test_a_student_trains_on_64_pixel_images(cache_dir, tmp_path):
     results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
     saved = workdir_lib.read_json(str(tmp_path / "w" / "students" / "KD-seed0" / "model.json"))
     assert saved["image_size"] == 64
-    assert 0.0 <= results["methods"]["KD"]["test"]["accuracy"]["mean"] <= 1.0
+    # Deterministic (seed 0, CPU). Measured 0.5 for seeds 0, 1 and 2: one epoch on 28 images per class leaves
+    # the student predicting one class, 8 of the 16 test images.
+    assert len(dataset.test_labels) == 16
+    assert results["methods"]["KD"]["test"]["accuracy"]["mean"] == 0.5

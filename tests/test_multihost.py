@@ -28,7 +28,16 @@ import time
 
 import jax
 import pytest
-from test_cli import REPO, assert_clean_error, cli_args, cli_env, read_jsonl, run_cli, shared_cache_dir
+from test_cli import (
+    REPO,
+    assert_clean_error,
+    cli_args,
+    cli_env,
+    read_jsonl,
+    run_cli,
+    run_main,
+    shared_cache_dir,
+)
 
 from debkd_jax import cli, config_lib, training
 from debkd_jax.errors import UserError
@@ -380,7 +389,7 @@ def test_bad_cluster_value_on_the_command_line_is_one_clear_error(cache_dir, con
         "--config.cluster.process_id=2",
         config=str(config_file),
     )
-    assert_clean_error(run_cli(args, cli_env(cache_dir)), "cluster.process_id=2", "0 .. 1")
+    assert_clean_error(run_main(args), "cluster.process_id=2", "0 .. 1")
 
 
 def _cluster(distributed=True, **fields):

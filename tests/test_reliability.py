@@ -1,6 +1,7 @@
 """Faults and bad inputs: what the tool does with each (docs/reliability.md has the table).
 
-Bad data goes through the real CLI (subprocess), in folders built from conftest's generated images; the
+Bad data goes through the real CLI (a subprocess for the run that trains, `main(argv)` in this process for
+the one-line errors), in folders built from conftest's generated images; the
 workdir faults (full disk, unwritable folder, busy workdir, diverged loss, damaged or stale files, changed
 settings) run in-process on small synthetic data, and a real full disk (a tiny tmpfs) through the CLI where
 this machine lets us mount one.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_cli import assert_clean_error, cli_args, cli_env, run_cli, shared_cache_dir
+from test_cli import assert_clean_error, cli_args, cli_env, run_cli, run_main, shared_cache_dir
 from test_train import synthetic_dataset, teacher_spec
 
 from debkd_jax import config_lib, pipeline, report, training, workdir_lib
@@ -116,8 +117,7 @@ def test_unusable_data_folder_is_a_clear_error(layout, needles, shapes_dir, cach
         for src in _images(shapes_dir, "disc", 5):
             shutil.copy(src, root / "cat")
     args = cli_args(tmp_path / "run", cache_dir / "data", f"--config.data.source=folder:{root}")
-    proc = run_cli(args, cli_env(cache_dir))
-    assert_clean_error(proc, f"folder:{root}", *needles)
+    assert_clean_error(run_main(args), f"folder:{root}", *needles)
 
 
 def _can_mount_tmpfs(path: pathlib.Path) -> bool:

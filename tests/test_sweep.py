@@ -255,13 +255,16 @@ def test_sweep_end_to_end_and_rerun_from_the_command_line(tmp_path):
     results = sweep.run_sweep(config, str(workdir))
 
     assert [p["label"] for p in results["points"]] == ["1/4", "1/12"]
+    # Deterministic (seed 0, CPU). Measured, the same for seeds 0, 1 and 2: one epoch on 21 training images
+    # per class leaves both students predicting one class, 6 of the 12 test images; one seed, so a spread of
+    # 0; the validation tie goes to the first point.
     for point in results["points"]:
         assert point["seeds"] == [0] and point["test"]["accuracy"]["n"] == 1
-        assert 0 <= point["test"]["accuracy"]["mean"] <= 1 and np.isfinite(point["test"]["accuracy"]["std"])
+        assert point["test"]["accuracy"]["mean"] == 0.5 and point["test"]["accuracy"]["std"] == 0.0
         assert "region_hit_rate" in point["test"]
     for ext in ("md", "json", "png"):
         assert (workdir / f"sweep-regions-resnet_tiny.{ext}").exists()
-    assert results["chosen"] in ("1/4", "1/12")
+    assert results["chosen"] == "1/4"
     # One teacher (the workdir's teacher/, as debkd_jax.main uses) and its cached logits, one folder per run.
     assert (workdir / "teacher" / "teacher.json").exists() and (workdir / "teacher" / "logits.npz").exists()
     runs = sorted((workdir / "sweeps" / "regions-resnet_tiny").glob("num_regions_*-seed*"))

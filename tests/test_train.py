@@ -392,7 +392,9 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
     """conftest's generated folder is what the CLI, resume and method tests train on: 3 epochs of the tiny
     teacher must take it clearly above chance (50%; 60 test images, one standard error 6.5 points), and its 8%
     mislabeled images must leave it mistakes on the training split (what KI and rectification act on).
-    Measured: 82-92% on every split at batch 16 or 32."""
+    Measured at batch 16, seeds 0, 1, 2: test 91.7, 90.0, 86.7%; val 93.3, 100, 96.7%; train 91.4, 88.1,
+    90.0%. The bounds sit one test image (1.7 points), one val image (3.3) and 3 points below the lowest; the
+    test runs seed 0."""
     config = config_lib.smoke(config_lib.base_config(("KD",)))
     config.data.source = f"folder:{shapes_dir}"
     config.data.cache_dir = ""
@@ -410,5 +412,5 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
         for split in ("train", "val", "test")
     }
     print("tiny teacher on the generated folder:", accuracy)
-    assert accuracy["test"] >= 0.75 and accuracy["val"] >= 0.7, accuracy
-    assert 0.75 <= accuracy["train"] < 1.0, accuracy
+    assert accuracy["test"] >= 0.85 and accuracy["val"] >= 0.9, accuracy
+    assert 0.85 <= accuracy["train"] < 1.0, accuracy
