@@ -239,19 +239,19 @@ def train_and_evaluate(config, workdir: str, command: str | None = None, reason:
                 )
                 runs.append(
                     train_student(
-                        config,
-                        method_name,
-                        method_cfg,
-                        seed,
-                        source,
-                        stores,
-                        teacher_vars,
-                        t_test_logits,
-                        test_valid,
-                        labels["test"],
-                        mesh,
-                        run_dir,
-                        key,
+                        config=config,
+                        method_name=method_name,
+                        method_cfg=method_cfg,
+                        seed=seed,
+                        source=source,
+                        stores=stores,
+                        teacher_vars=teacher_vars,
+                        t_test_logits=t_test_logits,
+                        test_valid=test_valid,
+                        test_labels=labels["test"],
+                        mesh=mesh,
+                        run_dir=run_dir,
+                        key=key,
                     )
                 )
         teacher_accuracy = {
@@ -274,6 +274,7 @@ def train_and_evaluate(config, workdir: str, command: str | None = None, reason:
 
 
 def train_student(
+    *,
     config,
     method_name,
     method_cfg,
