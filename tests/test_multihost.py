@@ -35,7 +35,6 @@ from test_cli import (
     cli_env,
     read_jsonl,
     run_cli,
-    run_main,
     shared_cache_dir,
 )
 
@@ -389,7 +388,8 @@ def test_bad_cluster_value_on_the_command_line_is_one_clear_error(cache_dir, con
         "--config.cluster.process_id=2",
         config=str(config_file),
     )
-    assert_clean_error(run_main(args), "cluster.process_id=2", "0 .. 1")
+    # A real subprocess: with distributed=True the command line runs the job under the supervisor.
+    assert_clean_error(run_cli(args, cli_env(cache_dir)), "cluster.process_id=2", "0 .. 1")
 
 
 def _cluster(distributed=True, **fields):

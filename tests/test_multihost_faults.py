@@ -348,7 +348,9 @@ def test_a_process_that_stops_answering_ends_the_other_after_the_heartbeat_timeo
         seconds = time.monotonic() - stopped
         line = assert_ends_in_one_line(job, 0, returncode, "process 0 of 2", "re-launch every process")
         assert f"heartbeat_timeout={STOPPED_HEARTBEAT_TIMEOUT} s" in line, line
-        assert STOPPED_HEARTBEAT_TIMEOUT - 1 <= seconds <= 3 * STOPPED_HEARTBEAT_TIMEOUT + 10, (seconds, line)
+        # The timeout runs from process 1's last heartbeat, which can precede the stop by up to one heartbeat
+        # interval: measured 3.3 s after the stop once (CI, 2026-12-04), 4.7-7.7 s in the record.
+        assert STOPPED_HEARTBEAT_TIMEOUT / 2 <= seconds <= 3 * STOPPED_HEARTBEAT_TIMEOUT + 10, (seconds, line)
         outcomes.append((returncode, round(seconds, 1), jax_aborted(job, 0)))
     record(
         "process_stops_answering",
