@@ -71,3 +71,28 @@ def test_converter_unwraps_checkpoints_and_rejects_foreign_keys():
         torchvision_to_flax.convert({**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="conv1.weight"):
         torchvision_to_flax.convert({"head.weight": torch.zeros(1)})
+
+
+def test_a_pretrained_torchvision_teacher_sees_its_own_input_normalization():
+    """torchvision's network on `(u / 255 - mean) / std` == the converted `torchvision_*` preset on the
+    project's `(u / 255 - 0.5) / 0.5` of the same uint8 images."""
+    torch.manual_seed(3)
+    torch_model = randomized(torchvision_resnet.MODELS["resnet_tiny"](num_classes=5), seed=4)
+    images = np.random.default_rng(5).integers(0, 256, size=(3, 33, 33, 3)).astype(np.uint8)
+    mean = np.asarray(models.resnet.IMAGENET_MEAN, np.float32)
+    std = np.asarray(models.resnet.IMAGENET_STD, np.float32)
+    x_torchvision = (images.astype(np.float32) / 255.0 - mean) / std
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(x_torchvision).permute(0, 3, 1, 2)).numpy()
+    name = torchvision_to_flax.with_torchvision_inputs(
+        torchvision_to_flax.model_name(torchvision_to_flax.architecture(torch_model.state_dict()))
+    )
+    assert name == "torchvision_resnet_tiny"
+    flax_model = models.get_model(name, 5)
+    variables = torchvision_to_flax.convert(torch_model.state_dict())
+    x_project = (images.astype(np.float32) - 127.5) / 127.5
+    logits, _ = flax_model.apply(variables, x_project, train=False)
+    assert np.max(np.abs(np.asarray(logits) - expected)) <= 1e-4
+    # The project-input preset of the same weights sees other inputs, and so computes other logits.
+    other, _ = models.get_model("imagenet_resnet_tiny", 5).apply(variables, x_project, train=False)
+    assert np.max(np.abs(np.asarray(other) - expected)) > 1e-2

@@ -17,9 +17,11 @@ params scale/bias + batch_stats mean/var):
     layer{s}.{j}.downsample.0 / .1  -> block_{i}/proj_conv / proj_bn
     fc                              -> head
 
-Not done here: pretrained torchvision weights expect inputs normalized with ImageNet's mean and std, while
-debkd_jax feeds every model (x / 255 - 0.5) / 0.5. The converted network computes exactly what torchvision's
-does on the same input array, but a pretrained teacher sees differently scaled inputs (docs/scale.md).
+Inputs: pretrained torchvision weights expect `(x / 255 - mean) / std` with ImageNet's mean and std, while
+debkd_jax feeds every model `(x / 255 - 0.5) / 0.5`. The `torchvision_resnet*` presets (what the command line
+prints by default) map the one to the other inside the model, so a converted pretrained teacher sees the inputs
+it was trained on; `--inputs=project` names the `imagenet_resnet*` preset instead, for weights trained on the
+project's inputs.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def model_name(arch: dict) -> str | None:
     return presets.get((arch["stage_sizes"], arch["bottleneck"], arch["widths"], arch["stem_width"]))
 
 
+def with_torchvision_inputs(name: str | None) -> str | None:
+    """The preset of the same network on torchvision's input normalization (`imagenet_resnet18` ->
+    `torchvision_resnet18`)."""
+    return None if name is None else name.replace("imagenet_", "torchvision_", 1)
+
+
 def convert(state_dict: Mapping) -> dict:
     """{'params': ..., 'batch_stats': ...} for the Flax ResNet with the ImageNet stem of the same architecture
     (`architecture`); every tensor of the `state_dict` is used once (`num_batches_tracked` is dropped), else
@@ -142,6 +150,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state_dict", required=True, help="a file saved with torch.save")
     parser.add_argument("--out", required=True, help="the Flax msgpack file to write (teacher.variables)")
+    parser.add_argument(
+        "--inputs",
+        choices=("torchvision", "project"),
+        default="torchvision",
+        help="the input normalization the weights were trained on: torchvision's ImageNet mean/std "
+        "(pretrained weights) or the project's (x / 255 - 0.5) / 0.5",
+    )
     args = parser.parse_args(argv)
     state_dict = torch.load(args.state_dict, map_location="cpu", weights_only=True)
     arch = architecture(state_dict)
@@ -149,6 +164,8 @@ def main(argv=None) -> None:
     with open(args.out, "wb") as f:
         f.write(serialization.msgpack_serialize(variables))
     name = model_name(arch)
+    if args.inputs == "torchvision":
+        name = with_torchvision_inputs(name)
     model = name or f"(no preset: stages {arch['stage_sizes']}, widths {arch['widths']})"
     print(
         f"wrote {args.out}: --config.teacher.model={model} --config.teacher.variables={args.out} "

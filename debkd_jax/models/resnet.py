@@ -44,6 +44,10 @@ def conv1x1(features: int, strides: int, dtype: Any, name: str, conv: ModuleDef 
                 kernel_init=conv_init, dtype=dtype, name=name)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""torchvision's per-channel input normalization of images in [0, 1]."""
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs: (B, H, W, C) -> (B, H/strides, W/strides, features)."""
 
@@ -100,6 +104,10 @@ class ResNet(nn.Module):
     BN, ReLU, 3x3 stride-2 max-pool padded 1), which maps (B, H, W, 3) to (B, ceil(H/4), ceil(W/4),
     stem_width).
 
+    `input_norm`: "project" takes the project's `(x / 255 - 0.5) / 0.5` as it is; "imagenet" first maps it
+    to torchvision's `(x / 255 - mean) / std` (ImageNet's mean and std per channel), exactly and before any
+    padding, so that a converted pretrained torchvision network sees the inputs it was trained on.
+
     `dtype` is the compute dtype; parameters and batch statistics stay float32 and logits are returned as
     float32, block outputs in `dtype`. `conv` builds every conv and `norm` every BatchNorm, the blocks'
     included.
@@ -115,6 +123,7 @@ class ResNet(nn.Module):
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = BatchNorm
     stem: str = "cifar"
+    input_norm: str = "project"
 
     @property
     def conv_backward(self) -> str:
@@ -124,6 +133,11 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """(B, H, W, 3) normalized images -> ((B, num_classes) float32 logits, block outputs (B, h, w, c))."""
+        if self.input_norm == "imagenet":
+            x01 = (x.astype(jnp.float32) + 1.0) / 2.0
+            x = ((x01 - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)).astype(x.dtype)
+        elif self.input_norm != "project":
+            raise ValueError(f"input_norm must be 'project' or 'imagenet', got {self.input_norm!r}")
         if self.stem == "imagenet":
             x = self.conv(self.stem_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                           kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)
@@ -168,6 +182,13 @@ imagenet_resnet_tiny = functools.partial(ResNet, stem="imagenet", stage_sizes=(1
                                          stem_width=8, widths=(8, 16), strides=(1, 2))
 """The ImageNet stem on two small stages: for tests and `configs/imagenet.py:smoke`."""
 
+torchvision_resnet18 = functools.partial(imagenet_resnet18, input_norm="imagenet")
+torchvision_resnet34 = functools.partial(imagenet_resnet34, input_norm="imagenet")
+torchvision_resnet50 = functools.partial(imagenet_resnet50, input_norm="imagenet")
+torchvision_resnet_tiny = functools.partial(imagenet_resnet_tiny, input_norm="imagenet")
+"""The same networks on torchvision's input normalization: for pretrained torchvision weights
+(third_party/torchvision_to_flax.py)."""
+
 MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet8": resnet8,
     "resnet8x4": resnet8x4,
@@ -178,6 +199,10 @@ MODELS: dict[str, Callable[..., ResNet]] = {
     "imagenet_resnet34": imagenet_resnet34,
     "imagenet_resnet50": imagenet_resnet50,
     "imagenet_resnet_tiny": imagenet_resnet_tiny,
+    "torchvision_resnet18": torchvision_resnet18,
+    "torchvision_resnet34": torchvision_resnet34,
+    "torchvision_resnet50": torchvision_resnet50,
+    "torchvision_resnet_tiny": torchvision_resnet_tiny,
 }
 
 
