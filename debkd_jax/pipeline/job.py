@@ -38,11 +38,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     config_lib.validate_stream_fields(config)
     choice, why = stream.choose(config)
     log.info("data: %s pipeline (%s)", choice, why)
-    if choice == "stream":  # data.pipeline="stream" (or "auto" on data that would not fit): docs/scale.md
-        return stream.train_and_evaluate(config, workdir, command, why)
     training.initialize_distributed(config)
     config_lib.validate_config(config)
     workdir = workdir_lib.expand(workdir)
+    if choice == "stream":  # data.pipeline="stream" (or "auto" on data that would not fit): docs/scale.md
+        return stream.train_and_evaluate(config, workdir, command, why)
     writer = jax.process_index() == 0
     with workdir_lib.Workdir(workdir, writer=writer) as wd:
         # Check: the data, the models and a teacher from elsewhere, before anything is written.

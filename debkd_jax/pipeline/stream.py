@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from debkd_jax import config_lib, losses, methods, metrics, models, report, teachers, training, workdir_lib
+from debkd_jax import losses, methods, metrics, models, report, teachers, training, workdir_lib
 from debkd_jax.data import stream
 from debkd_jax.errors import UserError
 from debkd_jax.pipeline.diagnostics import run_meta
@@ -185,10 +185,9 @@ def choose(config) -> tuple[str, str]:
 
 
 def train_and_evaluate(config, workdir: str, command: str | None = None, reason: str = "") -> dict:
-    """The streamed job (module docstring); writes what the in-memory `train_and_evaluate` writes."""
-    training.initialize_distributed(config)
-    config_lib.validate_config(config)
-    workdir = workdir_lib.expand(workdir)
+    """The streamed job (module docstring); writes what the in-memory `train_and_evaluate` writes.
+
+    Called by `job.train_and_evaluate` with processes joined, the config validated and `workdir` expanded."""
     writer = jax.process_index() == 0
     with workdir_lib.Workdir(workdir, writer=writer) as wd:
         mesh = training.create_mesh()
