@@ -307,7 +307,11 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_relaunch_resumes(cach
         assert seconds < HEARTBEAT_TIMEOUT + 15, (seconds, line)
         if launch_index > 0:  # what an earlier launch committed is resumed
             resumed = "teacher" if before == 0 else "DeBKD (seed 0)" if phase == "student" else "teacher"
-            assert f"{resumed}: resumed from the checkpoint of epoch" in stderr_of(job, survivor), job.tails()
+            # On this tiny data the teacher can finish between its checkpoint and the kill: then the relaunch
+            # reuses the finished teacher instead of resuming it (seen once in a README test run, 2026-12-04).
+            log = stderr_of(job, survivor)
+            finished_teacher = resumed == "teacher" and "teacher: reusing" in log
+            assert f"{resumed}: resumed from the checkpoint of epoch" in log or finished_teacher, job.tails()
         outcomes.append((phase, victim, returncodes[survivor], round(seconds, 1), jax_aborted(job, survivor)))
     assert not (workdir / "results.json").exists()
     record(
