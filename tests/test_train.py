@@ -6,8 +6,11 @@ seed, evaluation keeps the order of the images, and the progress bar shows what 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -414,3 +417,31 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
     print("tiny teacher on the generated folder:", accuracy)
     assert accuracy["test"] >= 0.85 and accuracy["val"] >= 0.9, accuracy
     assert 0.85 <= accuracy["train"] < 1.0, accuracy
+
+
+def test_metric_writer_writes_jsonl_and_tensorboard_events_without_importing_torch(tmp_path):
+    """One line per epoch (a re-run epoch replaces its line and drops later ones), the scalars in TensorBoard's
+    event file; in a fresh process tensorboardX does not pull in torch (seconds of every run's start) and torch
+    still imports afterwards where installed."""
+    script = f"""
+import importlib.util, json, sys
+from debkd_jax.training.metric_writer import MetricWriter
+writer = MetricWriter({str(tmp_path)!r})
+for epoch in (1, 2, 3, 2):
+    writer.write({{"epoch": epoch, "step": 10 * epoch, "val_accuracy": epoch / 10}}, {{"seconds": 1.5}})
+writer.close()
+print(json.dumps({{"torch_imported": "torch" in sys.modules}}))
+if importlib.util.find_spec("torch") is not None:
+    import torch
+    assert torch.ones(2).sum().item() == 2.0
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"torch_imported": False}
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"epoch": 1, "step": 10, "val_accuracy": 0.1},
+        {"epoch": 2, "step": 20, "val_accuracy": 0.2},
+    ]
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"val_accuracy" in events.read_bytes() and b"seconds" in events.read_bytes()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 from debkd_jax import workdir_lib
 
@@ -33,7 +35,8 @@ class MetricWriter:
         lines.append(json.dumps(record))
         workdir_lib.atomic_write_bytes(self._jsonl, ("\n".join(lines) + "\n").encode())
         if self._tb is None:
-            from tensorboardX import SummaryWriter
+            with _without_torch():
+                from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(self._tb_dir)
         for key, value in {**record, **(extra_scalars or {})}.items():
@@ -44,3 +47,19 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+@contextlib.contextmanager
+def _without_torch():
+    """tensorboardX imports torch, where installed, only to accept torch tensors, which these scalars never
+    are; torch's import costs seconds at the start of every run. Inside the block `import torch` fails (a
+    `None` entry in `sys.modules`) unless torch is already imported; the entry is removed afterwards."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
