@@ -84,6 +84,24 @@ def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip_in_ci(outcome.get_result())
 
+# pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`) hands out whole modules in collection order.
+# The modules that run several CLI processes at a time go first, longest first (as measured in a suite run):
+# the two workers start on them and the many short modules fill in at the end, so neither waits on a long one.
+LONGEST_MODULES = (
+    "test_multihost.py",
+    "test_cli.py",
+    "test_multihost_faults.py",
+    "test_stream_cli.py",
+    "test_bench.py",
+    "test_folds.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
+
+
 # The generated folder: two classes of 32x32 images, half JPEG and half PNG.
 SHAPE_CLASSES = ("disc", "bar")
 SHAPES_PER_CLASS = 150

@@ -15,9 +15,11 @@ listing.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
+import random
 import re
 import signal
 import socket
@@ -287,75 +289,146 @@ def test_two_processes_train_like_one_process_with_two_devices(one_process_two_d
     assert listing(workdir) == listing(reference), listing(workdir) ^ listing(reference)
 
 
-def wait_for(path: pathlib.Path, job: Job, timeout: float) -> None:
+# Each fault of a launch is repeated `REPEATS` times in a suite run; `DEBKD_FAULT_REPEATS=5` repeats each five
+# times. With DEBKD_FAULT_RECORD=PATH each fault test appends its outcomes to PATH as one JSON line: the
+# measurement in results/multihost_faults.jsonl comes from
+#   DEBKD_FAULT_REPEATS=10 DEBKD_FAULT_RECORD=results/multihost_faults.jsonl \
+#       python -m pytest tests/test_multihost_faults.py
+#   DEBKD_FAULT_REPEATS=5 DEBKD_FAULT_RECORD=results/multihost_faults.jsonl \
+#       python -m pytest tests/test_multihost.py -k killed
+REPEATS = int(os.environ.get("DEBKD_FAULT_REPEATS", "1"))
+RECORD = os.environ.get("DEBKD_FAULT_RECORD", "")
+
+# cluster.heartbeat_timeout of the jobs whose processes are killed, seconds: a survivor hears of the kill from
+# a failed collective or from JAX within it. Not lower: a process starved of CPU for 5 s, as on 2 cores at
+# load 15, was declared dead (seen once in 18 launches).
+KILL_HEARTBEAT_TIMEOUT = 20
+
+
+def record(test: str, fields: tuple[str, ...], outcomes: list[tuple], **settings) -> None:
+    """Prints the outcomes of a test's runs; appends them, with `settings`, to RECORD when set."""
+    rows = [dict(zip(fields, outcome, strict=True)) for outcome in outcomes]
+    print(test, rows)
+    if RECORD:
+        line = {
+            "test": test,
+            "runs": len(rows),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average_1min": round(os.getloadavg()[0], 1),
+            "cpu_count": os.cpu_count(),
+            **settings,
+            "outcomes": rows,
+        }
+        with open(RECORD, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def stderr_of(job: Job, process_id: int) -> str:
+    return (job.logs / f"p{process_id}.err").read_text()
+
+
+def assert_ends_in_one_line(job: Job, process_id: int, returncode: int, *needles: str) -> str:
+    """Exit status 2 (not a signal) and the last line of stderr our `error:` line, naming `needles`."""
+    err = stderr_of(job, process_id)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert returncode == 2, (process_id, returncode, err[-3000:])
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def jax_aborted(job: Job, process_id: int) -> bool:
+    """Whether JAX aborted the process's job (its fatal log line), which the launcher turned into our line."""
+    return "Terminating process because the JAX distributed service" in stderr_of(job, process_id)
+
+
+def newest_checkpoint(folder: pathlib.Path) -> int:
+    return max((int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), default=0)
+
+
+def wait_for_checkpoint_after(folder: pathlib.Path, epoch: int, job: Job, timeout: float) -> int:
     deadline = time.monotonic() + timeout
-    while not path.is_dir():
+    while newest_checkpoint(folder) <= epoch:
         if time.monotonic() > deadline or any(p.poll() is not None for p in job.procs):
             job.kill()
-            raise AssertionError(f"{path} did not appear within {timeout} s: {job.tails()}")
+            raise AssertionError(
+                f"no checkpoint after epoch {epoch} in {folder} within {timeout} s: {job.tails()}"
+            )
         time.sleep(0.05)
-
-
-def kill_and_time_the_survivor(job: Job, victim: int, timeout: float = 120) -> float:
-    """SIGKILLs process `victim`; returns the seconds until the other process exited."""
-    os.kill(job.procs[victim].pid, signal.SIGKILL)
-    t0 = time.monotonic()
-    survivor = job.procs[1 - victim]
-    try:
-        survivor.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        job.kill()
-        raise AssertionError(
-            f"process {1 - victim} still runs {timeout} s after the kill: {job.tails()}"
-        ) from None
-    job.procs[victim].wait()
-    return time.monotonic() - t0
-
-
-def assert_lost_process_error(job: Job, survivor: int) -> str:
-    """The survivor's way out: exit status 2 and our `error:` line last, whether a failed collective told the
-    job first or JAX's coordination client aborted it (the launcher turns that into the line:
-    debkd_jax/supervisor.py, tests/test_multihost_faults.py). Returns which of the two it was."""
-    _, err = job.output(survivor)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert job.procs[survivor].returncode == 2, (job.procs[survivor].returncode, err[-3000:])
-    assert lines[-1].startswith(f"error: process {survivor} of 2: "), err[-3000:]
-    assert "re-launch every process with the same command" in lines[-1], lines[-1]
-    return "jax abort" if "Terminating process because the JAX distributed" in err else "collective"
+    return newest_checkpoint(folder)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(5 * JOB_SECONDS)
-def test_killed_process_stops_the_job_and_a_relaunch_resumes(two_processes, cache_dir, config_file, tmp_path):
-    """Process 1 killed after the teacher's first checkpoint, then process 0 (the coordinator) after the
-    student's: each time the other process stops well within the heartbeat timeout, its last line our
-    `error:` line (see `assert_lost_process_error`).
-    A third launch resumes the student and ends with the uninterrupted run's histories and results."""
+@pytest.mark.timeout((4 * REPEATS + 2) * JOB_SECONDS)
+def test_killed_processes_end_the_other_in_one_line_and_relaunches_resume_to_the_uninterrupted_run(
+    two_processes, cache_dir, config_file, tmp_path
+):
+    """Process 0 (the coordinator) and process 1 SIGKILLed in turn, at a moment drawn just after a checkpoint
+    commit, during the teacher and then during the student, all in one workdir. Each time the survivor ends
+    in one line (what happened, the fix), status 2, well within the heartbeat timeout, whether a failed
+    collective told it first or JAX's coordination client aborted it (the launcher turns that into the line:
+    debkd_jax/supervisor.py). Every later launch resumes from the last committed checkpoint, and a last
+    launch finishes with the uninterrupted run's histories and results."""
     workdir = tmp_path / "run"
-
-    job = launch(workdir, cache_dir, config_file, tmp_path / "launch1")
-    wait_for(workdir / "teacher" / "checkpoints" / "1", job, timeout=JOB_SECONDS)
-    seconds_0 = kill_and_time_the_survivor(job, victim=1)
-    how_0 = assert_lost_process_error(job, survivor=0)
-
-    job = launch(workdir, cache_dir, config_file, tmp_path / "launch2")
-    wait_for(workdir / "students" / "DeBKD-seed0" / "checkpoints" / "1", job, timeout=JOB_SECONDS)
-    seconds_1 = kill_and_time_the_survivor(job, victim=0)
-    how_1 = assert_lost_process_error(job, survivor=1)
-    assert "teacher: resumed from the checkpoint of epoch" in job.output(1)[1], job.tails()
-    print(
-        f"survivor exited {seconds_0:.1f} s after process 1 was killed ({how_0}), {seconds_1:.1f} s after "
-        f"process 0 ({how_1})"
+    flags = [f"--config.cluster.heartbeat_timeout={KILL_HEARTBEAT_TIMEOUT}"]
+    reference = two_processes["workdir"]
+    if REPEATS > 1:  # each killed launch commits at least one epoch: more kills need more epochs
+        epochs = 2 * REPEATS + 3
+        flags += [f"--config.teacher.num_epochs={epochs}", f"--config.student.num_epochs={epochs}"]
+        reference = tmp_path / "uninterrupted"
+        job = launch(reference, cache_dir, config_file, tmp_path / "logs-uninterrupted", *flags)
+        assert job.wait(timeout=JOB_SECONDS) == [0, 0], job.tails()
+    teacher, student = (
+        workdir / "teacher" / "checkpoints",
+        workdir / "students" / "DeBKD-seed0" / "checkpoints",
     )
-    # Bounded: cluster.heartbeat_timeout (30 s) is the longest a survivor waits if no collective fails first.
-    assert seconds_0 < 60 and seconds_1 < 60, (seconds_0, seconds_1)
+    schedule = [(victim, "teacher") for _ in range(REPEATS) for victim in (0, 1)]
+    schedule += [(victim, "student") for _ in range(REPEATS) for victim in (0, 1)]
+    rng = random.Random(0)
+    outcomes = []
+    for launch_index, (victim, phase) in enumerate(schedule):
+        folder = teacher if phase == "teacher" else student
+        before = newest_checkpoint(folder)
+        job = launch(workdir, cache_dir, config_file, tmp_path / f"launch{launch_index}", *flags)
+        wait_for_checkpoint_after(folder, before, job, JOB_SECONDS)
+        # Somewhere in the next epoch (0.7-2 s here): a step, an evaluation, a save.
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(job.procs[victim].pid, signal.SIGKILL)  # its job dies with it (PR_SET_PDEATHSIG), a host lost
+        killed = time.monotonic()
+        survivor = 1 - victim
+        returncodes = job.wait(timeout=JOB_SECONDS)
+        seconds = time.monotonic() - killed
+        assert returncodes[victim] == -signal.SIGKILL
+        line = assert_ends_in_one_line(
+            job,
+            survivor,
+            returncodes[survivor],
+            f"process {survivor} of 2",
+            "re-launch every process with the same command",
+        )
+        assert seconds < KILL_HEARTBEAT_TIMEOUT + 15, (seconds, line)
+        if launch_index > 0:  # what an earlier launch committed is resumed
+            resumed = "DeBKD (seed 0)" if phase == "student" and before > 0 else "teacher"
+            # The teacher can finish between its checkpoint and the kill: then the relaunch reuses the
+            # finished teacher instead of resuming it (seen once in a README test run, 2026-12-04).
+            log = stderr_of(job, survivor)
+            finished_teacher = resumed == "teacher" and "teacher: reusing" in log
+            assert f"{resumed}: resumed from the checkpoint of epoch" in log or finished_teacher, job.tails()
+        outcomes.append((phase, victim, returncodes[survivor], round(seconds, 1), jax_aborted(job, survivor)))
     assert not (workdir / "results.json").exists()
+    record(
+        "process_killed",
+        ("phase", "victim", "survivor_exit_status", "seconds_after_kill", "jax_abort"),
+        outcomes,
+        heartbeat_timeout=KILL_HEARTBEAT_TIMEOUT,
+    )
 
-    job = launch(workdir, cache_dir, config_file, tmp_path / "launch3")
+    job = launch(workdir, cache_dir, config_file, tmp_path / "last_launch", *flags)
     assert job.wait(timeout=JOB_SECONDS) == [0, 0], job.tails()
     assert "DeBKD (seed 0): resumed from the checkpoint of epoch" in job.output(0)[1], job.tails()
-    assert histories(workdir) == histories(two_processes["workdir"])
-    assert accuracies(workdir) == accuracies(two_processes["workdir"])
+    assert histories(workdir) == histories(reference)
+    assert accuracies(workdir) == accuracies(reference)
     assert not list(workdir.rglob(".*.tmp")) and not list(workdir.rglob("*orbax-checkpoint-tmp*"))
 
 

@@ -12,7 +12,16 @@ import textwrap
 
 import pytest
 from conftest import write_shape_folder
-from test_cli import assert_clean_error, cli_args, cli_env, kill_when, read_jsonl, run_cli, shared_cache_dir
+from test_cli import (
+    assert_clean_error,
+    cli_args,
+    cli_env,
+    kill_when,
+    read_jsonl,
+    run_cli,
+    run_main,
+    shared_cache_dir,
+)
 from test_multihost import JOB_SECONDS, LOSS_RTOL, launch
 
 CONFIG = textwrap.dedent(
@@ -110,26 +119,22 @@ def test_a_killed_streamed_run_restarts_to_the_uninterrupted_result(
     assert_same_run(workdir, one_process_two_devices)
 
 
-@pytest.mark.slow
 def test_a_missing_tfds_split_and_an_empty_folder_are_one_line_errors(cache_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    env = cli_env(cache_dir)
     base = ["--config.data.pipeline=stream"]
-    proc = run_cli(
+    proc = run_main(
         cli_args(
             tmp_path / "w1", cache_dir / "data", *base, f"--config.data.source=folder:{tmp_path / 'empty'}"
-        ),
-        env,
+        )
     )
     assert_clean_error(proc, "no images found")
-    proc = run_cli(
+    proc = run_main(
         cli_args(
             tmp_path / "w2",
             cache_dir / "data",
             *base,
             "--config.data.source=tfds:no_such_ds_xyz",
             f"--config.data.tfds_data_dir={tmp_path}",
-        ),
-        env,
+        )
     )
     assert_clean_error(proc, "no_such_ds_xyz")
