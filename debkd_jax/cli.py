@@ -15,7 +15,6 @@ import os
 import re
 import sys
 
-import jax
 from absl import flags
 
 from debkd_jax import config_lib, supervisor
@@ -213,6 +212,8 @@ _LOST_PROCESS_SIGNS = (
 def lost_process_error(error: BaseException) -> UserError | None:
     """The `UserError` to report when `error` means that another process of a multi-process job died or became
     unreachable (a collective or a barrier with it failed); None for any other error."""
+    import jax  # here, not at the top: a distributed job's launching process imports this module without JAX
+
     if isinstance(error, UserError) or not jax.distributed.is_initialized() or jax.process_count() == 1:
         return None
     text = str(error)

@@ -14,11 +14,10 @@ import math
 import os
 import re
 
-import jax
 import ml_collections
 import numpy as np
 
-from debkd_jax import methods, models
+from debkd_jax import method_configs
 from debkd_jax.errors import UserError
 
 
@@ -106,7 +105,7 @@ def base_config(method_names=("KD", "DeBKD")) -> ml_collections.ConfigDict:
     config.teacher.logits_dtype = "float32"
     config.student = train_config("resnet8", num_epochs=15)
 
-    config.methods = ml_collections.ConfigDict({name: methods.preset(name) for name in method_names})
+    config.methods = ml_collections.ConfigDict({name: method_configs.preset(name) for name in method_names})
     return config
 
 
@@ -178,6 +177,12 @@ def validate_config(config) -> None:
     Raises `UserError` (the CLI prints it and exits with status 2). With `config.distributed`, call
     `training.initialize_distributed` first: the batch-size check needs the global device count.
     """
+    # Here, not at the top: config files import this module, and a distributed job's launching process loads
+    # them without JAX (debkd_jax.supervisor).
+    import jax
+
+    from debkd_jax import methods, models
+
     validate_cluster(config)
     validate_stream_fields(config)
     if not config.methods:

@@ -4,6 +4,8 @@ nothing in the package imports third_party/."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "debkd_jax"
 
 LAYERS = {
     "errors": 0,
+    "method_configs": 0,
     "xla_cpu": 0,
     "console": 0,
     "native": 0,
@@ -122,3 +125,26 @@ def test_progress_bars_come_from_console(path):
         assert not any(n.split(".")[0] == "tqdm" for n in names), (
             f"{path.relative_to(PACKAGE)}:{node.lineno} imports tqdm; use debkd_jax.console.progress"
         )
+
+
+def test_the_launching_process_and_config_files_start_without_jax():
+    """A distributed job's launching process (`debkd_jax.supervisor`) loads the command line and its config
+    file, then only watches its child: that takes no JAX, Flax or TensorFlow (seconds of every launch). The
+    package's names still import on first use."""
+    script = """
+import sys
+import debkd_jax.main
+from debkd_jax import cli, config_lib, supervisor
+for spec in ("configs/debkd.py", "configs/imagenet.py:smoke", "configs/methods.py:smoke", "configs/study.py"):
+    config_lib.load_config(spec)
+heavy = sorted(m for m in ("jax", "flax", "optax", "tensorflow", "torch") if m in sys.modules)
+import debkd_jax
+assert set(debkd_jax.__all__) <= set(dir(debkd_jax)) and all(getattr(debkd_jax, n) for n in debkd_jax.__all__)
+from debkd_jax import Targets, debkd_loss
+print(heavy, debkd_loss.__module__, Targets.__module__)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[]", "debkd_jax.losses", "debkd_jax.targets"], proc.stdout
