@@ -139,10 +139,12 @@ def free_port() -> int:
 
 @dataclasses.dataclass
 class Job:
-    """The processes of one launch; their stdout/stderr go to files in `logs` (pipes could fill and block)."""
+    """The processes of one launch into `workdir`; their stdout/stderr go to files in `logs` (pipes could fill
+    and block)."""
 
     procs: list[subprocess.Popen]
     logs: pathlib.Path
+    workdir: pathlib.Path
 
     def output(self, i: int) -> tuple[str, str]:
         return (self.logs / f"p{i}.out").read_text(), (self.logs / f"p{i}.err").read_text()
@@ -203,7 +205,7 @@ def launch(
                     stderr=err,
                 )
             )
-    return Job(procs, logs)
+    return Job(procs, logs, workdir)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,14 @@ results the last relaunch must give).
 JAX's own abort (`client.h:80] Terminating process ...`) may stay in the log above the line: which of JAX's
 abort and a failed collective comes first is a race, and the tests repeat each fault to meet both. A run of
 the suite repeats each `REPEATS` times; `DEBKD_FAULT_REPEATS=10` repeats each ten times (docs/reliability.md
-has the measured outcome, test_multihost the command that records it). The launches of one test that never
-join run at the same time: each waits out its timeout.
+has the measured outcome, test_multihost the command that records it). Every fault launch of the module runs
+at the same time (`fault_runs`): each mostly waits out a timeout, so together they take about as long as the
+longest, and each test then checks its own.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import pathlib
@@ -152,11 +154,9 @@ def silent_coordinator(kind: str):
             s.close()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(2 * LAUNCH_SECONDS)
-def test_a_coordinator_that_never_answers_ends_in_one_line(cache_dir, config_file, tmp_path):
-    """Process 1 of 2 given a coordinator address where nothing answers: it says that it waits, waits
-    `initialization_timeout`, and ends in one line naming the address and the timeout, status 2."""
+def coordinator_never_answers(tmp_path, cache_dir, config_file) -> list[tuple[str, str, tuple]]:
+    """Process 1 of 2 alone, given a coordinator address where nothing answers, `2 * REPEATS` times (the two
+    kinds of silence in turn) -> per run: the kind, the address, and `never_joining`'s outcome."""
     kinds = [("mute", "dropping")[run % 2] for run in range(2 * REPEATS)]
     with contextlib.ExitStack() as stack:
         addresses = [stack.enter_context(silent_coordinator(kind)) for kind in kinds]
@@ -166,14 +166,71 @@ def test_a_coordinator_that_never_answers_ends_in_one_line(cache_dir, config_fil
             config_file,
             [(f"waiting for the coordinator at {a}", {"started": (1,), "address": a}) for a in addresses],
         )
+    return list(zip(kinds, addresses, runs, strict=True))
+
+
+def processes_never_start(tmp_path, cache_dir, config_file) -> list[tuple[tuple, tuple]]:
+    """Process 0 of 2 alone, and processes 0 and 1 of 3 without process 2, `REPEATS` times each -> per run:
+    (processes, started) and `never_joining`'s outcome."""
+    shapes = [((2, (0,)), (3, (0, 1)))[run % 2] for run in range(2 * REPEATS)]
+    runs = never_joining(
+        tmp_path,
+        cache_dir,
+        config_file,
+        [("waiting at localhost:", {"processes": n, "started": started}) for n, started in shapes],
+    )
+    return list(zip(shapes, runs, strict=True))
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def process_stops_answering(tmp_path, cache_dir, config_file) -> list[tuple[Job, int, float]]:
+    """Process 1's job frozen (SIGSTOP) after the teacher's first checkpoint, `REPEATS` times -> per run: the
+    job, process 0's exit status, and the seconds from the stop to its end."""
+    runs = []
+    for run in range(REPEATS):
+        job = launch_faulty(
+            tmp_path, f"run{run}", cache_dir, config_file, heartbeat=STOPPED_HEARTBEAT_TIMEOUT
+        )
+        wait_for_checkpoint_after(job.workdir / "teacher" / "checkpoints", 0, job, LAUNCH_SECONDS)
+        (frozen,) = children(job.procs[1].pid)
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            returncode = job.procs[0].wait(timeout=LAUNCH_SECONDS)
+        finally:
+            job.kill()
+        runs.append((job, returncode, time.monotonic() - stopped))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def fault_runs(cache_dir, config_file, tmp_path_factory):
+    """Every fault launch of the module, started at once, each fault in a thread of its own -> the fault's
+    name: a future of its runs. The launches mostly wait out timeouts, so together they take about as long
+    as the longest; each test waits for its own."""
+    faults = (coordinator_never_answers, processes_never_start, process_stops_answering)
+    with concurrent.futures.ThreadPoolExecutor(len(faults)) as pool:
+        folders = [tmp_path_factory.mktemp(fault.__name__) for fault in faults]
+        yield {
+            fault.__name__: pool.submit(fault, folder, cache_dir, config_file)
+            for fault, folder in zip(faults, folders, strict=True)
+        }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_SECONDS)
+def test_a_coordinator_that_never_answers_ends_in_one_line(fault_runs):
+    """Process 1 of 2 given a coordinator address where nothing answers: it says that it waits, waits
+    `initialization_timeout`, and ends in one line naming the address and the timeout, status 2."""
     outcomes = []
-    for run, (kind, address, (job, (returncode,), seconds)) in enumerate(
-        zip(kinds, addresses, runs, strict=True)
-    ):
+    for kind, address, (job, (returncode,), seconds) in fault_runs["coordinator_never_answers"].result():
         assert_ends_in_one_line(job, 1, returncode, address, f"initialization_timeout={INIT_TIMEOUT} s")
         # Respects the timeout: the launcher ends a child that has not joined 10 s after it (JOIN_GRACE).
         assert INIT_TIMEOUT - 1 <= seconds <= INIT_TIMEOUT + 10 + 5, seconds
-        assert not (tmp_path / f"run{run}").exists()
+        assert not job.workdir.exists()
         outcomes.append((kind, returncode, round(seconds, 1), jax_aborted(job, 1)))
     record(
         "coordinator_never_answers",
@@ -185,18 +242,11 @@ def test_a_coordinator_that_never_answers_ends_in_one_line(cache_dir, config_fil
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_SECONDS)
-def test_a_process_that_never_starts_ends_the_others_in_one_line(cache_dir, config_file, tmp_path):
+def test_a_process_that_never_starts_ends_the_others_in_one_line(fault_runs):
     """Process 0 of 2 alone, and processes 0 and 1 of 3 without process 2: each ends in one line saying that
     not every process joined within `initialization_timeout`, status 2."""
-    shapes = [((2, (0,)), (3, (0, 1)))[run % 2] for run in range(2 * REPEATS)]
-    runs = never_joining(
-        tmp_path,
-        cache_dir,
-        config_file,
-        [("waiting at localhost:", {"processes": n, "started": started}) for n, started in shapes],
-    )
     outcomes = []
-    for (processes, started), (job, returncodes, seconds) in zip(shapes, runs, strict=True):
+    for (processes, started), (job, returncodes, seconds) in fault_runs["processes_never_start"].result():
         for process_id, returncode in zip(started, returncodes, strict=True):
             assert_ends_in_one_line(
                 job,
@@ -222,34 +272,13 @@ def test_a_process_that_never_starts_ends_the_others_in_one_line(cache_dir, conf
     )
 
 
-def children(pid: int) -> list[int]:
-    return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(REPEATS * (LAUNCH_SECONDS + 60))
-def test_a_process_that_stops_answering_ends_the_other_after_the_heartbeat_timeout(
-    cache_dir,
-    config_file,
-    tmp_path,
-):
+def test_a_process_that_stops_answering_ends_the_other_after_the_heartbeat_timeout(fault_runs):
     """Process 1's job frozen (SIGSTOP: a hung host) during the teacher: process 0 ends in one line naming the
     heartbeat timeout, status 2, after about `heartbeat_timeout`."""
     outcomes = []
-    for run in range(REPEATS):
-        workdir = tmp_path / f"run{run}"
-        job = launch_faulty(
-            tmp_path, f"run{run}", cache_dir, config_file, heartbeat=STOPPED_HEARTBEAT_TIMEOUT
-        )
-        wait_for_checkpoint_after(workdir / "teacher" / "checkpoints", 0, job, LAUNCH_SECONDS)
-        (frozen,) = children(job.procs[1].pid)
-        os.kill(frozen, signal.SIGSTOP)
-        stopped = time.monotonic()
-        try:
-            returncode = job.procs[0].wait(timeout=LAUNCH_SECONDS)
-        finally:
-            job.kill()
-        seconds = time.monotonic() - stopped
+    for job, returncode, seconds in fault_runs["process_stops_answering"].result():
         line = assert_ends_in_one_line(job, 0, returncode, "process 0 of 2", "re-launch every process")
         assert f"heartbeat_timeout={STOPPED_HEARTBEAT_TIMEOUT} s" in line, line
         # The timeout runs from process 1's last heartbeat, which can precede the stop by up to one heartbeat

@@ -420,9 +420,9 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
 
 
 def test_metric_writer_writes_jsonl_and_tensorboard_events_without_importing_torch(tmp_path):
-    """One line per epoch (a re-run epoch replaces its line and drops later ones), the scalars in TensorBoard's
-    event file; in a fresh process tensorboardX does not pull in torch (seconds of every run's start) and torch
-    still imports afterwards where installed."""
+    """One line per epoch (a re-run epoch replaces its line and drops later ones), the scalars in
+    TensorBoard's event file; in a fresh process tensorboardX does not pull in torch (seconds of every run's
+    start) and torch still imports afterwards where installed."""
     script = f"""
 import importlib.util, json, sys
 from debkd_jax.training.metric_writer import MetricWriter
