@@ -173,6 +173,7 @@ def region_hit_rate(student_logits, labels, lo, hi, *, temperature=4.0) -> jax.A
     return jnp.mean(region_hits(student_logits, labels, lo, hi, temperature=temperature))
 
 
+@jax.jit
 def region_hits(student_logits, labels, lo, hi, *, temperature=4.0) -> jax.Array:
     """Per-sample indicator behind `region_hit_rate`. -> bool (B,)."""
     p = jax.nn.softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)

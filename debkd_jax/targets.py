@@ -9,6 +9,7 @@ student's train step gathers rows from. See docs/method.md §2-4 and §9.2.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax
@@ -83,15 +84,23 @@ def infusion_table(teacher_logits, labels, mode: str = "pooled") -> jax.Array:
     """
     _check_option(mode, INFUSION_MODES, "mode")
     check_logits_and_labels(teacher_logits, labels)
+    if _is_concrete(teacher_logits, labels):
+        z = np.asarray(teacher_logits, np.float32)
+        if not np.any(np.argmax(z, axis=-1) == np.asarray(labels)):
+            raise ValueError(
+                "knowledge infusion needs at least one sample the teacher classifies correctly, found "
+                "none: the teacher is not trained (or labels do not match its classes). Train the "
+                "teacher longer, or drop 'knowledge_infusion' from the method's transforms."
+            )
+    return _infusion_table(teacher_logits, labels, mode)
+
+
+# Jitted: called on concrete arrays it is one compiled program, not one per operation.
+@functools.partial(jax.jit, static_argnames="mode")
+def _infusion_table(teacher_logits, labels, mode: str) -> jax.Array:
     z = jnp.asarray(teacher_logits, jnp.float32)
     k = z.shape[-1]
     correct = teacher_correct(z, labels)
-    if _is_concrete(correct) and not bool(np.any(np.asarray(correct))):
-        raise ValueError(
-            "knowledge infusion needs at least one sample the teacher classifies correctly, found "
-            "none: the teacher is not trained (or labels do not match its classes). Train the "
-            "teacher longer, or drop 'knowledge_infusion' from the method's transforms."
-        )
     onehot = jax.nn.one_hot(labels, k, dtype=z.dtype)
     w = correct.astype(z.dtype)
     n_correct = jnp.maximum(w.sum(), 1.0)
@@ -140,6 +149,7 @@ def debiased_regions(logits, temperature=4.0, num_regions: int = 12) -> tuple[ja
     return idx / n, (idx + 1.0) / n
 
 
+@jax.jit
 def label_interval(lo, hi, labels) -> tuple[jax.Array, jax.Array]:
     """The values the true class's target can take in the box `{t : lo <= t <= hi, sum t = 1}`:
     `[max(lo_y, 1 - sum_{j != y} hi_j), min(hi_y, 1 - sum_{j != y} lo_j)]`. Its width is the freedom the

@@ -378,12 +378,13 @@ def test_fit_is_deterministic_and_the_seed_changes_order_and_init(tmp_path, caps
 
 def test_predict_logits_keeps_order_with_padding_on_eight_devices():
     """37 images in batches of 16 over 8 devices (the last batch padded) give the logits of one unpadded batch
-    on one device, in order."""
+    on one device, in order; every batch has the one shape, so `predict` compiles once per batch size."""
     dataset = synthetic_dataset(n_train=37)
     _, spec = teacher_spec(dataset)
     variables = training.jitted_init(spec.model)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     predict = training.make_predict_fn(spec.model, jnp.float32)
     got = training.predict_logits(predict, variables, dataset.train_images, 16, training.create_mesh())
+    assert predict._cache_size() == 1  # 16, 16 and 5 images padded to 16
     want = training.predict_logits(
         predict, variables, dataset.train_images, 64, training.create_mesh(jax.devices()[:1])
     )

@@ -147,7 +147,8 @@ def make_predict_fn(model: nn.Module, dtype) -> Callable:
 def predict_logits(
     predict: Callable, variables, images: np.ndarray, batch_size: int, mesh: Mesh, progress: str | None = None
 ) -> np.ndarray:
-    """Logits of every image, in order: batches padded to a multiple of the mesh size. -> (N, k) float32.
+    """Logits of every image, in order: every batch padded to `batch_size` (rounded down to a multiple of the
+    mesh size), so that `predict` compiles for one shape. -> (N, k) float32.
 
     Every process passes the same `images` (the whole split) and gets all the logits back: with several
     processes each device takes its rows from its host's identical copy and the sharded result is gathered
@@ -161,7 +162,7 @@ def predict_logits(
     starts = range(0, n, batch_size)
     for start in console.progress(starts, desc=progress, total=len(starts), disable=progress is None):
         chunk = images[start : start + batch_size]
-        pad = (-len(chunk)) % ndev
+        pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
         # Each device takes its rows of the (identical on every process) host chunk: valid on several hosts.
