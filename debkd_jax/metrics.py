@@ -11,8 +11,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import precision_recall_fscore_support
 
 
 def classification_metrics(
@@ -29,6 +27,8 @@ def classification_metrics(
     k = num_classes or logits.shape[-1]
     pred = np.argmax(logits, axis=-1)
     binary = k == 2
+    from sklearn.metrics import precision_recall_fscore_support  # scikit-learn and SciPy load on first use
+
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels,
         pred,
@@ -77,6 +77,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     mean = float(d.mean())
     sd = float(d.std(ddof=1)) if n > 1 else math.nan
     if n > 1:
+        from scipy import stats
+
         half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
         interval = [mean - half, mean + half]
     else:

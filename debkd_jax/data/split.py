@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 SUBSET_SEED = 0
 """Seed of the `max_per_class` subset, fixed so the subset does not move with the split's seed."""
@@ -103,6 +102,8 @@ def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarra
         raise ValueError(
             f"num_folds={num_folds} must be in [2, {counts.min()}] (the smallest class's count) for these labels"
         )
+    from sklearn.model_selection import StratifiedKFold  # scikit-learn loads on first use
+
     folds = np.empty(len(labels), np.int64)
     splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
     for k, (_, heldout) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
