@@ -1,8 +1,6 @@
 """The streamed job through the real CLI (configs/imagenet.py:smoke on a generated folder, KD only): two
-processes
-(jax.distributed over Gloo) train like one process with two devices; a SIGKILL and a restart give the
-results of
-an uninterrupted run; bad input is one line."""
+processes (jax.distributed over Gloo) train like one process with two devices; a SIGKILL and a restart give
+the results of an uninterrupted run; bad input is one line."""
 
 from __future__ import annotations
 
