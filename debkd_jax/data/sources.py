@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import importlib.metadata
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -76,9 +77,9 @@ def plan_source(kind: str, arg: str, *, image_size, max_per_class, digits_classe
     if kind == "digits":
         if digits_classes not in DIGITS_CLASS_NAMES:
             raise ValueError(f"digits_classes must be 2 or 10, got {digits_classes}")
-        import sklearn
-
-        key = {"source": "digits", "sklearn": sklearn.__version__, "classes": digits_classes}
+        # The installed version from its metadata: importing scikit-learn takes most of a second.
+        sklearn_version = importlib.metadata.version("scikit-learn")
+        key = {"source": "digits", "sklearn": sklearn_version, "classes": digits_classes}
         return SourcePlan("digits", None, key, functools.partial(
             decode_digits, digits_classes, image_size, max_per_class
         ))
