@@ -148,7 +148,8 @@ def predict_logits(
     predict: Callable, variables, images: np.ndarray, batch_size: int, mesh: Mesh, progress: str | None = None
 ) -> np.ndarray:
     """Logits of every image, in order: every batch padded to `batch_size` (rounded down to a multiple of the
-    mesh size), so that `predict` compiles for one shape. -> (N, k) float32.
+    mesh size; fewer images than that, to their count rounded up to one), so that `predict` compiles for one
+    shape. -> (N, k) float32.
 
     Every process passes the same `images` (the whole split) and gets all the logits back: with several
     processes each device takes its rows from its host's identical copy and the sharded result is gathered
@@ -157,6 +158,7 @@ def predict_logits(
     n = len(images)
     ndev = mesh.devices.size
     batch_size = max(ndev, batch_size - batch_size % ndev)
+    batch_size = min(batch_size, max(ndev, -(-n // ndev) * ndev))  # a few images: not padded to a whole batch
     sharding = NamedSharding(mesh, P("data"))
     out = []
     starts = range(0, n, batch_size)
