@@ -17,8 +17,9 @@ from benchmarks.timing import interleaved, paired_ratio, summary
 # process directly, the job's high-water mark would start at that process's size (fork inherits it).
 LAUNCHER = """
 import json, os, subprocess, sys
+from debkd_jax.processes import popen
 with open(sys.argv[1], "wb") as log:
-    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    proc = popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
 """

@@ -31,6 +31,7 @@ from benchmarks.timing import interleaved, paired_ratio, summary
 # processes) every 0.2 s from /proc; prints the peak.
 TREE_RSS = """
 import json, os, subprocess, sys, time
+from debkd_jax.processes import popen
 
 def rss_kib(pid):
     try:
@@ -57,7 +58,7 @@ def tree(root):
     return out
 
 with open(sys.argv[1], "wb") as log:
-    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    proc = popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
     peak = main_peak = 0
     while proc.poll() is None:
         pids = tree(proc.pid)

@@ -1,7 +1,8 @@
 """Subprocesses with a deadline: one-shot JSON workers and a long-lived line-protocol worker.
 
 Every wait has a timeout. A worker that misses it is killed (its whole process group) and the caller gets a
-`WorkerTimeout` naming the section and what it waited for.
+`WorkerTimeout` naming the section and what it waited for. A worker also dies with the thread that started it
+(`debkd_jax.processes`), so a benchmark or test process that is itself killed leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import subprocess
 import tempfile
 import time
+
+from debkd_jax import processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,33 +27,16 @@ class WorkerFailed(RuntimeError):
     """A benchmark subprocess exited with an error."""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def run_json(cmd: list[str], *, env: dict, timeout: float, section: str, what: str) -> dict:
     """Runs `cmd` to completion and returns the JSON object on its last stdout line."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        out, err = proc.communicate(timeout=timeout)
+        done = processes.run(cmd, env=env, cwd=REPO_ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
         raise WorkerTimeout(f"{section}: {what} did not finish within {timeout:.0f} s; killed it") from None
-    if proc.returncode != 0:
-        raise WorkerFailed(f"{section}: {what} exited with status {proc.returncode}: {err.strip()[-400:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    if done.returncode != 0:
+        tail = done.stderr.strip()[-400:]
+        raise WorkerFailed(f"{section}: {what} exited with status {done.returncode}: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def child_env(drop_flags: tuple[str, ...] = (), **extra: str) -> dict:
@@ -70,7 +55,7 @@ class LineWorker:
         self.name = name
         # stderr to a file: a pipe nobody reads would fill up and stall the child.
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
+        self.proc = processes.popen(
             cmd,
             env=env,
             cwd=REPO_ROOT,
@@ -79,7 +64,6 @@ class LineWorker:
             stderr=self.stderr,
             text=True,
             bufsize=1,
-            start_new_session=True,
         )
 
     def request(self, op: str, *, timeout: float, section: str, **fields) -> dict:
@@ -120,7 +104,7 @@ class LineWorker:
         return self.stderr.read()[-chars:].strip()
 
     def kill(self) -> None:
-        _kill_group(self.proc)
+        processes.kill_group(self.proc)
 
     def close(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:

@@ -13,7 +13,9 @@ import atexit
 import importlib.util
 import os
 import shutil
+import signal
 import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -44,6 +46,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from debkd_jax import processes  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
@@ -83,6 +87,42 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip_in_ci(outcome.get_result())
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# Python's own helpers live as long as the process that started them (multiprocessing's resource tracker).
+_SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_child_process_outlives_its_module():
+    """Every child process a test module started has ended when the module ends: a leftover one is killed
+    (its whole group) and the module errors, naming it. (A child started through `debkd_jax.processes` also dies
+    with the test process itself, e.g. when pytest-timeout ends a worker.)"""
+    before = set(processes.descendants())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        left = [p for p in processes.descendants() if p not in before
+                and not any(h in _command_line(p) for h in _SESSION_HELPERS)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if left:
+        commands = [f"{p}: {_command_line(p)[:160]}" for p in left]
+        for p in left:
+            try:  # its own group when it leads one (never the test process's group)
+                os.killpg(p, signal.SIGKILL) if os.getpgid(p) == p else os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        pytest.fail(f"{len(left)} child process(es) outlived the test module and were killed: {commands}")
+
 
 # pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`) hands out whole modules in collection order.
 # The modules that run several CLI processes at a time go first, longest first (as measured in a suite run):

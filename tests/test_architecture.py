@@ -4,10 +4,11 @@ nothing in the package imports third_party/."""
 
 import ast
 import pathlib
-import subprocess
 import sys
 
 import pytest
+
+from debkd_jax import processes
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "debkd_jax"
 
@@ -16,7 +17,8 @@ LAYERS = {
     "method_configs": 0,
     "xla_cpu": 0,
     "console": 0,
-    "native": 0,
+    "native": 1,
+    "processes": 0,
     "targets": 1,
     "losses": 2,
     "metrics": 2,
@@ -143,7 +145,7 @@ assert set(debkd_jax.__all__) <= set(dir(debkd_jax)) and all(getattr(debkd_jax, 
 from debkd_jax import Targets, debkd_loss
 print(heavy, debkd_loss.__module__, Targets.__module__)
 """
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

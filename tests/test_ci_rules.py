@@ -11,6 +11,8 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT, missing_requirements
 
+from debkd_jax import processes
+
 # Runs pytest on argv[1:], first hiding torch if HIDE_TORCH is set: a None entry in sys.modules makes both
 # `import torch` and `importlib.util.find_spec("torch")` find nothing, as on a machine without it.
 RUN_PYTEST = textwrap.dedent(
@@ -31,7 +33,7 @@ def run_pytest(*args, ci: bool, hide_torch: bool = False) -> subprocess.Complete
         env["CI"] = "true"
     if hide_torch:
         env["HIDE_TORCH"] = "1"
-    return subprocess.run(
+    return processes.run(
         [sys.executable, "-c", RUN_PYTEST, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
         timeout=240,
     )

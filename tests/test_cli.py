@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import pytest
 
+from debkd_jax import processes
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEBKD = str(REPO / "configs" / "debkd.py")
 STUDENTS = ("CE", "KD", "DeBKD")  # the students configs/debkd.py trains: the two methods and the CE baseline
@@ -83,7 +85,7 @@ def cli_args(workdir, data_cache, *flags, config=DEBKD + ":smoke") -> list[str]:
 
 def run_cli(args, env, *, driver: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, driver] if driver else [sys.executable, "-m", "debkd_jax.main"]
-    return subprocess.run(
+    return processes.run(
         cmd + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
 
@@ -319,7 +321,7 @@ def test_end_to_end_on_real_photos_writes_everything_and_learns(cache_dir, dogs_
 def kill_when(args, env, ready: pathlib.Path, timeout: float = 240) -> tuple[int, str]:
     """Runs the CLI with `args` and SIGKILLs it as soon as the folder `ready` exists (or after `timeout` s, or
     not at all if it ended first); returns (its exit status, its stderr)."""
-    child = subprocess.Popen(
+    child = processes.popen(
         [sys.executable, "-m", "debkd_jax.main", *args],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -4,7 +4,6 @@ import io
 import logging
 import os
 import signal
-import subprocess
 import sys
 import types
 import zipfile
@@ -16,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, JpegImagePlugin
 
-from debkd_jax import data
+from debkd_jax import data, processes
 from debkd_jax.data import batching, sources
 from debkd_jax.data import split as data_split
 
@@ -214,8 +213,8 @@ def test_cache_write_killed_midway_leaves_no_cache(tmp_path, monkeypatch):
     script.write_text(KILLED_WRITER)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, str(script), str(root), str(cache)], env=env,
-                         capture_output=True, timeout=120)
+    run = processes.run([sys.executable, str(script), str(root), str(cache)], env=env,
+                         text=False, timeout=120)
     assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
     assert not [f for f in os.listdir(cache) if f.startswith("debkd-data-")]
     calls = counting_decoder(monkeypatch)

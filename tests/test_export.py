@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from debkd_jax import data as data_lib
-from debkd_jax import export, models, predict, training, workdir_lib
+from debkd_jax import export, models, predict, processes, training, workdir_lib
 from debkd_jax.errors import UserError
 
 CLASS_NAMES = ["cat", "dog"]
@@ -127,7 +126,7 @@ def test_sidecar_holds_class_names_and_image_size(exported):
 def _run_cli(module, *args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    return subprocess.run(
+    return processes.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300
     )
 

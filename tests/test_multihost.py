@@ -41,6 +41,7 @@ from test_cli import (
 )
 
 from debkd_jax import cli, config_lib, training
+from debkd_jax.processes import popen
 from debkd_jax.errors import UserError
 
 # The embedded digits (1,797 images, "0-4" vs "5-9") at their native 8x8, tiny ResNets, a global batch of 64,
@@ -197,7 +198,7 @@ def launch(
         }
         with open(logs / f"p{i}.out", "w") as out, open(logs / f"p{i}.err", "w") as err:
             procs.append(
-                subprocess.Popen(
+                popen(
                     [sys.executable, str(driver), *args],
                     env=env,
                     cwd=REPO,
@@ -213,7 +214,7 @@ def start_one_process(workdir, cache_dir, config_file, logs) -> Job:
     logs.mkdir(parents=True)
     args = cli_args(workdir, cache_dir / "data", config=str(config_file))
     with open(logs / "p0.out", "w") as out, open(logs / "p0.err", "w") as err:
-        proc = subprocess.Popen(
+        proc = popen(
             [sys.executable, "-m", "debkd_jax.main", *args],
             env=cli_env(cache_dir, devices=2),
             cwd=REPO,

@@ -5,14 +5,13 @@ through the command line."""
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from debkd_jax import config_lib, methods, pipeline, report, sweep
+from debkd_jax import config_lib, methods, pipeline, processes, report, sweep
 from debkd_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -277,7 +276,7 @@ def test_sweep_end_to_end_and_rerun_from_the_command_line(tmp_path):
     # The command line on the same workdir: every point is reused, nothing is trained again.
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
+    proc = processes.run(
         [
             sys.executable,
             "-m",

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import pathlib
 import re
-import subprocess
 import sys
 
 import jax
@@ -20,7 +19,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from debkd_jax import config_lib, data, methods, pipeline, training
+from debkd_jax import config_lib, data, methods, pipeline, processes, training
 from debkd_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -436,7 +435,7 @@ if importlib.util.find_spec("torch") is not None:
     import torch
     assert torch.ones(2).sum().item() == 2.0
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = processes.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"torch_imported": False}
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

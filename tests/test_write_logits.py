@@ -2,7 +2,6 @@
 PyTorch teacher written by third_party/write_logits.py trains a student end to end."""
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from debkd_jax import config_lib, models, pipeline, teachers, training, workdir_lib
+from debkd_jax import config_lib, models, pipeline, processes, teachers, training, workdir_lib
 
 DATA_FLAGS = dict(image_size=16, max_per_class=40)
 
@@ -55,7 +54,7 @@ def test_a_jax_teachers_file_gives_the_in_process_student_bit_for_bit(cache_dir,
 
 def command(tmp_path, cache_dir, *flags):
     data = [f"--config.data.{k}={v}" for k, v in DATA_FLAGS.items()]
-    return subprocess.run(
+    return processes.run(
         [
             sys.executable,
             "-m",

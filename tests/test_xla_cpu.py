@@ -1,12 +1,11 @@
 """The command-line tools' XLA:CPU defaults (debkd_jax/xla_cpu.py)."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-from debkd_jax import xla_cpu
+from debkd_jax import processes, xla_cpu
 
 
 def test_apply_defaults_adds_the_flag_to_what_is_there():
@@ -38,6 +37,6 @@ def test_the_flag_reaches_the_compiler(opt_out):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
     if opt_out:
         env[xla_cpu.OPT_OUT] = "0"
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    out = processes.run([sys.executable, "-c", _PROBE], env=env, timeout=120, check=True)
     ynn_fusions = int(out.stdout.strip().splitlines()[-1])
     assert (ynn_fusions > 0) if opt_out else (ynn_fusions == 0)
