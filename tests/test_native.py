@@ -8,8 +8,11 @@ Where the library cannot be built (no compiler, no `.[native]` extra) these test
 import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -19,7 +22,8 @@ import pytest
 from conftest import REPO_ROOT
 from jax.test_util import check_grads
 
-from debkd_jax import config_lib, methods, models, native, training
+from debkd_jax import config_lib, methods, models, native, processes, training
+from debkd_jax.native import check
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -109,6 +113,129 @@ def test_every_conv_of_the_presets_matches_xla(model_name):
 )
 def test_stride_and_padding_cases_match_xla(x_shape, w_shape, strides, padding):
     check_geometry(x_shape, w_shape, strides, padding)
+
+
+def first_cpus(count: int) -> str | None:
+    """The first `count` CPUs this process may use, as taskset's list ('0,1'), or None where there are fewer."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return ",".join(map(str, allowed[:count])) if len(allowed) >= count else None
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", check.machine_isas())
+def test_every_geometry_matches_xla_under_every_instruction_set_in_a_fresh_process(isa, threads):
+    """y, dx and dw of every geometry class of `native.check` (input channels 1-17, kernels 1/3/7, strides 1/2,
+    SAME/VALID, odd sizes, and the ResNet shortcuts where oneDNN's strided 1x1 kernel fails), repeated, within
+    1e-5 of XLA: in a fresh process per instruction-set cap this CPU has and per oneDNN thread count, on two
+    cores (taskset), killed if it hangs."""
+    cmd = [sys.executable, "-m", "debkd_jax.native", "--json"]
+    cpus = first_cpus(2)
+    if cpus and shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpus, *cmd]
+    env = {**os.environ, check.ISA_ENV: isa, native.THREADS_ENV: str(threads), "JAX_PLATFORMS": "cpu"}
+    try:
+        done = processes.run(cmd, cwd=REPO_ROOT, env=env, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the check hung under {check.ISA_ENV}={isa} with {threads} thread(s); killed it")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["threads"] == threads
+    assert [row["geometry"] for row in report["rows"]] == [check.describe(g) for g in check.GEOMETRIES]
+    assert report["failures"] == []
+    assert max(row[k] for row in report["rows"] for k in ("y", "dx", "dw")) <= check.TOLERANCE
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.skipif("AVX2" not in check.machine_isas(), reason="oneDNN's AVX2 kernels need an AVX2 CPU")
+def test_the_check_catches_onednns_strided_1x1_fault_when_the_routing_is_off():
+    """The check is not blind: with the routing around oneDNN's fault switched off in a child process, the AVX2
+    1x1 kernel's backward-weights pass writes past its scratchpad (a guard zone catches it) or returns wrong
+    weight gradients, and the check reports it. Every x86 CPU in CI has AVX2."""
+    script = (
+        "import sys\n"
+        "from debkd_jax import native\n"
+        "from debkd_jax.native import __main__ as cli\n"
+        "native.needs_unit_stride = lambda *args: False\n"
+        "sys.exit(cli.check_here())\n"
+    )
+    env = {**os.environ, check.ISA_ENV: "AVX2", native.THREADS_ENV: "1", "JAX_PLATFORMS": "cpu"}
+    try:
+        done = processes.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, timeout=150)
+    except subprocess.TimeoutExpired:
+        return  # a hang is the fault too; the self-check's deadline turns it into a failed verdict
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["failures"], report
+    assert any("past its" in f or ("dw of" in f and "1x1 stride 2" in f) for f in report["failures"])
+
+
+def test_the_geometries_cover_the_issue_matrix():
+    grid = {(w[2], w[0], s[0], padding) for _, w, s, padding in check.GEOMETRIES}
+    for c in (1, 3, 4, 6, 8, 12, 16, 17):
+        for k in (1, 3, 7):
+            for stride in (1, 2):
+                for padding in ("SAME", "VALID"):
+                    assert (c, k, stride, padding) in grid
+    assert any(x[1] % 2 and x[2] % 2 and x[1] != x[2] for x, *_ in check.GEOMETRIES)  # odd, not square
+
+
+def test_no_strided_1x1_convolution_reaches_onednn():
+    """A strided 1x1 conv (a ResNet shortcut with 4 input channels) and both its gradients call the handlers at
+    stride 1 on the subsampled input; the 3x3 stride-2 conv beside it keeps its stride."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+
+    def loss(x, w1, w3):
+        a = models.conv_general_dilated_onednn(x, w1, (2, 2), "SAME", dimension_numbers=NHWC)
+        b = models.conv_general_dilated_onednn(x, w3, (2, 2), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(a * b)
+
+    w1, w3 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w3).as_text()
+    calls = sorted(re.findall(r"custom_call @(debkd_onednn_conv_\w+)\(.*?sh = (\d+)", text))
+    # Forward, backward-data and backward-weights of each conv: the 1x1 one at stride 1, the 3x3 one at 2.
+    assert calls == sorted((target, sh) for target in native.TARGETS.values() for sh in "12")
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, w1, w3)
+
+    def plain(x, w1, w3):
+        a = jax.lax.conv_general_dilated(x, w1, (2, 2), "SAME", dimension_numbers=NHWC)
+        b = jax.lax.conv_general_dilated(x, w3, (2, 2), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(a * b)
+
+    assert_close_relative(got, jax.grad(plain, argnums=(0, 1, 2))(x, w1, w3))
+
+
+def test_a_self_check_past_its_deadline_fails_and_leaves_nothing_running():
+    started = time.monotonic()
+    ok, reason = check.run_child(1, deadline=1.0)
+    assert not ok and "did not finish within 1 s" in reason and "killed" in reason
+    assert time.monotonic() - started < 30
+    assert processes.descendants() == []
+
+
+def test_auto_does_not_pick_a_native_conv_that_failed_its_self_check(tmp_path):
+    """A fresh process whose self-check cannot finish (a 0.01 s deadline): the native conv is reported unsafe
+    with the reason, `auto` picks the XLA conv, and `conv_backward="onednn"` falls back to it with a warning."""
+    script = """
+import json, warnings
+import jax
+from debkd_jax import models, native, training
+one = training.create_mesh(jax.devices()[:1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    x = jax.numpy.ones((1, 6, 6, 4))
+    models.conv_general_dilated_onednn(x, jax.numpy.ones((3, 3, 4, 4)), (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print(json.dumps({"ok": native.status().ok, "reason": native.status().reason,
+                  "auto": training.resolve_conv_backward("auto", one),
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+    env = {**os.environ, check.DEADLINE_ENV: "0.01", "JAX_PLATFORMS": "cpu"}
+    done = processes.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not out["ok"] and "self-check did not finish within 0.01 s" in out["reason"]
+    assert out["auto"] == "materialized"
+    assert any("unsafe on this CPU" in w for w in out["warnings"])
 
 
 def test_check_grads_on_a_small_conv():
@@ -237,7 +364,7 @@ print(json.dumps({"status": native.status().reason, "same": same,
         "DEBKD_NATIVE_CACHE": str(tmp_path / "cache"),
         "JAX_PLATFORMS": "cpu",
     }
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -275,7 +402,7 @@ def test_auto_picks_the_native_conv_on_one_cpu_device_in_float32_only():
 
 
 def test_the_ahead_of_time_build_command_reports_a_working_conv():
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-m", "debkd_jax.native"],
         cwd=REPO_ROOT,
         capture_output=True,

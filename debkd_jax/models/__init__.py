@@ -50,15 +50,15 @@ from debkd_jax.models.resnet import (
     imagenet_resnet34,
     imagenet_resnet50,
     imagenet_resnet_tiny,
-    torchvision_resnet18,
-    torchvision_resnet34,
-    torchvision_resnet50,
-    torchvision_resnet_tiny,
     resnet8,
     resnet8x4,
     resnet18,
     resnet50,
     resnet_tiny,
+    torchvision_resnet18,
+    torchvision_resnet34,
+    torchvision_resnet50,
+    torchvision_resnet_tiny,
 )
 
 __all__ = [

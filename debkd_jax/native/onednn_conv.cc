@@ -16,6 +16,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -37,6 +38,11 @@ using tag = memory::format_tag;
 namespace {
 
 std::atomic<int> g_threads{0};
+// Guarded mode (the self-check's): every call gets a scratchpad of exactly its size between two canary zones,
+// checked after the primitive ran, so a kernel that writes past its scratchpad fails the call deterministically
+// instead of corrupting memory that a later call may or may not notice.
+std::atomic<int> g_guarded{0};
+constexpr unsigned char kCanary = 0xA5;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -128,6 +134,20 @@ void* Grow(std::vector<char>& buffer, size_t bytes) {
   return buffer.data();
 }
 
+// A scratchpad of `bytes` between two canary zones of `guard` bytes each.
+struct GuardedBuffer {
+  std::vector<unsigned char> bytes;
+  size_t guard, size;
+  GuardedBuffer(size_t size, size_t guard) : bytes(size + 2 * guard, kCanary), guard(guard), size(size) {}
+  void* data() { return bytes.data() + guard; }
+  // The bytes written outside the scratchpad (0: none).
+  size_t Overrun() const {
+    size_t bad = 0;
+    for (size_t i = 0; i < guard; ++i) bad += (bytes[i] != kCanary) + (bytes[guard + size + i] != kCanary);
+    return bad;
+  }
+};
+
 ffi::Error Run(Direction d, const Geometry& g, float* src, float* weights, float* dst) {
   try {
     const Entry& e = Cached(g, d);
@@ -141,11 +161,16 @@ ffi::Error Run(Direction d, const Geometry& g, float* src, float* weights, float
     };
     if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
     thread_local std::vector<char> scratch_buffer, weights_buffer;
+    const size_t scratch_bytes = e.scratchpad.get_size();
+    std::unique_ptr<GuardedBuffer> guarded;
+    if (g_guarded.load()) {
+      guarded = std::make_unique<GuardedBuffer>(scratch_bytes, std::max<size_t>(1 << 20, 8 * scratch_bytes));
+    }
     memory user_weights(g.Wei(tag::oihw), Engine(), weights);
     memory prim_weights = e.reorder_needed
                               ? memory(e.weights, Engine(), Grow(weights_buffer, e.weights.get_size()))
                               : user_weights;
-    memory scratch(e.scratchpad, Engine(), Grow(scratch_buffer, e.scratchpad.get_size()));
+    memory scratch(e.scratchpad, Engine(), guarded ? guarded->data() : Grow(scratch_buffer, scratch_bytes));
     memory src_mem(g.Src(tag::nhwc), Engine(), src);
     memory dst_mem(g.Dst(tag::nhwc), Engine(), dst);
     if (d != kBwdWeights && e.reorder_needed) {
@@ -163,6 +188,14 @@ ffi::Error Run(Direction d, const Geometry& g, float* src, float* weights, float
       if (e.reorder_needed) reorder_weights(prim_weights, user_weights);
     }
     stream.wait();
+    if (guarded) {
+      if (size_t bad = guarded->Overrun()) {
+        static const char* kNames[] = {"forward", "backward-data", "backward-weights"};
+        return ffi::Error(ffi::ErrorCode::kInternal,
+                          std::string("oneDNN convolution (") + kNames[d] + ") wrote " + std::to_string(bad) +
+                              " bytes past its " + std::to_string(scratch_bytes) + "-byte scratchpad");
+      }
+    }
     return ffi::Error::Success();
   } catch (const dnnl::error& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + err.what());
@@ -244,6 +277,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DebkdOnednnConvBwdWeights, ConvBwdWeights,
 
 // The OpenMP threads every later call runs oneDNN with (<= 0: OpenMP's default).
 extern "C" void DebkdOnednnSetThreads(int threads) { g_threads.store(threads); }
+
+// Guarded scratchpads for every later call (the self-check): a write past one fails that call.
+extern "C" void DebkdOnednnSetGuarded(int guarded) { g_guarded.store(guarded); }
 
 // oneDNN's version, major * 10000 + minor * 100 + patch.
 extern "C" int DebkdOnednnVersion() {
