@@ -2,6 +2,8 @@
 
 Submodule names equal the Flax variable names (`stem_conv`, `stem_bn`, `block_{i}.conv1`, ...,
 `block_{i}.proj_conv`, `block_{i}.proj_bn`, `head`), so `load_flax_params` maps parameters one to one.
+Strided 1x1 convolutions with fewer than 16 input channels (`resnet_tiny`'s shortcut) are computed at stride 1 on
+the subsampled input, around a fault of oneDNN's kernel (`pointwise.py` says which and why).
 Initialisation mirrors the Flax side: Kaiming-normal (fan_out) convs, BatchNorm weight 1 / bias 0 and the
 last BatchNorm weight of every residual block zero; the head keeps PyTorch's default `nn.Linear` init.
 """
@@ -13,13 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .pointwise import conv1x1
+
 
 def conv3x3(in_ch: int, out_ch: int, stride: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_ch: int, out_ch: int, stride: int) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
