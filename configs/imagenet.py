@@ -51,12 +51,10 @@ def get_config(arg: str | None = None):
     config.data.image_size = 224
     config.data.augment = True
     config.data.workers = 16  # grain worker processes per host, one core each (docs/scale.md)
-    config.data.cache_dir = ""
     config.dtype = "bfloat16"
-    config.teacher = config_lib.base_config().teacher
     config.teacher.update(imagenet_training("imagenet_resnet34"))
     config.teacher.eval_batch_size = 1024
-    config.student = imagenet_training("imagenet_resnet18")
+    config.student.update(imagenet_training("imagenet_resnet18"))
     config.student.eval_batch_size = 1024
     for name, overrides in IMAGENET_METHODS.items():
         config.methods[name].update(overrides)

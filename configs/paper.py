@@ -75,9 +75,9 @@ def paper_config(arg: str | None, method_names=METHODS):
     config = config_lib.base_config(method_names)
     config.data.source = DATASETS[dataset]
     config.data.augment = False
-    config.teacher = config_lib.train_config("resnet50", num_epochs=NUM_EPOCHS)
-    config.teacher.checkpoint = ""
-    config.student = config_lib.train_config(student, num_epochs=NUM_EPOCHS)
+    # Every field of the base stays (teacher.logits, teacher.variables, ...): only the training ones change.
+    config.teacher.update(config_lib.train_config("resnet50", num_epochs=NUM_EPOCHS))
+    config.student.update(config_lib.train_config(student, num_epochs=NUM_EPOCHS))
     config.seeds = 3
     if smoke:
         config = config_lib.smoke(config)

@@ -75,13 +75,12 @@ def get_config(arg: str | None = None):
     if scale == "cpu":
         config.data.max_per_class = 0 if config.data.source == "digits" else CPU_IMAGES_PER_CLASS
         teacher_epochs, student_epochs = CPU_EPOCHS[dataset]
-        config.teacher = config_lib.train_config("resnet8x4", num_epochs=teacher_epochs)
-        config.student = config_lib.train_config(student, num_epochs=student_epochs)
+        config.teacher.update(config_lib.train_config("resnet8x4", num_epochs=teacher_epochs))
+        config.student.update(config_lib.train_config(student, num_epochs=student_epochs))
         config.methods.DKD.warmup_epochs = 2
     else:
-        config.teacher = config_lib.train_config("resnet50", num_epochs=100)
-        config.student = config_lib.train_config(student, num_epochs=100)
-    config.teacher.checkpoint = ""
+        config.teacher.update(config_lib.train_config("resnet50", num_epochs=100))
+        config.student.update(config_lib.train_config(student, num_epochs=100))
     config.teacher.folds = folds
     if smoke:
         config = config_lib.smoke(config)

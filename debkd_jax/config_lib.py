@@ -20,8 +20,17 @@ import numpy as np
 from debkd_jax import method_configs
 from debkd_jax.errors import UserError
 
+# Training fields added after runs were first recorded: a run's identity holds them only where they differ
+# from these defaults (`pipeline.identity.training_fields`), so the runs recorded before are still reused.
+LATER_TRAINING_DEFAULTS = dict(nesterov=True, lr_schedule="cosine", lr_decay_epochs=(), lr_decay_rate=0.1)
+LR_SCHEDULES = ("cosine", "step")
+
 
 def train_config(model: str, num_epochs: int, batch_size: int = 64, learning_rate: float = 0.05):
+    """How one network (the teacher or the students) trains: SGD with momentum (Nesterov unless `nesterov` is
+    False), weight decay on kernels, and `lr_schedule` "cosine" (`warmup_epochs` of linear warm-up, then
+    cosine decay to 0) or "step" (`learning_rate` times `lr_decay_rate` at each epoch of
+    `lr_decay_epochs`)."""
     return ml_collections.ConfigDict(
         dict(
             model=model,
@@ -32,6 +41,7 @@ def train_config(model: str, num_epochs: int, batch_size: int = 64, learning_rat
             momentum=0.9,
             weight_decay=5e-4,
             warmup_epochs=1.0,
+            **LATER_TRAINING_DEFAULTS,
         )
     )
 
@@ -152,19 +162,36 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def validate_stream_fields(config) -> None:
-    """`data.pipeline`, `data.eval_crop`, `data.workers`, `data.logits_chunk_rows`, `teacher.logits_dtype`."""
+def validate_data_fields(config) -> None:
+    """`data.pipeline`, `data.eval_crop`, `data.workers`, `data.logits_chunk_rows`, `teacher.logits_dtype`:
+    checked before the pipeline is chosen."""
     d = config.data
     checks = [
-        ("data.pipeline", d.get("pipeline", "memory"), lambda v: v in ("memory", "stream", "auto"),
-         "'memory', 'stream' or 'auto'"),
-        ("data.eval_crop", d.get("eval_crop", 0.875), lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-         "a share in (0, 1], e.g. 0.875 (224/256)"),
+        (
+            "data.pipeline",
+            d.get("pipeline", "memory"),
+            lambda v: v in ("memory", "stream", "auto"),
+            "'memory', 'stream' or 'auto'",
+        ),
+        (
+            "data.eval_crop",
+            d.get("eval_crop", 0.875),
+            lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+            "a share in (0, 1], e.g. 0.875 (224/256)",
+        ),
         ("data.workers", d.get("workers", 2), lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-        ("data.logits_chunk_rows", d.get("logits_chunk_rows", 1024), lambda v: _is_int(v) and v >= 1,
-         "an int >= 1"),
-        ("teacher.logits_dtype", config.teacher.get("logits_dtype", "float32"),
-         lambda v: v in ("float32", "float16", "bfloat16"), "'float32', 'float16' or 'bfloat16'"),
+        (
+            "data.logits_chunk_rows",
+            d.get("logits_chunk_rows", 1024),
+            lambda v: _is_int(v) and v >= 1,
+            "an int >= 1",
+        ),
+        (
+            "teacher.logits_dtype",
+            config.teacher.get("logits_dtype", "float32"),
+            lambda v: v in ("float32", "float16", "bfloat16"),
+            "'float32', 'float16' or 'bfloat16'",
+        ),
     ]
     for name, value, ok, valid in checks:
         if not ok(value):
@@ -184,7 +211,7 @@ def validate_config(config) -> None:
     from debkd_jax import methods, models
 
     validate_cluster(config)
-    validate_stream_fields(config)
+    validate_data_fields(config)
     if not config.methods:
         raise UserError("config.methods is empty: name at least one method, e.g. 'DeBKD'.")
     for name, mcfg in config.methods.items():
@@ -207,6 +234,7 @@ def validate_config(config) -> None:
         for field in ("num_epochs", "batch_size", "eval_batch_size"):
             if not (_is_int(c[field]) and c[field] >= 1):
                 raise UserError(f"{part}.{field}={c[field]!r} must be an integer >= 1.")
+        validate_schedule(part, c)
         for field, ok, want in (
             ("learning_rate", lambda v: v > 0, "> 0"),
             ("weight_decay", lambda v: v >= 0, ">= 0"),
@@ -242,6 +270,64 @@ def validate_config(config) -> None:
         raise UserError(
             f"data.max_per_class={d.max_per_class!r} must be 0 (all images) or an integer >= 3 (one image "
             "per class for each of train, val and test)."
+        )
+
+
+def validate_schedule(part: str, c) -> None:
+    """`lr_schedule` and the fields only one schedule reads: a field the schedule would ignore is refused."""
+    schedule = c.get("lr_schedule", "cosine")
+    if schedule not in LR_SCHEDULES:
+        raise UserError(f"{part}.lr_schedule={schedule!r} is not one of {LR_SCHEDULES}.")
+    if not isinstance(c.get("nesterov", True), bool):
+        raise UserError(f"{part}.nesterov={c.nesterov!r} must be True or False.")
+    epochs = c.get("lr_decay_epochs", ())
+    if not (isinstance(epochs, (tuple, list)) and all(_is_number(e) and e > 0 for e in epochs)):
+        raise UserError(
+            f"{part}.lr_decay_epochs={epochs!r} must be a tuple of epochs > 0, e.g. (30, 60, 90)."
+        )
+    rate = c.get("lr_decay_rate", 0.1)
+    if not (_is_number(rate) and 0 < rate):
+        raise UserError(f"{part}.lr_decay_rate={rate!r} must be a finite number > 0.")
+    if schedule == "cosine" and (tuple(epochs) or rate != LATER_TRAINING_DEFAULTS["lr_decay_rate"]):
+        raise UserError(
+            f"{part}.lr_decay_epochs/lr_decay_rate set a step schedule, but {part}.lr_schedule='cosine' "
+            "ignores "
+            f"them; set {part}.lr_schedule='step' or leave them at () and 0.1."
+        )
+    if schedule == "step" and c.warmup_epochs:
+        raise UserError(
+            f"{part}.warmup_epochs={c.warmup_epochs!r} has no effect with {part}.lr_schedule='step' "
+            "(no warm-up); "
+            "set it to 0."
+        )
+
+
+# Fields that only one kind of data source reads, with their defaults: set away from the default on the
+# other kind, they are refused rather than ignored.
+FILES_ONLY_FIELDS = {"data.eval_crop": 224 / 256, "data.workers": 2, "data.logits_chunk_rows": 1024}
+
+
+def validate_for_kind(config, kind: str) -> None:
+    """Fields that act on one kind of data, or one kind of source, only: set elsewhere, a one-line error."""
+    d = config.data
+    source_kind = str(d.source).partition(":")[0]
+    if kind == "memory":
+        for name, default in FILES_ONLY_FIELDS.items():
+            value = d.get(name.split(".")[1], default)
+            if value != default:
+                raise UserError(
+                    f"{name}={value!r} applies to image files read as they train (data.pipeline='stream'); "
+                    f"data.pipeline='memory' decodes every image once: leave it at {default!r} or stream."
+                )
+    if source_kind != "digits" and d.digits_classes != 2:
+        raise UserError(
+            f"data.digits_classes={d.digits_classes!r} applies to data.source='digits' only, not "
+            f"{d.source!r}: leave it at 2."
+        )
+    if source_kind != "tfds" and d.tfds_data_dir:
+        raise UserError(
+            f"data.tfds_data_dir={d.tfds_data_dir!r} applies to 'tfds:NAME' sources only, not {d.source!r}: "
+            "leave it empty."
         )
 
 
@@ -328,7 +414,13 @@ def validate_cluster(config) -> None:
             raise UserError(f"cluster.{field}={cluster[field]!r} must be a whole number of seconds >= 1.")
     given = [
         f
-        for f, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1))
+        for f, unset in (
+            ("coordinator_address", ""),
+            ("num_processes", 0),
+            ("process_id", -1),
+            ("initialization_timeout", 300),
+            ("heartbeat_timeout", 30),
+        )
         if cluster[f] != unset
     ]
     if given and not config.distributed:

@@ -9,7 +9,9 @@ eval mode, and every BatchNorm that directly follows a convolution is folded int
 `+ b`, with `a = scale / sqrt(var + eps)`, `b = bias - mean * a`). The variables are constants of the module,
 so the file is all a user needs: `predict.py` runs it with `jax.export.deserialize`, without the model code.
 
-The sidecar `<out>.json` holds the class names, the image size and how the file was made (see `sidecar_path`).
+The sidecar `<out>.json` holds the class names, the image size, how an image file becomes the model's input
+(`preprocessing`: the run's own, from its `model.json`: "squash" or "resize_crop" with its crop; `predict`
+applies it) and how the file was made (see `sidecar_path`).
 """
 
 from __future__ import annotations
@@ -178,6 +180,18 @@ def export_model(
     return jax.export.export(fn, platforms=tuple(platforms))(spec)
 
 
+def preprocessing_of(meta: dict) -> dict:
+    """How the run made its inputs from an image file (`model.json`'s, `data.DataSource.preprocessing`); a run
+    recorded before that field existed decoded as the memory kind does ("squash")."""
+    default = {
+        "resize": "squash",
+        "image_size": int(meta["image_size"]),
+        "normalize": dict(data_lib.NORMALIZATION),
+    }
+    recorded = meta.get("preprocessing")
+    return dict(recorded) if isinstance(recorded, dict) else default
+
+
 def export_run(run_dir: str, out: str, *, platforms: Sequence[str] = ("cpu",), fold: bool = True) -> dict:
     """Exports the student of `run_dir` to `out` (+ sidecar); returns the sidecar's content."""
     meta, variables = load_run(run_dir)
@@ -198,8 +212,7 @@ def export_run(run_dir: str, out: str, *, platforms: Sequence[str] = ("cpu",), f
         "image_size": image_size,
         "input": {"dtype": "uint8", "shape": ["batch", image_size, image_size, 3], "layout": "NHWC RGB"},
         "outputs": list(OUTPUTS),
-        "preprocessing": "resize to image_size x image_size (bilinear, as debkd_jax.data); "
-        "the model normalizes (x / 255 - 0.5) / 0.5 itself",
+        "preprocessing": preprocessing_of(meta),
         "batchnorm": "folded into the convolutions" if fold else "eval-mode statistics",
         "platforms": list(exported.platforms),
         "parameters": models.count_params(variables["params"]),

@@ -80,6 +80,45 @@ def validate(name: str, cfg) -> None:
     for field in ("alpha", "lam"):
         if not 0 <= cfg[field] <= 1:
             raise bad(field, "must lie in [0, 1]")
+    read = fields_read(cfg)
+    for field, default in DEFAULTS.items():
+        if field not in read and _differs(cfg[field], default):
+            raise ValueError(
+                f"method {name!r}: {field}={cfg[field]!r} is not read by its loss {cfg.loss!r} with "
+                "transforms "
+                f"{transforms}; leave it at its default {default!r} (or pick a loss that reads it)."
+            )
+
+
+LOSS_FIELDS = {
+    "ce": set(),
+    "kd": {"alpha"},
+    "debkd": {"beta", "scale_by_t2"},
+    "btkd": {"lam", "rectify_mode"},
+    "dkd": {"alpha", "beta", "warmup_epochs"},
+}
+"""The method fields each loss reads besides the ones every method reads (`fields_read`)."""
+
+
+def fields_read(cfg) -> set[str]:
+    """The fields of a method config that its training or its report reads: every method's targets (and so the
+    region hit rate of its test report) use `transforms`, `temperature` and `num_regions`, and `hint_weight`
+    adds FitNets hints to any loss; the rest depend on the loss and the transforms."""
+    transforms = _as_tuple(cfg.transforms)
+    read = {"loss", "transforms", "temperature", "num_regions", "hint_weight", *LOSS_FIELDS[cfg.loss]}
+    if cfg.loss != "ce":
+        read |= {"weight_schedule", "online_targets"}
+    if "knowledge_infusion" in transforms:
+        read.add("ki_mode")
+    if "rectify" in transforms:
+        read.add("rectify_mode")
+    return read
+
+
+def _differs(value, default) -> bool:
+    if isinstance(value, (tuple, list)) or isinstance(default, (tuple, list)):
+        return tuple(_as_tuple(value)) != tuple(default)
+    return value != default
 
 
 def _as_tuple(transforms) -> tuple[str, ...]:

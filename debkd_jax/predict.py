@@ -1,8 +1,10 @@
 """Class probabilities from an exported student: `python -m debkd_jax.predict --model=FILE IMAGE...`.
 
 FILE is what `python -m debkd_jax.export` wrote (with its sidecar FILE.json beside it). No model code is
-needed: the file is StableHLO, run with `jax.export.deserialize`. Images are decoded and resized like the
-training data (`debkd_jax.data`'s decoder: EXIF orientation, RGB, bilinear resize to the model's image size).
+needed: the file is StableHLO, run with `jax.export.deserialize`. Each image file is made into the model's
+input exactly as its run evaluated images (the sidecar's `preprocessing`, `data.read_image_file`): decoded
+(EXIF orientation, RGB), then squashed to S x S, or its shorter side resized to S / crop and the central S x S
+kept.
 
 Output, one tab-separated row per image after a header (or JSON lines with --json):
 
@@ -38,6 +40,7 @@ class Deployed:
     class_names: tuple[str, ...]
     image_size: int
     meta: dict
+    preprocessing: dict = dataclasses.field(default_factory=dict)
     run: Callable = dataclasses.field(repr=False, default=None)  # jit(exported.call): compiled once per shape
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,29 +110,35 @@ def load(model_path: str) -> Deployed:
             f"(model input {in_aval.dtype} {in_aval.shape}, sidecar: "
             f"{len(class_names)} classes, image size {image_size}); export the model again."
         )
+    preprocessing = meta.get("preprocessing")
+    if not isinstance(preprocessing, dict):  # an export written before the field held the run's own
+        preprocessing = {"resize": "squash", "image_size": image_size}
     return Deployed(
         exported=exported,
         class_names=class_names,
         image_size=image_size,
         meta=meta,
+        preprocessing=preprocessing,
         run=jax.jit(exported.call),
     )
 
 
-def read_images(paths: Sequence[str], image_size: int) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """(readable paths, uint8 (n, S, S, 3), [(unreadable path, reason)])."""
+def read_images(
+    paths: Sequence[str], preprocessing: dict
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(readable paths, uint8 (n, S, S, 3) made as `preprocessing` says, [(unreadable path, reason)])."""
     ok, arrays, failed = [], [], []
+    size = int(preprocessing["image_size"])
     for p in paths:
         if os.path.isdir(p):
             failed.append((p, "is a directory; pass image files"))
             continue
-        image, reason = data_lib.decode_file(p, image_size)
-        if image is None:
-            failed.append((p, reason or "unreadable"))
-        else:
+        try:
+            arrays.append(data_lib.read_image_file(p, preprocessing))
             ok.append(p)
-            arrays.append(image)
-    images = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)
+        except ValueError as e:
+            failed.append((p, str(e) or "unreadable"))
+    images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return ok, images, failed
 
 
@@ -137,7 +146,7 @@ def predict_files(
     model: Deployed, paths: Sequence[str], batch_size: int = 256
 ) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, str]]]:
     """([(path, probabilities (k,))], [(unreadable path, reason)])."""
-    ok, images, failed = read_images(paths, model.image_size)
+    ok, images, failed = read_images(paths, model.preprocessing)
     probs = [model.probabilities(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     probs = np.concatenate(probs) if probs else np.zeros((0, len(model.class_names)), np.float32)
     return list(zip(ok, probs, strict=True)), failed

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from debkd_jax import cli, config_lib, console, methods, pipeline, report, training, workdir_lib, xla_cpu
+from debkd_jax import cli, console, methods, pipeline, report, workdir_lib, xla_cpu
 from debkd_jax.errors import UserError
 
 log = logging.getLogger("debkd_jax")
@@ -147,25 +147,18 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Teacher (once) -> cached logits -> one student per point and seed -> table, JSON and plot. Returns the
     results dict written to `sweep-<name>-<student>.json`."""
     points = sweep_points(config)
-    training.initialize_distributed(config)
-    config_lib.validate_config(config)
+    setup = pipeline.check(config, workdir)
+    source, mesh = setup.source, setup.mesh
     workdir = workdir_lib.expand(workdir)
     basename = _basename(config)
     sweep_dir = os.path.join(workdir, "sweeps", basename[len("sweep-") :])
     writer = jax.process_index() == 0
     with workdir_lib.Workdir(workdir, writer=writer):
-        # Check: the data, the models and a teacher from elsewhere, before anything is written.
-        mesh = training.create_mesh()
-        dataset = pipeline.load_data(config)
-        pipeline.check_models(config, dataset, with_teacher=not config.teacher.get("logits", ""))
-        pipeline.check_folds(config, dataset)
-        given = pipeline.given_teacher(config, dataset)
-
         if writer:
             workdir_lib.atomic_write_bytes(
                 os.path.join(sweep_dir, "config.json"), config.to_json_best_effort(indent=2).encode()
             )
-        pipeline.record_data(dataset, sweep_dir, writer)
+        pipeline.record_data(source, sweep_dir, writer, setup.why)
         log.info(
             "sweep %s: %s over %s = %s, %d point(s) x %d seed(s)",
             config.sweep.name,
@@ -177,10 +170,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         teacher = pipeline.get_teacher(
             config=config,
-            dataset=dataset,
+            source=source,
             teacher_dir=os.path.join(workdir, "teacher"),
             mesh=mesh,
-            given=given,
+            given=setup.given,
         )
 
         jobs = [(p, config.seed + s) for p in points for s in range(config.seeds)]
@@ -190,12 +183,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         for point, seed in bar:
             identity = pipeline.student_identity(
-                config=config,
-                method_cfg=point.method_cfg,
-                seed=seed,
-                dataset=dataset,
-                t_logits=teacher.logits,
-                teacher_meta=teacher.meta,
+                config=config, method_cfg=point.method_cfg, seed=seed, source=source, teacher=teacher
             )
             run_dir = pipeline.run_folder(sweep_dir, f"{point.slug}-seed{seed}", identity)
             if hasattr(bar, "set_postfix_str"):
@@ -205,7 +193,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 method_name=f"{config.sweep.method} {point.label}",
                 method_cfg=point.method_cfg,
                 seed=seed,
-                dataset=dataset,
+                source=source,
                 teacher=teacher,
                 mesh=mesh,
                 run_dir=run_dir,
@@ -216,9 +204,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config=config,
             points=points,
             runs=runs,
-            dataset=dataset,
+            source=source,
             teacher_meta=teacher.meta,
-            teacher_test=teacher.test_metrics(dataset),
+            teacher_test=teacher.test_metrics(source),
         )
         if writer:
             report.write_sweep_results(workdir, basename, results)

@@ -1,4 +1,4 @@
-"""A teacher given as a file of logits: read it, check it, and align it to a `Dataset` by image id.
+"""A teacher given as a file of logits: read it, check it, and align it to a data source by image id.
 
 The file (docs/teachers.md) is an `.npz` holding `ids` (N,) str and `logits` (N, k) float -- one row per
 image, keyed by the image's stable id (`Dataset.train_ids` etc.: the path relative to the data folder, the
@@ -130,23 +130,21 @@ def rows_for(file: LogitsFile, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return rows, found
 
 
-def align_logits(file: LogitsFile, dataset) -> dict[str, np.ndarray | None]:
-    """The file's logits for each split of `dataset`, in the dataset's order: {'train': (N, k), 'val': (M, k)
-    or None, 'test': ...}. Every training image must have a row; a val/test split the file does not fully
-    cover is None (the teacher's row then says so). `UserError` for another class count or missing
-    training images."""
-    if dataset.train_ids is None:
-        raise ValueError("the dataset has no image ids (a Dataset built by hand): load it with load_dataset")
-    k = dataset.num_classes
+def align_logits(file: LogitsFile, source) -> dict[str, np.ndarray | None]:
+    """The file's logits for each split of `source` (a `data.source.DataSource`), in its order: {'train':
+    (N, k), 'val': (M, k) or None, 'test': ...}. Every training image must have a row; a val/test split the
+    file does not fully cover is None (the teacher's row then says so). `UserError` for another class count or
+    missing training images."""
+    k = source.num_classes
     if file.num_classes != k:
         raise UserError(
             f"teacher.logits={file.path!r} has {file.num_classes} logits per image but the data has {k} "
             "classes "
-            f"{list(dataset.class_names)}; export the teacher for the same classes, in this order."
+            f"{list(source.class_names)}; export the teacher for the same classes, in this order."
         )
     out: dict[str, np.ndarray | None] = {}
     for split in SPLITS:
-        ids = np.asarray(getattr(dataset, f"{split}_ids")).astype(str)
+        ids = np.asarray(source.splits[split].ids).astype(str)
         rows, found = rows_for(file, ids)
         if split == "train" and not found.all():
             missing = ids[~found]
@@ -188,10 +186,10 @@ def read_variables(path: str) -> dict:
     return dict(variables)
 
 
-def write_logits_file(path: str, dataset, t_logits: dict) -> None:
+def write_logits_file(path: str, source, t_logits: dict) -> None:
     """Writes the `read_logits_file` format: `ids` and `logits` of every split `t_logits` has (not None),
-    in the dataset's order; atomic (`workdir_lib.write_npz`)."""
+    in the order of the data source's splits; atomic (`workdir_lib.write_npz`)."""
     splits = [s for s in SPLITS if t_logits.get(s) is not None]
-    ids = np.concatenate([np.asarray(getattr(dataset, f"{s}_ids")).astype(str) for s in splits])
+    ids = np.concatenate([np.asarray(source.splits[s].ids).astype(str) for s in splits])
     logits = np.concatenate([np.asarray(t_logits[s], np.float32) for s in splits])
     workdir_lib.write_npz(path, ids=ids, logits=logits)

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from debkd_jax.errors import UserError
+
+
+def fingerprint(*arrays) -> str:
+    """A short sha256 of arrays' shapes, dtypes and bytes (what identifies data and logits in run records)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def expand(path: str) -> str:
@@ -195,8 +206,8 @@ def user_write_errors(where: str):
 
 
 def save_variables(path: str, variables) -> None:
-    """Saves a variables pytree (params, batch_stats) with orbax, replacing an older save atomically. A full or
-    unwritable disk is a `UserError` (`write_error`)."""
+    """Saves a variables pytree (params, batch_stats) with orbax, replacing an older save atomically. A full
+    or unwritable disk is a `UserError` (`write_error`)."""
     path = expand(path)
     with user_write_errors(path), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, jax.device_get(variables), force=True)

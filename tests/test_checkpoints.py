@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import synthetic_dataset, teacher_spec
 
-from debkd_jax import pipeline, training, workdir_lib
+from debkd_jax import data, training, workdir_lib
 
 
 def test_manager_keeps_the_newest_and_the_earliest_best(tmp_path):
@@ -40,8 +40,7 @@ def _fit(dataset, cfg, spec, run_dir, on_epoch=None):
         name="teacher",
         spec=spec,
         train_cfg=cfg,
-        dataset=dataset,
-        train_targets=pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes),
+        source=data.memory_source(dataset),
         run_dir=str(run_dir),
         mesh=training.create_mesh(),
         seed=0,
@@ -66,7 +65,9 @@ def test_fit_returns_the_best_epoch_and_resumes_to_the_same_result(tmp_path):
     accuracies = [r["val_accuracy"] for r in whole.history]
     assert whole.best_epoch == int(np.argmax(accuracies)) + 1  # argmax: the first of equal maxima
     assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
-    for a, b in zip(jax.tree.leaves(whole.best_variables), jax.tree.leaves(resumed.best_variables), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(whole.best_variables), jax.tree.leaves(resumed.best_variables), strict=True
+    ):
         assert isinstance(a, np.ndarray)
         np.testing.assert_array_equal(a, b)
     for run in ("whole", "resumed"):

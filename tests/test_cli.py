@@ -85,9 +85,7 @@ def cli_args(workdir, data_cache, *flags, config=DEBKD + ":smoke") -> list[str]:
 
 def run_cli(args, env, *, driver: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, driver] if driver else [sys.executable, "-m", "debkd_jax.main"]
-    return processes.run(
-        cmd + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+    return processes.run(cmd + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def run_main(args) -> subprocess.CompletedProcess:
@@ -118,8 +116,13 @@ def run_main(args) -> subprocess.CompletedProcess:
     argv = ["debkd_jax.main", *args]
     ours, absl_handler = logging.getLogger("debkd_jax"), absl_logging.get_absl_handler()
     saved = (
-        sys.argv, list(ours.handlers), ours.level, ours.propagate, logging.root.manager.disable,
-        list(absl_handler.filters), absl_logging.get_verbosity(),
+        sys.argv,
+        list(ours.handlers),
+        ours.level,
+        ours.propagate,
+        logging.root.manager.disable,
+        list(absl_handler.filters),
+        absl_logging.get_verbosity(),
     )
     out, err = io.StringIO(), io.StringIO()
     try:
@@ -135,7 +138,9 @@ def run_main(args) -> subprocess.CompletedProcess:
         logging.disable(disable)
         absl_logging.set_verbosity(verbosity)
         FLAGS.unparse_flags()
-        for name in [name for name in FLAGS if name in ("config", "workdir") or name.startswith("config.")]:
+        for name in [
+            name for name in FLAGS if name in ("config", "workdir", "plan") or name.startswith("config.")
+        ]:
             delattr(FLAGS, name)
         sys.modules.pop("debkd_jax.main", None)
         for name, (module, flag) in others.items():
@@ -283,9 +288,12 @@ def check_run_writes_everything_and_learns(
         assert bar in proc.stderr, bar
     assert "3/3" in proc.stderr and "val_acc=" in proc.stderr
     assert "Traceback" not in proc.stderr
-    print(f"end-to-end CLI run: {run['seconds']:.1f} s; test accuracy:", {
-        m: results["methods"][m]["test"]["accuracy"]["mean"] for m in STUDENTS
-    }, "teacher", results["teacher"]["test"]["accuracy"])
+    print(
+        f"end-to-end CLI run: {run['seconds']:.1f} s; test accuracy:",
+        {m: results["methods"][m]["test"]["accuracy"]["mean"] for m in STUDENTS},
+        "teacher",
+        results["teacher"]["test"]["accuracy"],
+    )
 
 
 @pytest.mark.slow
@@ -323,7 +331,11 @@ def kill_when(args, env, ready: pathlib.Path, timeout: float = 240) -> tuple[int
     not at all if it ended first); returns (its exit status, its stderr)."""
     child = processes.popen(
         [sys.executable, "-m", "debkd_jax.main", *args],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -353,11 +365,15 @@ def _same_outputs(a: pathlib.Path, b: pathlib.Path) -> None:
     """The files that hold results are identical up to wall times: results, per-epoch histories, metrics,
     teacher logits."""
     assert results_without_times(a / "results.json") == results_without_times(b / "results.json")
-    assert results_without_times(a / "teacher" / "teacher.json") == results_without_times(b / "teacher" / "teacher.json")
+    assert results_without_times(a / "teacher" / "teacher.json") == results_without_times(
+        b / "teacher" / "teacher.json"
+    )
     for method in STUDENTS:
         run_a, run_b = a / "students" / f"{method}-seed0", b / "students" / f"{method}-seed0"
         assert (run_a / "metrics.jsonl").read_text() == (run_b / "metrics.jsonl").read_text(), method
-        assert results_without_times(run_a / "result.json") == results_without_times(run_b / "result.json"), method
+        assert results_without_times(run_a / "result.json") == results_without_times(run_b / "result.json"), (
+            method
+        )
     with np.load(a / "teacher" / "logits.npz") as za, np.load(b / "teacher" / "logits.npz") as zb:
         for split in ("train", "val", "test"):
             np.testing.assert_array_equal(za[split], zb[split])

@@ -64,8 +64,7 @@ def all_split(ds):
 
 def split_counts(ds):
     k = ds.num_classes
-    return [np.bincount(y, minlength=k).tolist() for y in (ds.train_labels, ds.val_labels,
-                                                            ds.test_labels)]
+    return [np.bincount(y, minlength=k).tolist() for y in (ds.train_labels, ds.val_labels, ds.test_labels)]
 
 
 # ----------------------------------------------------------------------------- real Dogs vs Cats
@@ -75,23 +74,29 @@ def test_the_source_is_recorded_as_given(shapes_dir, tmp_path, monkeypatch):
     """A relative folder stays relative in `Dataset.source` (and so in results and reports); the images are
     those of the absolute form."""
     monkeypatch.chdir(shapes_dir.parent)
-    given = data.load_dataset(f"folder:{shapes_dir.name}", cache_dir=str(tmp_path), max_per_class=10,
-                              progress=False)
+    given = data.load_dataset(
+        f"folder:{shapes_dir.name}", cache_dir=str(tmp_path), max_per_class=10, progress=False
+    )
     assert given.source == f"folder:{shapes_dir.name}"
-    absolute = data.load_dataset(f"folder:{shapes_dir}", cache_dir=str(tmp_path), max_per_class=10,
-                                 progress=False)
+    absolute = data.load_dataset(
+        f"folder:{shapes_dir}", cache_dir=str(tmp_path), max_per_class=10, progress=False
+    )
     assert absolute.source == f"folder:{shapes_dir}"
     np.testing.assert_array_equal(given.train_images, absolute.train_images)
 
 
 def test_dogs_vs_cats_slice(dogs_vs_cats_dir, tmp_path):
-    ds = data.load_dataset(f"folder:{dogs_vs_cats_dir}", cache_dir=str(tmp_path), max_per_class=40,
-                           progress=False)
+    ds = data.load_dataset(
+        f"folder:{dogs_vs_cats_dir}", cache_dir=str(tmp_path), max_per_class=40, progress=False
+    )
     assert ds.class_names == ("cat", "dog") and ds.num_classes == 2 and ds.skipped == ()
     assert ds.source == f"folder:{dogs_vs_cats_dir}"
     assert split_counts(ds) == [[28, 28], [4, 4], [8, 8]]
-    for x, y in ((ds.train_images, ds.train_labels), (ds.val_images, ds.val_labels),
-                 (ds.test_images, ds.test_labels)):
+    for x, y in (
+        (ds.train_images, ds.train_labels),
+        (ds.val_images, ds.val_labels),
+        (ds.test_images, ds.test_labels),
+    ):
         assert x.dtype == np.uint8 and x.shape == (len(y), 32, 32, 3) and y.dtype == np.int32
 
     # Labels follow the folders: every image equals a decode of one chosen file of its class.
@@ -182,8 +187,9 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, damage):
     reference = data.load_dataset(f"folder:{root}", cache_dir=str(cache), progress=False)
     (path,) = cache.iterdir()
     content = path.read_bytes()
-    path.write_bytes({"garbage": b"not a zip file" * 10, "truncated": content[: len(content) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"not a zip file" * 10, "truncated": content[: len(content) // 2], "empty": b""}[damage]
+    )
     calls = counting_decoder(monkeypatch)
     again = data.load_dataset(f"folder:{root}", cache_dir=str(cache), progress=False)
     assert len(calls) == 6
@@ -213,8 +219,9 @@ def test_cache_write_killed_midway_leaves_no_cache(tmp_path, monkeypatch):
     script.write_text(KILLED_WRITER)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
-    run = processes.run([sys.executable, str(script), str(root), str(cache)], env=env,
-                         text=False, timeout=120)
+    run = processes.run(
+        [sys.executable, str(script), str(root), str(cache)], env=env, text=False, timeout=120
+    )
     assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
     assert not [f for f in os.listdir(cache) if f.startswith("debkd-data-")]
     calls = counting_decoder(monkeypatch)
@@ -232,8 +239,7 @@ def test_formats_and_modes(tmp_path):
     np.testing.assert_allclose(decode(save(solid(RED), d / "x.jpg", quality=95))[4, 4], RED, atol=8)
     np.testing.assert_array_equal(decode(save(solid(RED), d / "x.png")), np.full((32, 32, 3), RED))
     np.testing.assert_array_equal(decode(save(solid(BLUE), d / "x.bmp"))[0, 0], BLUE)
-    np.testing.assert_array_equal(decode(save(solid(GREEN), d / "x.webp", lossless=True))[0, 0],
-                                  GREEN)
+    np.testing.assert_array_equal(decode(save(solid(GREEN), d / "x.webp", lossless=True))[0, 0], GREEN)
     np.testing.assert_array_equal(decode(save(solid(RED), d / "UPPER.PNG"))[0, 0], RED)
     np.testing.assert_array_equal(decode(save(solid(RED), d / "x.tif"))[0, 0], RED)
 
@@ -325,8 +331,7 @@ def write_odd_folder(root):
     save(solid(RED, size=(1, 1)), a / "one.png")
     save(solid(RED), a / "UPPER.JPG")
     good = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        good, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(good, "JPEG")
     (a / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
     (a / "zero.jpg").write_bytes(b"")
     (a / "text.jpg").write_text("this is not an image\n")
@@ -467,8 +472,7 @@ def test_tfds_mock_data():
         for i in range(len(raw)):
             example = raw[i]
             assert example["image"].shape != (32, 32, 3)
-            pixels = np.asarray(Image.fromarray(example["image"]).resize((32, 32),
-                                                                          Image.Resampling.BILINEAR))
+            pixels = np.asarray(Image.fromarray(example["image"]).resize((32, 32), Image.Resampling.BILINEAR))
             expected[pixels.tobytes()] = int(example["label"])
     assert ds.class_names == ("cat", "dog") and ds.source == "tfds:cats_vs_dogs"
     images, labels = all_split(ds)
@@ -490,10 +494,12 @@ def prepare_tiny_tfds(tfds, data_dir, class_name, counts):
     """
 
     def info(self):
-        features = tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=["cat", "dog"]),
-        })
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+            }
+        )
         return tfds.core.DatasetInfo(builder=self, features=features)
 
     def generate(self, split):
@@ -502,12 +508,16 @@ def prepare_tiny_tfds(tfds, data_dir, class_name, counts):
             yield i, {"image": img, "label": i % 2}
 
     with tfds.core.registered.skip_registration():
-        builder_cls = type(class_name, (tfds.core.GeneratorBasedBuilder,), {
-            "VERSION": tfds.core.Version("1.0.0"),
-            "_info": info,
-            "_split_generators": lambda self, dl: {s: generate(self, s) for s in counts},
-            "_generate_examples": generate,
-        })
+        builder_cls = type(
+            class_name,
+            (tfds.core.GeneratorBasedBuilder,),
+            {
+                "VERSION": tfds.core.Version("1.0.0"),
+                "_info": info,
+                "_split_generators": lambda self, dl: {s: generate(self, s) for s in counts},
+                "_generate_examples": generate,
+            },
+        )
     builder_cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
 
 
@@ -522,8 +532,7 @@ def tiny_tfds(tmp_path_factory):
 
 
 def test_tfds_real_array_record(tiny_tfds, tmp_path, monkeypatch):
-    ds = data.load_dataset("tfds:tiny_pets", cache_dir=str(tmp_path), tfds_data_dir=tiny_tfds,
-                           progress=False)
+    ds = data.load_dataset("tfds:tiny_pets", cache_dir=str(tmp_path), tfds_data_dir=tiny_tfds, progress=False)
     assert ds.class_names == ("cat", "dog")
     images, labels = all_split(ds)
     assert len(labels) == 28 and split_counts(ds) == [[10, 10], [1, 1], [3, 3]]
@@ -531,10 +540,14 @@ def test_tfds_real_array_record(tiny_tfds, tmp_path, monkeypatch):
 
     calls = []
     original = sources.read_tfds_example
-    monkeypatch.setattr(sources, "read_tfds_example",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
-    own = data.load_dataset("tfds:tiny_pets", cache_dir=str(tmp_path), tfds_data_dir=tiny_tfds,
-                            use_dataset_test_split=True, progress=False)
+    monkeypatch.setattr(sources, "read_tfds_example", lambda *a, **k: calls.append(1) or original(*a, **k))
+    own = data.load_dataset(
+        "tfds:tiny_pets",
+        cache_dir=str(tmp_path),
+        tfds_data_dir=tiny_tfds,
+        use_dataset_test_split=True,
+        progress=False,
+    )
     assert calls == []
     test_values = sorted(int(x[0, 0, 0]) for x in own.test_images)
     assert test_values == sorted(tfds_value("test", i) for i in range(8))
@@ -543,23 +556,60 @@ def test_tfds_real_array_record(tiny_tfds, tmp_path, monkeypatch):
         i = [j for j in range(8) if tfds_value("test", j) == x[0, 0, 0]][0]
         assert y == i % 2
 
-    small = data.load_dataset("tfds:tiny_pets", cache_dir=None, tfds_data_dir=tiny_tfds,
-                              max_per_class=3, use_dataset_test_split=True, progress=False)
+    small = data.load_dataset(
+        "tfds:tiny_pets",
+        cache_dir=None,
+        tfds_data_dir=tiny_tfds,
+        max_per_class=3,
+        use_dataset_test_split=True,
+        progress=False,
+    )
     assert split_counts(small) == [[2, 2], [1, 1], [3, 3]]
 
-    train_only = data.load_dataset("tfds:tiny_pets_train_only", cache_dir=None,
-                                   tfds_data_dir=tiny_tfds, progress=False)
+    train_only = data.load_dataset(
+        "tfds:tiny_pets_train_only", cache_dir=None, tfds_data_dir=tiny_tfds, progress=False
+    )
     assert len(all_split(train_only)[1]) == 20
     with pytest.raises(ValueError, match="no 'test' split"):
-        data.load_dataset("tfds:tiny_pets_train_only", cache_dir=None, tfds_data_dir=tiny_tfds,
-                          use_dataset_test_split=True)
+        data.load_dataset(
+            "tfds:tiny_pets_train_only", cache_dir=None, tfds_data_dir=tiny_tfds, use_dataset_test_split=True
+        )
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"use_dataset_test_split": True}, {"use_dataset_test_split": True, "max_per_class": 3}]
+)
+def test_tfds_as_files_lists_the_split_the_memory_kind_decodes(tiny_tfds, tmp_path, kw):
+    """The files kind reads a TFDS dataset's labels without decoding its images and splits it as
+    `load_dataset` does: the same ids and labels in every split, with or without the dataset's own test split
+    and a per-class subset; the labels are cached and read back."""
+    from debkd_jax.data import stream
+
+    memory = data.load_dataset(
+        "tfds:tiny_pets", cache_dir=None, tfds_data_dir=tiny_tfds, progress=False, **kw
+    )
+    for _ in range(2):  # the second time from the label cache
+        planned = stream.plan_stream(
+            "tfds:tiny_pets", seed=0, tfds_data_dir=tiny_tfds, cache_dir=str(tmp_path), **kw
+        )
+        for split in ("train", "val", "test"):
+            np.testing.assert_array_equal(planned.splits[split].ids, getattr(memory, f"{split}_ids"))
+            np.testing.assert_array_equal(planned.splits[split].labels, getattr(memory, f"{split}_labels"))
+    assert any(name.startswith("debkd-tfds-labels-") for name in os.listdir(tmp_path))
+    records = planned.splits["test"]
+    read = stream.ReadExample(records, 12, train=False, eval_crop=1.0)((0, -1, 0))
+    assert read["valid"] and int(read["label"]) == records.labels[0]
+    split, index = records.ids[0].split("/")
+    import tensorflow_datasets as tfds
+
+    raw = tfds.data_source("tiny_pets", split=split, data_dir=tiny_tfds, download=False)[int(index)]
+    assert (read["image"] == raw["image"][0, 0, 0]).all() and int(raw["label"]) == records.labels[0]
 
 
 def test_tfds_missing_dataset(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(ValueError, match="tfds build cifar10 --file_format=array_record"):
-        data.load_dataset("tfds:cifar10", cache_dir=None, tfds_data_dir=str(tmp_path),
-                          progress=False)
+        data.load_dataset("tfds:cifar10", cache_dir=None, tfds_data_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="no_such_dataset_xyz.*tfds build"):
         data.load_dataset("tfds:no_such_dataset_xyz", cache_dir=None, tfds_data_dir=str(tmp_path))
 
@@ -582,7 +632,7 @@ def test_normalize():
 def numpy_crop_flip(image, dy, dx, flip, pad=4):
     h, w, _ = image.shape
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    out = padded[dy: dy + h, dx: dx + w]
+    out = padded[dy : dy + h, dx : dx + w]
     return out[:, ::-1] if flip else out
 
 
@@ -593,15 +643,19 @@ def test_augment_matches_numpy_reference():
     assert out.shape == images.shape and out.dtype == np.uint8
     seen = set()
     for image, result in zip(images, out, strict=True):
-        matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
-                   if np.array_equal(numpy_crop_flip(image, dy, dx, f), result)]
+        matches = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (False, True)
+            if np.array_equal(numpy_crop_flip(image, dy, dx, f), result)
+        ]
         assert len(matches) == 1, "every output is one crop/flip of its input"
         seen.add(matches[0])
     assert {f for _, _, f in seen} == {False, True}
     assert len({(dy, dx) for dy, dx, _ in seen}) > 20
     offsets, flips = batching.augment_params(rng, 64, 4)
-    for image, result, (dy, dx), f in zip(images, out, np.asarray(offsets), np.asarray(flips),
-                                          strict=True):
+    for image, result, (dy, dx), f in zip(images, out, np.asarray(offsets), np.asarray(flips), strict=True):
         np.testing.assert_array_equal(result, numpy_crop_flip(image, dy, dx, f))
 
 
@@ -615,8 +669,9 @@ def test_augment_properties():
     assert int(offsets.min()) == 0 and int(offsets.max()) == 8
     centre = np.full((512, 2), 4)
     np.testing.assert_array_equal(batching.crop_flip(images, centre, np.zeros(512, bool), 4), images)
-    twice = batching.crop_flip(batching.crop_flip(images, centre, np.ones(512, bool), 4), centre,
-                               np.ones(512, bool), 4)
+    twice = batching.crop_flip(
+        batching.crop_flip(images, centre, np.ones(512, bool), 4), centre, np.ones(512, bool), 4
+    )
     np.testing.assert_array_equal(twice, images)
     mirrored = data.augment(jax.random.key(3), images, pad=0)
     same = (np.asarray(mirrored) == images).all(axis=(1, 2, 3))
@@ -661,7 +716,7 @@ def test_make_global_batch_shards_batch_axis():
         assert len(shards) == 8
         for i, shard in enumerate(shards):
             assert shard.data.shape[0] == 2
-            np.testing.assert_array_equal(np.asarray(shard.data), ref[2 * i: 2 * i + 2])
+            np.testing.assert_array_equal(np.asarray(shard.data), ref[2 * i : 2 * i + 2])
 
 
 def test_gather_batch_takes_the_same_rows_of_images_labels_and_targets():

@@ -147,7 +147,7 @@ def test_export_and_predict_cli_on_real_images(exported, dogs_vs_cats_dir, tmp_p
     assert lines[0].split("\t") == ["image", "label", "p(label)", "p(cat)", "p(dog)"]
     assert len(lines) == 1 + len(paths)
     deployed = predict.load(out)
-    _, images, _ = predict.read_images(paths, 32)
+    _, images, _ = predict.read_images(paths, deployed.preprocessing)
     want = deployed.probabilities(images)
     for line, path, p in zip(lines[1:], paths, want, strict=True):
         image, label, p_label, p_cat, p_dog = line.split("\t")
@@ -164,18 +164,26 @@ def test_export_and_predict_cli_on_real_images(exported, dogs_vs_cats_dir, tmp_p
     assert set(row["probabilities"]) == set(CLASS_NAMES)
 
 
-def test_predict_resizes_like_the_data_pipeline(exported, tmp_path):
+def test_predict_resizes_like_the_data_pipeline_the_run_used(exported, tmp_path):
+    """The sidecar carries the run's preprocessing ("squash" for a memory-kind run); a "resize_crop" one (a
+    run on image files) is applied as the files kind evaluates."""
     from PIL import Image
 
     big = tmp_path / "big.png"
     Image.fromarray(_images(1)[0]).resize((97, 61)).save(big)
     deployed = predict.load(exported["path"])
-    ok, images, failed = predict.read_images([str(big)], 32)
+    ok, images, failed = predict.read_images([str(big)], deployed.preprocessing)
     assert ok == [str(big)] and not failed and images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
     from debkd_jax import data
 
+    assert deployed.preprocessing["resize"] == "squash"
     np.testing.assert_array_equal(images[0], data.decode_file(str(big), 32)[0])
     assert deployed.probabilities(images).shape == (1, 2)
+    crop = {"resize": "resize_crop", "crop": 0.875, "image_size": 32}
+    _, cropped, _ = predict.read_images([str(big)], crop)
+    want = data.stream.eval_transform(data.sources.open_rgb(str(big), 37), 32, 0.875)
+    np.testing.assert_array_equal(cropped[0], want)
+    assert not np.array_equal(cropped[0], images[0])
 
 
 def test_unreadable_image_is_reported_and_others_still_predicted(exported, tmp_path, capsys):

@@ -91,13 +91,13 @@ def small_config(cache_dir, methods=("KD",), image_size=16):
 
 
 def load(config):
-    return pipeline.load_data(config)
+    return pipeline.load_source(config, "memory")
 
 
 def logits_file(dataset, path) -> str:
     rng = np.random.default_rng(0)
-    ids = np.concatenate([dataset.train_ids, dataset.val_ids, dataset.test_ids])
-    labels = np.concatenate([dataset.train_labels, dataset.val_labels, dataset.test_labels])
+    ids = np.concatenate([dataset.splits[s].ids for s in ("train", "val", "test")])
+    labels = np.concatenate([dataset.splits[s].labels for s in ("train", "val", "test")])
     logits = rng.normal(size=(len(ids), dataset.num_classes)).astype(np.float32)
     logits[np.arange(len(ids)), labels] += 3.0
     np.savez(path, ids=ids, logits=logits)
@@ -114,8 +114,10 @@ def test_a_student_defined_here_distils_and_saves_its_own_variables(cache_dir, t
     saved = workdir_lib.restore_variables(str(tmp_path / "w" / "students" / "KD-seed0" / "final"))
     # The saved variables are the bare module's: it applies them without the adapter.
     bare = small_mlp(dataset.num_classes, jnp.float32)
-    logits = bare.apply({"params": saved["params"]}, data.normalize(dataset.test_images), train=False)
-    accuracy = float(np.mean(np.argmax(logits, -1) == dataset.test_labels))
+    logits = bare.apply(
+        {"params": saved["params"]}, data.normalize(dataset.splits["test"].images), train=False
+    )
+    accuracy = float(np.mean(np.argmax(logits, -1) == dataset.splits["test"].labels))
     assert accuracy == pytest.approx(results["methods"]["KD"]["test"]["accuracy"]["mean"])
 
 
@@ -130,8 +132,8 @@ def test_fkd_from_a_teacher_given_as_variables_into_a_mobilenet_student(cache_di
     results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
     # The teacher row is the given network's: its test accuracy from the given variables.
     predict = training.make_predict_fn(teacher, jnp.float32)
-    t_logits = np.asarray(predict(variables, dataset.test_images)[0])
-    expected = float(np.mean(np.argmax(t_logits, -1) == dataset.test_labels))
+    t_logits = np.asarray(predict(variables, dataset.splits["test"].images)[0])
+    expected = float(np.mean(np.argmax(t_logits, -1) == dataset.splits["test"].labels))
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
     assert set(results["methods"]) == {"KD", "FKD"}
     assert not os.path.exists(tmp_path / "w" / "teacher" / "final")  # nothing trained
@@ -150,14 +152,18 @@ def test_fkd_from_a_factory_teacher_given_as_variables(cache_dir, tmp_path):
 
     given = pipeline.given_teacher(config, dataset)
     teacher = pipeline.get_teacher(
-        config=config, dataset=dataset, teacher_dir=str(tmp_path / "t"), mesh=training.create_mesh(), given=given
+        config=config,
+        source=dataset,
+        teacher_dir=str(tmp_path / "t"),
+        mesh=training.create_mesh(),
+        given=given,
     )
     fkd = config.methods.FKD
     spec = pipeline.student_step_spec(
         config=config,
         method_cfg=fkd,
         objective=methods_lib.objective(fkd, config.student.num_epochs),
-        dataset=dataset,
+        source=dataset,
         teacher=teacher,
         mesh=training.create_mesh(),
     )
@@ -166,8 +172,8 @@ def test_fkd_from_a_factory_teacher_given_as_variables(cache_dir, tmp_path):
     assert isinstance(spec.teacher, models.Adapted) and spec.teacher_taps == (0, 1)
 
     results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
-    own = bare.apply(variables, data.normalize(dataset.test_images), train=False)[0]
-    expected = float(np.mean(np.argmax(own, -1) == dataset.test_labels))
+    own = bare.apply(variables, data.normalize(dataset.splits["test"].images), train=False)[0]
+    expected = float(np.mean(np.argmax(own, -1) == dataset.splits["test"].labels))
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
     history = results["methods"]["FKD"]["val_accuracy"][0]
     assert len(history) == config.student.num_epochs
@@ -257,12 +263,12 @@ def test_builtin_resnets_take_32_and_64_pixels(name, size):
 def test_a_student_trains_on_64_pixel_images(cache_dir, tmp_path):
     config = small_config(cache_dir, image_size=64)
     dataset = load(config)
-    assert dataset.train_images.shape[1:] == (64, 64, 3)
+    assert dataset.splits["train"].images.shape[1:] == (64, 64, 3)
     config.teacher.logits = logits_file(dataset, tmp_path / "t.npz")
     results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
     saved = workdir_lib.read_json(str(tmp_path / "w" / "students" / "KD-seed0" / "model.json"))
     assert saved["image_size"] == 64
     # Deterministic (seed 0, CPU). Measured 0.5 for seeds 0, 1 and 2: one epoch on 28 images per class leaves
     # the student predicting one class, 8 of the 16 test images.
-    assert len(dataset.test_labels) == 16
+    assert len(dataset.splits["test"].labels) == 16
     assert results["methods"]["KD"]["test"]["accuracy"]["mean"] == 0.5

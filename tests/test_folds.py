@@ -10,6 +10,7 @@ import os
 import signal
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -34,7 +35,7 @@ FOLDS = 3
 FLAGS = (f"--config.teacher.folds={FOLDS}",)
 
 # Wraps training.fit to record, for every model it trains, the ids of the training images it was given and
-# the training targets' logits; then runs the CLI. Recording changes nothing the run computes.
+# the teacher logits its batches are given; then runs the CLI. Recording changes nothing the run computes.
 RECORDING_DRIVER = textwrap.dedent(
     """
     import json, os, sys
@@ -44,13 +45,14 @@ RECORDING_DRIVER = textwrap.dedent(
     record = os.environ["DEBKD_TEST_RECORD"]
     real_fit = training.fit
 
-    def fit(*, name, dataset, train_targets, run_dir, **kwargs):
+    def fit(*, name, source, run_dir, logits=None, **kwargs):
         tag = os.path.relpath(run_dir, os.environ["DEBKD_TEST_WORKDIR"]).replace(os.sep, "__")
-        np.save(os.path.join(os.path.dirname(record), tag + ".targets.npy"), np.asarray(train_targets.logits))
+        if logits is not None:
+            np.save(os.path.join(os.path.dirname(record), tag + ".targets.npy"), logits.all())
         with open(record, "a") as f:
-            f.write(json.dumps({"name": name, "run_dir": run_dir, "ids": dataset.train_ids.tolist(),
+            f.write(json.dumps({"name": name, "run_dir": run_dir, "ids": source.splits["train"].ids.tolist(),
                                 "targets": tag + ".targets.npy"}) + "\\n")
-        return real_fit(name=name, dataset=dataset, train_targets=train_targets, run_dir=run_dir, **kwargs)
+        return real_fit(name=name, source=source, run_dir=run_dir, logits=logits, **kwargs)
 
     training.fit = fit
     from debkd_jax import main
@@ -138,7 +140,7 @@ def test_every_training_image_gets_logits_from_a_teacher_that_never_saw_it(folds
         own = np.asarray(model.apply(variables, x, train=False)[0])
         np.testing.assert_allclose(logits[fold_of == k], own, rtol=1e-4, atol=1e-4)
 
-    # The students learned from these logits: KD's targets are the out-of-fold logits, row for row.
+    # The students learned from these logits: KD's teacher logits are the out-of-fold ones, row for row.
     kd = next(f for f in fits if f["name"].startswith("KD "))
     order = {i: n for n, i in enumerate(ids)}
     targets = np.load(folds_run["record_dir"] / kd["targets"])
@@ -165,9 +167,9 @@ def _images_by_id(workdir, config, image_ids) -> np.ndarray:
     saved = json.loads((workdir / "config.json").read_text())
     config.data.source = saved["data"]["source"]
     config.data.cache_dir = saved["data"]["cache_dir"]
-    dataset = pipeline.load_data(config)
-    where = {i: n for n, i in enumerate(dataset.train_ids.astype(str))}
-    return dataset.train_images[[where[i] for i in image_ids]]
+    train = pipeline.load_source(config, "memory").splits["train"]
+    where = {i: n for n, i in enumerate(train.ids.astype(str))}
+    return train.images[[where[i] for i in image_ids]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def tiny(tmp_path_factory):
     config.data.cache_dir = str(tmp_path_factory.mktemp("data_cache"))
     config.teacher.num_epochs = 1
     config.teacher.batch_size = 8
-    return config, pipeline.load_data(config)
+    return config, pipeline.load_source(config, "memory")
 
 
 @pytest.mark.timeout(300)
@@ -229,12 +231,12 @@ def test_finished_fold_teachers_are_reused_and_stale_ones_never(tiny, tmp_path, 
     monkeypatch.setattr(training, "fit", counting_fit)
     teacher_dir = str(tmp_path / "teacher")
     config.teacher.folds = 2
-    first, info = pipeline.out_of_fold_logits(config, dataset, teacher_dir, mesh)
+    first, _, info = pipeline.out_of_fold_logits(config, dataset, teacher_dir, mesh)
     assert len(trained) == 2 and info["teacher_trainings"] == 3
 
-    again, _ = pipeline.out_of_fold_logits(config, dataset, teacher_dir, mesh)  # reused, not retrained
+    again, _, _ = pipeline.out_of_fold_logits(config, dataset, teacher_dir, mesh)  # reused, not retrained
     assert len(trained) == 2
-    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first.all(), again.all())
 
     config.teacher.folds = 3  # another K: its own fold teachers, next to the others
     pipeline.out_of_fold_logits(config, dataset, teacher_dir, mesh)
@@ -251,17 +253,28 @@ def test_finished_fold_teachers_are_reused_and_stale_ones_never(tiny, tmp_path, 
     config.seed = 0
 
 
-def test_folds_one_is_the_plain_path(tiny, tmp_path):
-    """folds=1 returns the teacher's own logits untouched and writes nothing; the field is not part of any
-    teacher's identity, so the teacher trained on all images is the same (and reused) for every K."""
-    config, dataset = tiny
-    t_logits = {s: np.full((3, 2), i, np.float32) for i, s in enumerate(("train", "val", "test"))}
-    meta = {"model": "resnet_tiny"}
+def test_folds_one_is_the_plain_path(tiny, tmp_path, monkeypatch):
+    """folds=1 gives the teacher's own logits, trains no fold teacher and writes no folds folder; the field is
+    not part of any teacher's identity, so the teacher trained on all images is the same (and reused) for
+    every K."""
+    config, source = tiny
+    model = models.get_model(config.teacher.model, source.num_classes)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(jnp.zeros((1, 32, 32, 3)))
+    meta = {"model": config.teacher.model}
     config.teacher.folds = 1
-    out, out_meta = pipeline.with_out_of_fold_logits(
-        config=config, dataset=dataset, t_logits=t_logits, teacher_meta=meta, teacher_dir=str(tmp_path), mesh=None
+
+    def no_folds(*args, **kwargs):
+        raise AssertionError("out-of-fold logits with teacher.folds=1")
+
+    monkeypatch.setattr("debkd_jax.pipeline.teacher.out_of_fold_logits", no_folds)
+    teacher = pipeline.get_teacher(
+        config=config,
+        source=source,
+        teacher_dir=str(tmp_path),
+        mesh=training.create_mesh(),
+        given=pipeline.Teacher(variables, meta, None),
     )
-    assert out is t_logits and out_meta is meta and not list(tmp_path.iterdir())
+    assert teacher.meta is meta and not any(p.name.startswith("folds") for p in tmp_path.iterdir())
 
     meta = {"data": "d", "class_names": ["a", "b"], "image_size": 32}
     identities = []
@@ -317,4 +330,4 @@ def test_more_folds_than_the_smallest_class_is_one_clear_error_before_any_write(
     args = cli_args(workdir, cache_dir / "data", "--config.data.max_per_class=5", "--config.teacher.folds=4")
     proc = run_cli(args, cli_env(cache_dir))
     assert_clean_error(proc, "teacher.folds=4", "teacher.folds <= 3")
-    assert {p.name for p in workdir.iterdir()} <= {".lock"}  # only the workdir's lock: no config, no teacher
+    assert not workdir.exists()  # checked before the workdir is made: no lock, no config, no teacher

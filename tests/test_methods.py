@@ -363,12 +363,12 @@ def folder_run(shapes_dir, tmp_path_factory):
     folder, and its logits."""
     config = _tiny(config_lib.base_config(("DeBKD",)))
     config.data.source = f"folder:{shapes_dir}"
-    dataset = pipeline.load_data(config)
+    dataset = pipeline.load_source(config, "memory")
     mesh = training.create_mesh()
     teacher_dir = str(tmp_path_factory.mktemp("teacher"))
-    teacher = pipeline.get_teacher(config=config, dataset=dataset, teacher_dir=teacher_dir, mesh=mesh)
-    logits = teacher.logits
-    correct = np.argmax(logits["train"], -1) == dataset.train_labels
+    teacher = pipeline.get_teacher(config=config, source=dataset, teacher_dir=teacher_dir, mesh=mesh)
+    logits = {split: store.all() for split, store in teacher.logits.items()}
+    correct = np.argmax(logits["train"], -1) == dataset.splits["train"].labels
     # Both of BTKD's subsets and KI's replaced rows are exercised.
     assert 0 < correct.mean() < 1
     return types.SimpleNamespace(
@@ -388,7 +388,7 @@ def test_each_method_trains_a_student_on_an_image_folder(folder_run, name):
         method_name=name,
         method_cfg=methods.preset(name),
         seed=0,
-        dataset=folder_run.dataset,
+        source=folder_run.dataset,
         teacher=folder_run.teacher,
         mesh=folder_run.mesh,
         run_dir=str(folder_run.root / name),
@@ -412,10 +412,13 @@ def one_step(folder_run):
     tx = training.make_optimizer(folder_run.config.student, 2)
     student = training.Student(models.get_model("resnet_tiny", k))
     initial = jax.device_get(
-        training.init_state(jax.random.key(0), student, tx, folder_run.dataset.train_images.shape[1:])
+        training.init_state(
+            jax.random.key(0), student, tx, folder_run.dataset.splits["train"].images.shape[1:]
+        )
     )
     idx = np.arange(16)
-    images = {"image": folder_run.dataset.train_images[idx], "label": folder_run.dataset.train_labels[idx]}
+    train = folder_run.dataset.splits["train"]
+    images = {"image": train.images[idx], "label": train.labels[idx]}
     teacher_vars = jax.device_put(teacher_vars, replicated)
     steps = {}
 
@@ -439,7 +442,7 @@ def one_step(folder_run):
         )
         infusion = None
         if "knowledge_infusion" in objective.transforms:
-            train_labels = folder_run.dataset.train_labels
+            train_labels = folder_run.dataset.splits["train"].labels
             table = targets_lib.infusion_table(folder_run.logits["train"], train_labels, cfg.ki_mode)
             infusion = jax.device_put(table, replicated)
         state = jax.device_put(jax.tree.map(np.array, initial), replicated)  # the step donates it
@@ -459,7 +462,7 @@ def test_online_targets_without_augmentation_equal_the_precomputed_rows(folder_r
     meaningless rows, so it cannot pass by reading them."""
     offline = methods.preset(name)
     online = methods.preset(name, online_targets=True)
-    labels = folder_run.dataset.train_labels
+    labels = folder_run.dataset.splits["train"].labels
     rows = methods.method_targets(offline, folder_run.logits["train"], labels)
     n, k = rows.logits.shape
     junk = targets_lib.Targets(
@@ -499,7 +502,12 @@ def _multiclass_config(arg):
 # class leaves the student (and the 2-epoch teacher: agreement 1) predicting one class, right on 2 of the 20
 # test images; macro precision, recall and F1 follow (0.1 / 10, 1 / 10, 2 * 0.1 / 1.1 / 10).
 K_CLASS_DEBKD_TEST = {
-    "accuracy": 0.1, "precision": 0.01, "recall": 0.1, "f1": 1 / 55, "agreement": 1.0, "region_hit_rate": 1.0,
+    "accuracy": 0.1,
+    "precision": 0.01,
+    "recall": 0.1,
+    "f1": 1 / 55,
+    "agreement": 1.0,
+    "region_hit_rate": 1.0,
 }
 
 
@@ -530,17 +538,20 @@ def test_tfds_cifar10_config_reads_ten_classes_with_mock_data():
     assert config.data.source == "tfds:cifar10"
     config_lib.validate_config(config)
     with tfds.testing.mock_data(num_examples=100):
-        dataset = pipeline.load_data(config)
-    assert dataset.source == "tfds:cifar10" and dataset.num_classes == 10
-    assert dataset.train_images.shape[1:] == (32, 32, 3) and dataset.train_images.dtype == np.uint8
-    assert len(dataset.train_labels) >= config.student.batch_size
+        dataset = pipeline.load_source(config, "memory")
+    assert dataset.name == "tfds:cifar10" and dataset.num_classes == 10
+    assert (
+        dataset.splits["train"].images.shape[1:] == (32, 32, 3)
+        and dataset.splits["train"].images.dtype == np.uint8
+    )
+    assert len(dataset.splits["train"].labels) >= config.student.batch_size
     # The method's targets for 10 classes: regions that hold the teacher's soft labels.
     rng = np.random.default_rng(0)
-    z = rng.normal(size=(len(dataset.train_labels), 10)).astype(np.float32) * 3
-    rows = methods.method_targets(methods.preset("DeBKD"), z, dataset.train_labels)
+    z = rng.normal(size=(len(dataset.splits["train"].labels), 10)).astype(np.float32) * 3
+    rows = methods.method_targets(methods.preset("DeBKD"), z, dataset.splits["train"].labels)
     q = np.asarray(jax.nn.softmax(rows.logits / 4.0))
     assert rows.lo.shape == (len(z), 10) and np.all((rows.lo <= q + 1e-6) & (q <= rows.hi + 1e-6))
-    assert np.all(np.argmax(np.asarray(rows.logits), -1) == dataset.train_labels)  # after KI
+    assert np.all(np.argmax(np.asarray(rows.logits), -1) == dataset.splits["train"].labels)  # after KI
 
 
 @pytest.mark.parametrize(

@@ -205,11 +205,12 @@ def test_no_strided_1x1_convolution_reaches_onednn():
 
 
 def test_a_self_check_past_its_deadline_fails_and_leaves_nothing_running():
+    before = set(processes.descendants())  # e.g. multiprocessing's resource tracker, from earlier modules
     started = time.monotonic()
     ok, reason = check.run_child(1, deadline=1.0)
     assert not ok and "did not finish within 1 s" in reason and "killed" in reason
     assert time.monotonic() - started < 30
-    assert processes.descendants() == []
+    assert set(processes.descendants()) <= before
 
 
 def test_auto_does_not_pick_a_native_conv_that_failed_its_self_check(tmp_path):

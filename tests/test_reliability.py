@@ -25,7 +25,7 @@ import pytest
 from test_cli import assert_clean_error, cli_args, cli_env, run_cli, run_main, shared_cache_dir
 from test_train import synthetic_dataset, teacher_spec
 
-from debkd_jax import config_lib, pipeline, report, training, workdir_lib
+from debkd_jax import config_lib, data, report, training, workdir_lib
 from debkd_jax.errors import UserError
 
 TEACHER_SMOKE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "teacher.py") + ":smoke"
@@ -328,13 +328,11 @@ def test_teacher_of_another_class_count_or_training_set_is_refused():
 
 
 def _fit(dataset, run_dir, cfg, spec):
-    targets = pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     return training.fit(
         name="teacher",
         spec=spec,
         train_cfg=cfg,
-        dataset=dataset,
-        train_targets=targets,
+        source=data.memory_source(dataset),
         run_dir=str(run_dir),
         mesh=training.create_mesh(),
         seed=0,

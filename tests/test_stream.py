@@ -1,6 +1,6 @@
-"""Streamed input (debkd_jax/data/stream.py, training/streamed.py): the same images, order and training as the
-in-memory path on a small folder; the per-process split of every epoch; exact resume from the checkpointed
-iterator; the teacher-logits store; bad input."""
+"""The files kind of data source (debkd_jax/data/stream.py, data/source.py): the same split, images, order and
+training as the memory kind on a small folder; the per-process split of every epoch; exact resume from the
+checkpointed iterator of either kind; the three teacher-logits stores; bad input."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ def folder(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def source(folder) -> stream.StreamSource:
     return stream.plan_stream(f"folder:{folder}", seed=0)
+
+
+def files(source: stream.StreamSource, size=SIZE, augment=False, crop=1.0, workers=0) -> data_lib.DataSource:
+    return data_lib.files_source(
+        source, name="folder", image_size=size, augment=augment, eval_crop=crop, workers=workers
+    )
+
+
+def memory(folder) -> data_lib.DataSource:
+    dataset = data_lib.load_dataset(
+        f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False
+    )
+    return data_lib.memory_source(dataset)
 
 
 def test_the_stream_lists_the_same_split_and_reads_the_same_images_as_memory(folder, source, tmp_path):
@@ -105,57 +118,79 @@ def test_the_logits_store_reads_rows_back_and_checks_the_data(tmp_path):
         stream.LogitsStore.open(store.path, 40, 3)
 
 
-def _fit(train_data, dataset, logits, run_dir, num_epochs=2, on_epoch=None, method="KD"):
+def test_the_three_logits_stores_give_the_same_rows_chunks_and_whole(tmp_path):
+    """Disk, memory and composed (rows dealt among parts, as out-of-fold logits are) stores of the same logits
+    answer `row`, `rows`, `chunks` and `all` alike."""
+    from debkd_jax.data import logits_store
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(45, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, 45).astype(np.int32)
+    part_of = rng.integers(0, 3, 45)
+    position = np.zeros(45, np.int64)
+    parts = []
+    for k in range(3):
+        rows = np.flatnonzero(part_of == k)
+        position[rows] = np.arange(len(rows))
+        parts.append(_store(tmp_path / f"part{k}", logits[rows], labels[rows], chunk_rows=4))
+    stores = [
+        _store(tmp_path, logits, labels, chunk_rows=16),
+        logits_store.ArrayLogits(logits),
+        logits_store.ComposedLogits(tuple(parts), part_of, position),
+    ]
+    idx = rng.permutation(45)[:20]
+    for store in stores:
+        np.testing.assert_array_equal(store.all(), logits)
+        np.testing.assert_array_equal(store.rows(idx), logits[idx])
+        np.testing.assert_array_equal(store.row(7), logits[7])
+        whole = np.zeros_like(logits)
+        seen = []
+        for rows, z in store.chunks():
+            whole[rows] = z
+            seen.extend(rows.tolist())
+        assert sorted(seen) == list(range(45))
+        np.testing.assert_array_equal(whole, logits)
+        assert store.valid.all() and store.num_rows == 45 and store.num_classes == 4
+
+
+def _fit(source, logits, run_dir, num_epochs=2, on_epoch=None, method="KD"):
     cfg = config_lib.train_config("resnet_tiny", num_epochs=num_epochs, batch_size=16)
     method = methods.preset(method)
     objective = methods.objective(method, num_epochs)
-    n = len(train_data.train) if train_data is not None else len(dataset.train_labels)
-    spec = training.build_step_spec(cfg, 2, "float32", objective, n // 16, False, method_cfg=method)
-    targets = (
-        None
-        if train_data is not None or logits is None
-        else methods.method_targets(method, logits, dataset.train_labels)
+    n = len(source.splits["train"])
+    spec = training.build_step_spec(
+        cfg, 2, "float32", objective, n // 16, source.augments_on_device, method_cfg=method
     )
     return training.fit(
         name="kd",
         spec=spec,
         train_cfg=cfg,
-        dataset=dataset,
-        train_targets=targets,
+        source=source,
+        logits=logits,
         run_dir=str(run_dir),
         mesh=training.create_mesh(),
         seed=0,
-        stream=train_data,
         show_progress=False,
         on_epoch=on_epoch,
     )
 
 
-def test_streamed_training_equals_in_memory_training_on_the_same_images(folder, source, tmp_path):
-    dataset = data_lib.load_dataset(
-        f"folder:{folder}", cache_dir=None, seed=0, image_size=SIZE, progress=False
-    )
+def test_training_on_files_equals_training_in_memory_on_the_same_images(folder, source, tmp_path):
+    in_memory = memory(folder)
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(len(dataset.train_labels), 2)).astype(np.float32) * 3
-    store = _store(tmp_path, logits, dataset.train_labels)
-    data = training.StreamTrainData(
-        train=source.splits["train"],
-        val=source.splits["val"],
-        image_size=SIZE,
-        augment=False,
-        eval_crop=1.0,
-        workers=0,
-        logits=store,
-    )
-    streamed = _fit(data, None, None, tmp_path / "s")
-    memory = _fit(None, dataset, logits, tmp_path / "m")
-    for a, b in zip(streamed.history, memory.history, strict=True):
+    logits = rng.normal(size=(len(in_memory.splits["train"]), 2)).astype(np.float32) * 3
+    store = _store(tmp_path, logits, in_memory.splits["train"].labels)
+    streamed = _fit(files(source), store, tmp_path / "s")
+    from debkd_jax.data import logits_store
+
+    kept = _fit(in_memory, logits_store.ArrayLogits(logits), tmp_path / "m")
+    for a, b in zip(streamed.history, kept.history, strict=True):
         assert a["val_accuracy"] == b["val_accuracy"]
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
         streamed.best_variables,
-        memory.best_variables,
+        kept.best_variables,
     )
 
 
@@ -163,24 +198,24 @@ class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_streamed_run_resumes_to_the_uninterrupted_result(source, tmp_path):
-    data = training.StreamTrainData(
-        train=source.splits["train"],
-        val=source.splits["val"],
-        image_size=24,
-        augment=True,
-        eval_crop=0.875,
-        workers=1,
-    )
+@pytest.mark.parametrize("kind", ["files", "memory"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(folder, source, tmp_path, kind):
+    """Either kind's batch iterator position goes into every checkpoint (files: grain's, with worker
+    processes and augmentation in them; memory: its step count, augmentation on device)."""
+    data = files(source, size=24, augment=True, crop=0.875, workers=1) if kind == "files" else memory(folder)
+    if kind == "memory":
+        import dataclasses
+
+        data = dataclasses.replace(data, augment=True)
 
     def stop_after_first(record):
         if record["epoch"] == 1:
             raise Interrupt
 
-    whole = _fit(data, None, None, tmp_path / "whole", num_epochs=2, method="CE")
+    whole = _fit(data, None, tmp_path / "whole", num_epochs=2, method="CE")
     with pytest.raises(Interrupt):
-        _fit(data, None, None, tmp_path / "cut", num_epochs=2, on_epoch=stop_after_first, method="CE")
-    resumed = _fit(data, None, None, tmp_path / "cut", num_epochs=2, method="CE")
+        _fit(data, None, tmp_path / "cut", num_epochs=2, on_epoch=stop_after_first, method="CE")
+    resumed = _fit(data, None, tmp_path / "cut", num_epochs=2, method="CE")
     assert resumed.history == whole.history
     jax.tree.map(np.testing.assert_array_equal, resumed.best_variables, whole.best_variables)
 
@@ -284,25 +319,15 @@ def test_online_targets_on_the_stream_equal_targets_from_the_teacher_pass(folder
             method_cfg=method,
             **kw,
         )
-        data = training.StreamTrainData(
-            train=source.splits["train"],
-            val=source.splits["val"],
-            image_size=SIZE,
-            augment=False,
-            eval_crop=1.0,
-            workers=0,
-            logits=zeros if online else store,
-        )
         runs[online] = training.fit(
             name="kd",
             spec=spec,
             train_cfg=cfg,
-            dataset=None,
-            train_targets=None,
+            source=files(source),
+            logits=zeros if online else store,
             run_dir=str(tmp_path / f"online-{online}"),
             mesh=training.create_mesh(),
             seed=0,
-            stream=data,
             show_progress=False,
             teacher_vars=variables if online else None,
         )

@@ -8,6 +8,7 @@ import json
 import pathlib
 import textwrap
 
+import numpy as np
 import pytest
 from conftest import write_shape_folder
 from test_cli import (
@@ -64,7 +65,7 @@ def one_process_two_devices(cache_dir, config_file, tmp_path_factory):
         timeout=JOB_SECONDS,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert "data: stream pipeline (data.pipeline='stream')" in proc.stderr
+    assert "data: files (data.pipeline='stream')" in proc.stderr
     return workdir
 
 
@@ -136,3 +137,74 @@ def test_a_missing_tfds_split_and_an_empty_folder_are_one_line_errors(cache_dir,
         )
     )
     assert_clean_error(proc, "no_such_ds_xyz")
+
+
+MIXED_CONFIG = textwrap.dedent(
+    """
+    from debkd_jax import config_lib
+
+
+    def get_config():
+        config = config_lib.load_config("configs/imagenet.py:smoke")
+        config.methods = {{"CE": config.methods["CE"]}}
+        config.data.source = "folder:{folder}"
+        config.data.workers = 0
+        for part in (config.teacher, config.student):
+            part.batch_size = 16
+            part.eval_batch_size = 32
+        return config
+    """
+)
+
+
+def write_mixed_size_folder(root: pathlib.Path, per_class: int = 40, seed: int = 11) -> pathlib.Path:
+    """conftest's shapes at sizes from 20x45 to 90x50 (portrait, landscape, square), JPEG and PNG."""
+    from conftest import SHAPE_CLASSES, draw_shape_image
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = [(20, 45), (90, 50), (33, 33), (64, 40), (41, 77), (120, 120)]
+    for label, name in enumerate(SHAPE_CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.fromarray(draw_shape_image(SHAPE_CLASSES[label], rng)).resize(sizes[i % len(sizes)])
+            image.save(root / name / (f"{name}_{i}.jpg" if i % 2 else f"{name}_{i}.png"))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_SECONDS)
+def test_an_exported_streamed_student_predicts_its_test_images_as_its_run_did(cache_dir, tmp_path):
+    """A run on image files of mixed sizes and aspect ratios (evaluated with the shorter side resized to
+    S / 0.875 and the central S x S): its exported student, fed the test split's files (splits.csv) through
+    `predict`, gets the run's test accuracy to the image."""
+    from debkd_jax import export, predict
+
+    folder = write_mixed_size_folder(tmp_path / "mixed")
+    config = tmp_path / "mixed.py"
+    config.write_text(MIXED_CONFIG.format(folder=folder))
+    workdir = tmp_path / "run"
+    proc = run_cli(
+        cli_args(workdir, cache_dir / "data", config=str(config)), cli_env(cache_dir), timeout=JOB_SECONDS
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_dir = workdir / "students" / "CE-seed0"
+    record = json.loads((run_dir / "model.json").read_text())
+    assert record["preprocessing"] == {
+        "resize": "resize_crop",
+        "crop": 0.875,
+        "image_size": 32,
+        "normalize": {"offset": 127.5, "scale": 127.5},
+    }
+    out = tmp_path / "student.jax"
+    sidecar = export.export_run(str(run_dir), str(out))
+    assert sidecar["preprocessing"] == record["preprocessing"]
+
+    rows = [line.split(",") for line in (workdir / "splits.csv").read_text().splitlines()[1:]]
+    assert {split for _, split, _ in rows} == {"train", "val", "test"} and len(rows) == 80
+    test = [(folder / image_id, int(label)) for image_id, split, label in rows if split == "test"]
+    predicted, failed = predict.predict_files(predict.load(str(out)), [str(p) for p, _ in test])
+    assert not failed and len(predicted) == len(test)
+    correct = sum(int(np.argmax(p)) == label for (_, p), (_, label) in zip(predicted, test, strict=True))
+    results = json.loads((workdir / "results.json").read_text())
+    assert correct / len(test) == results["methods"]["CE"]["test"]["accuracy"]["mean"]

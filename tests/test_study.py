@@ -57,8 +57,8 @@ def test_paired_differences_against_kd_and_ce(study):
 def test_diagnostics_follow_from_the_teacher_logits(study):
     _, workdir, results = study
     logits = workdir_lib.read_npz(str(workdir / "teacher" / "logits.npz"))
-    dataset = pipeline.load_data(study[0])
-    teacher_errors = np.mean(np.argmax(logits["train"], -1) != dataset.train_labels)
+    dataset = pipeline.load_source(study[0], "memory")
+    teacher_errors = np.mean(np.argmax(logits["train"], -1) != dataset.splits["train"].labels)
     acc = results["teacher"]["accuracy"]
     assert acc["train"] == pytest.approx(1 - teacher_errors)
     assert acc["test"] == pytest.approx(results["teacher"]["test"]["accuracy"])

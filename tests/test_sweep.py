@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from debkd_jax import config_lib, methods, pipeline, processes, report, sweep
+from debkd_jax import config_lib, data, methods, pipeline, processes, report, sweep
 from debkd_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -100,11 +100,12 @@ def test_table_json_and_plot(tmp_path):
         "1/12": [_fake_run(0, 0.70, 0.90), _fake_run(1, 0.70, 0.90)],  # better on validation
     }
     dataset = types.SimpleNamespace(
-        source="digits",
+        name="digits",
         class_names=("0-4", "5-9"),
-        train_labels=np.zeros(7, np.int32),
-        val_labels=np.zeros(1, np.int32),
-        test_labels=np.zeros(2, np.int32),
+        splits={
+            s: types.SimpleNamespace(labels=np.zeros(n, np.int32))
+            for s, n in (("train", 7), ("val", 1), ("test", 2))
+        },
         num_classes=2,
         skipped=(),
     )
@@ -112,7 +113,7 @@ def test_table_json_and_plot(tmp_path):
         config=config,
         points=points,
         runs=runs,
-        dataset=dataset,
+        source=dataset,
         teacher_meta={"model": "resnet8x4"},
         teacher_test={"accuracy": 0.95},
     )
@@ -139,7 +140,7 @@ def test_table_json_and_plot(tmp_path):
             "beta=0.1, temperature=2.0": [_fake_run(0, 0.8, 0.8)],
             "beta=0.2, temperature=4.0": [_fake_run(0, 0.7, 0.7)],
         },
-        dataset=dataset,
+        source=dataset,
         teacher_meta={"model": "resnet8x4"},
         teacher_test={"accuracy": 0.95},
     )
@@ -153,29 +154,32 @@ def test_table_json_and_plot(tmp_path):
 def test_point_folder_changes_with_what_decides_the_result(tmp_path):
     """A point's folder is named by its run identity (`pipeline.student_identity`, the one `main` uses), so it
     changes with what decides the result and with nothing else."""
-    import types
 
     config = _config()
     point = sweep.sweep_points(config)[0]
     rng = np.random.default_rng(0)
-    dataset = types.SimpleNamespace(
-        train_images=rng.integers(0, 255, (6, 4, 4, 3), np.uint8), train_labels=np.array([0, 1] * 3)
+    images, labels = rng.integers(0, 255, (6, 4, 4, 3), np.uint8), np.array([0, 1] * 3)
+    dataset = data.memory_source(
+        data.Dataset(images, labels, images[:2], labels[:2], images[:2], labels[:2], ("a", "b"), "x")
     )
     logits = {s: rng.normal(size=(6, 2)).astype(np.float32) for s in ("train", "val", "test")}
 
-    def folder(seed=0, t_logits=logits, data=dataset):
+    def teacher_of(t_logits):
+        return pipeline.Teacher(None, {}, None, pipeline.fingerprint(*t_logits.values()))
+
+    def folder(seed=0, t_logits=logits, source=dataset):
         identity = pipeline.student_identity(
-            config=config, method_cfg=point.method_cfg, seed=seed, dataset=data, t_logits=t_logits
+            config=config, method_cfg=point.method_cfg, seed=seed, source=source, teacher=teacher_of(t_logits)
         )
         return pipeline.run_folder(str(tmp_path), f"{point.slug}-seed{seed}", identity)
 
     first = folder()
     assert os.path.basename(first).startswith("num_regions_8-seed0-")
     assert folder(seed=1)[-8:] != first[-8:]
-    other_images = types.SimpleNamespace(
-        train_images=dataset.train_images + 1, train_labels=dataset.train_labels
+    other_images = data.memory_source(
+        data.Dataset(images + 1, labels, images[:2], labels[:2], images[:2], labels[:2], ("a", "b"), "x")
     )
-    assert folder(data=other_images) != first
+    assert folder(source=other_images) != first
     config.data.cache_dir = "/elsewhere"
     config.progress = False
     config.student.eval_batch_size += (
@@ -323,12 +327,12 @@ def test_a_sweep_takes_its_teacher_from_a_logits_file_or_from_variables(tmp_path
 
     config = _tiny_sweep_config()
     config.sweep.grid = (4,)
-    dataset = pipeline.load_data(config)
+    dataset = pipeline.load_source(config, "memory")
 
     # A logits file for the training and validation images only: the report says the test split is missing.
     rng = np.random.default_rng(0)
-    ids = np.concatenate([dataset.train_ids, dataset.val_ids])
-    labels = np.concatenate([dataset.train_labels, dataset.val_labels])
+    ids = np.concatenate([dataset.splits["train"].ids, dataset.splits["val"].ids])
+    labels = np.concatenate([dataset.splits["train"].labels, dataset.splits["val"].labels])
     logits = rng.normal(size=(len(ids), dataset.num_classes)).astype(np.float32)
     logits[np.arange(len(ids)), labels] += 3.0
     np.savez(tmp_path / "t.npz", ids=ids, logits=logits)
@@ -353,8 +357,8 @@ def test_a_sweep_takes_its_teacher_from_a_logits_file_or_from_variables(tmp_path
     workdir = tmp_path / "from_variables"
     results = sweep.run_sweep(config, str(workdir))
     predict = training.make_predict_fn(teacher, np.float32)
-    t_test = np.asarray(predict(variables, dataset.test_images)[0])
-    expected = float(np.mean(np.argmax(t_test, -1) == dataset.test_labels))
+    t_test = np.asarray(predict(variables, dataset.splits["test"].images)[0])
+    expected = float(np.mean(np.argmax(t_test, -1) == dataset.splits["test"].labels))
     assert results["teacher"]["model"] == "resnet_tiny"
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
     assert (workdir / "teacher" / "logits.npz").exists() and not (workdir / "teacher" / "final").exists()

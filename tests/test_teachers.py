@@ -93,7 +93,7 @@ def test_aligned_logits_follow_the_dataset_order_whatever_the_file_order(digits,
         np.concatenate([ids[order], extra_ids]),
         np.concatenate([logits[order], logits[:1]]),
     )
-    aligned = teachers.align_logits(teachers.read_logits_file(path), digits)
+    aligned = teachers.align_logits(teachers.read_logits_file(path), data.memory_source(digits))
     n_train, n_val = len(digits.train_ids), len(digits.val_ids)
     np.testing.assert_array_equal(aligned["train"], logits[:n_train])
     np.testing.assert_array_equal(aligned["val"], logits[n_train : n_train + n_val])
@@ -105,7 +105,7 @@ def test_per_split_arrays_are_joined_and_missing_splits_are_none(digits, tmp_pat
     vids, vlogits = teacher_rows(digits, ("val",))
     path = tmp_path / "t.npz"
     np.savez(path, train_ids=ids, train_logits=logits, val_ids=vids, val_logits=vlogits)
-    aligned = teachers.align_logits(teachers.read_logits_file(str(path)), digits)
+    aligned = teachers.align_logits(teachers.read_logits_file(str(path)), data.memory_source(digits))
     np.testing.assert_array_equal(aligned["train"], logits)
     np.testing.assert_array_equal(aligned["val"], vlogits)
     assert aligned["test"] is None
@@ -144,7 +144,7 @@ def test_a_file_that_does_not_fit_is_refused_with_counts_and_examples(digits, tm
         with open(path, "w") as f:
             f.write("id,logit\n")
     with pytest.raises(UserError) as e:
-        teachers.align_logits(teachers.read_logits_file(path), digits)
+        teachers.align_logits(teachers.read_logits_file(path), data.memory_source(digits))
     message = str(e.value)
     assert "\n" not in message
     for needle in needles:
@@ -167,13 +167,19 @@ def test_the_file_is_part_of_the_students_identity(digits, tmp_path):
     first = write_file(tmp_path / "a.npz", *teacher_rows(digits, seed=0))
     second = write_file(tmp_path / "b.npz", *teacher_rows(digits, seed=1))
     identities = []
+    source = data.memory_source(digits)
     for path in (first, second):
         config.teacher.logits = path
-        t_logits, meta = pipeline.teacher_from_logits_file(config, digits)
+        teacher = pipeline.get_teacher(
+            config=config,
+            source=source,
+            teacher_dir=str(tmp_path / "t"),
+            mesh=None,
+            given=pipeline.given_teacher(config, source),
+        )
         identities.append(
             pipeline.student_identity(
-                config=config, method_cfg=config.methods.KD, seed=0, dataset=digits, t_logits=t_logits,
-                teacher_meta=meta,
+                config=config, method_cfg=config.methods.KD, seed=0, source=source, teacher=teacher
             )
         )
     assert identities[0]["teacher_logits_file"] != identities[1]["teacher_logits_file"]
@@ -203,7 +209,7 @@ def test_every_logits_only_method_distils_from_a_file(cache_dir, tmp_path):
     results = pipeline.train_and_evaluate(logits_config(cache_dir, path, methods), str(tmp_path / "w"))
     assert set(results["methods"]) == set(methods)
     assert results["teacher"]["model"] == "logits file t.npz"
-    aligned = teachers.align_logits(teachers.read_logits_file(path), dataset)
+    aligned = teachers.align_logits(teachers.read_logits_file(path), data.memory_source(dataset))
     expected = float(np.mean(np.argmax(aligned["test"], -1) == dataset.test_labels))
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected)
     assert not os.path.exists(tmp_path / "w" / "teacher")

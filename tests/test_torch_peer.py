@@ -82,8 +82,7 @@ def test_load_rejects_incomplete_tree():
     variables = random_variables(flax_model)
     params = {k: v for k, v in variables["params"].items() if k != "head"}
     with pytest.raises(ValueError, match="head"):
-        torch_peer.load_flax_params(torch_peer.get_model("resnet_tiny", 10), params,
-                                    variables["batch_stats"])
+        torch_peer.load_flax_params(torch_peer.get_model("resnet_tiny", 10), params, variables["batch_stats"])
 
 
 def test_autocast_step_computes_in_bfloat16_and_keeps_float32_parameters():
@@ -115,3 +114,57 @@ def test_train_steps_run_and_time():
     step = peer_train.make_train_step(torch_peer.get_model("resnet_tiny", 2))
     ips = peer_train.images_per_second(step, batch_size=4, steps=2, warmup=1)
     assert ips > 0
+
+
+def test_no_strided_1x1_conv_with_few_inputs_reaches_onednn_and_the_subsampled_one_is_exact():
+    """The peers' strided 1x1 convs with fewer than 16 input channels (oneDNN's faulty kernel: pointwise.py)
+    are `SubsampledConv1x1`s, whose output and gradients equal a plain strided conv computed without oneDNN;
+    the benchmark models keep plain `nn.Conv2d`s."""
+    from third_party.torch_peer import pointwise
+
+    def strided_pointwise(model):
+        return [
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.Conv2d)
+            and m.kernel_size == (1, 1)
+            and (m.stride != (1, 1) or isinstance(m, pointwise.SubsampledConv1x1))
+        ]
+
+    tiny = strided_pointwise(torch_peer.get_model("resnet_tiny", 2))
+    assert tiny and all(isinstance(m, pointwise.SubsampledConv1x1) for m in tiny)
+    for name in ("resnet8", "resnet18", "imagenet_resnet18"):
+        assert not any(
+            isinstance(m, pointwise.SubsampledConv1x1)
+            for m in strided_pointwise(torch_peer.get_model(name, 2))
+        )
+    torch.manual_seed(0)
+    conv = pointwise.conv1x1(4, 8, 2)
+    plain = torch.nn.Conv2d(4, 8, 1, stride=2, bias=False)
+    plain.weight.data.copy_(conv.weight.data)
+    x = torch.randn(8, 4, 17, 15).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(8, 8, 9, 8)
+    y = conv(x)
+    y.backward(g)
+    with torch.backends.mkldnn.flags(enabled=False):
+        y_ref = plain(x)
+        y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_the_tiny_peer_trains_on_one_and_two_threads():
+    """`resnet_tiny` has the 4 -> 8 stride-2 shortcut that crashed (1 thread) or gave wrong gradients (2)
+    before the peer routed it around oneDNN's fault."""
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            step = peer_train.make_train_step(torch_peer.get_model("resnet_tiny", 2))
+            images = torch.randn(32, 3, 32, 32)
+            labels = torch.randint(0, 2, (32,))
+            losses = [step(images, labels) for _ in range(3)]
+            assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    finally:
+        torch.set_num_threads(previous)

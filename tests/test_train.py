@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from debkd_jax import config_lib, data, methods, pipeline, processes, training
+from debkd_jax.data import logits_store
 from debkd_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -190,13 +191,11 @@ def _train_steps(mesh, dataset, n_steps=3, seed=0, conv_backward="xla"):
     state = jax.device_put(state, replicated)
     acc = jax.device_put(training.zero_metrics(), replicated)
     step = training.make_train_step(spec, mesh, seed)
-    targets = pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     order = data.batch_indices(len(dataset.train_labels), cfg.batch_size, seed=seed, epoch=0)
     for idx in order[:n_steps]:
         batch = data.make_global_batch(
             {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
         )
-        batch["rows"] = jax.tree.map(lambda a, idx=idx: jax.device_put(a[idx], batch_sharding), targets)
         state, acc = step(state, acc, batch, None, None)
     return jax.device_get(state.params), jax.device_get(state.batch_stats), jax.device_get(acc)
 
@@ -254,7 +253,7 @@ def test_conv_backward_auto_is_materialized_on_cpu_only():
 def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_path, monkeypatch):
     """train_teacher / train_student build their models with the resolved conv_backward; the setting is not in
     run.json, so changing it resumes and reuses runs instead of refusing them."""
-    dataset = synthetic_dataset(k=2)
+    source = data.memory_source(synthetic_dataset(k=2))
     mesh = training.create_mesh()
     specs = []
 
@@ -271,12 +270,12 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
         config.conv_backward = setting
         with pytest.raises(Stop):
             pipeline.train_teacher(
-                config=config, dataset=dataset, run_dir=str(tmp_path / setting / "teacher"), mesh=mesh
+                config=config, source=source, run_dir=str(tmp_path / setting / "teacher"), mesh=mesh
             )
         assert specs[-1].model.backbone.conv_backward == want
         rng = np.random.default_rng(0)
         t_logits = {
-            s: rng.normal(size=(16 if s != "train" else 64, 2)).astype(np.float32)
+            s: logits_store.ArrayLogits(rng.normal(size=(16 if s != "train" else 64, 2)).astype(np.float32))
             for s in ("train", "val", "test")
         }
         with pytest.raises(Stop):
@@ -285,8 +284,8 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
                 method_name="KD",
                 method_cfg=config.methods.KD,
                 seed=0,
-                dataset=dataset,
-                teacher=pipeline.Teacher(None, {"model": "resnet_tiny"}, t_logits),
+                source=source,
+                teacher=pipeline.Teacher(None, {"model": "resnet_tiny"}, t_logits, "key"),
                 mesh=mesh,
                 run_dir=str(tmp_path / setting / "student"),
             )
@@ -296,8 +295,8 @@ def test_conv_backward_reaches_the_trained_models_but_not_the_run_settings(tmp_p
     other.conv_backward = "xla"
     meta = {"data": "x", "class_names": ["a", "b"], "image_size": 32}
     assert pipeline.teacher_identity(smoke_config(), meta) == pipeline.teacher_identity(other, meta)
-    logits = {s: np.zeros((4, 2), np.float32) for s in ("train", "val", "test")}
-    same = dict(method_cfg=config.methods.KD, seed=0, dataset=dataset, t_logits=logits)
+    teacher = pipeline.Teacher(None, {"model": "resnet_tiny"}, None, "key")
+    same = dict(method_cfg=config.methods.KD, seed=0, source=source, teacher=teacher)
     assert pipeline.student_identity(config=smoke_config(), **same) == (
         pipeline.student_identity(config=other, **same)
     )
@@ -334,13 +333,11 @@ def test_student_hint_regressors_follow_the_backbones_conv_backward():
 def _fit(dataset, run_dir, seed, show_progress=False):
     cfg, spec = teacher_spec(dataset)
     mesh = training.create_mesh()
-    targets = pipeline.placeholder_targets(len(dataset.train_labels), dataset.num_classes)
     return training.fit(
         name="teacher",
         spec=spec,
         train_cfg=cfg,
-        dataset=dataset,
-        train_targets=targets,
+        source=data.memory_source(dataset),
         run_dir=str(run_dir),
         mesh=mesh,
         seed=seed,
@@ -405,13 +402,13 @@ def test_the_tiny_teacher_learns_the_generated_image_folder(shapes_dir, tmp_path
     config.teacher.num_epochs = 3
     config.teacher.batch_size = 16
     config.teacher.learning_rate = 0.2
-    dataset = pipeline.load_data(config)
-    assert dataset.class_names == ("bar", "disc")
-    assert (len(dataset.train_labels), len(dataset.val_labels), len(dataset.test_labels)) == (210, 30, 60)
+    source = pipeline.load_source(config, "memory")
+    assert source.class_names == ("bar", "disc")
+    assert tuple(len(source.splits[s]) for s in ("train", "val", "test")) == (210, 30, 60)
     mesh = training.create_mesh()
-    logits = pipeline.get_teacher(config=config, dataset=dataset, teacher_dir=str(tmp_path), mesh=mesh).logits
+    logits = pipeline.get_teacher(config=config, source=source, teacher_dir=str(tmp_path), mesh=mesh).logits
     accuracy = {
-        split: float(np.mean(np.argmax(logits[split], -1) == getattr(dataset, f"{split}_labels")))
+        split: float(np.mean(np.argmax(logits[split].all(), -1) == source.splits[split].labels))
         for split in ("train", "val", "test")
     }
     print("tiny teacher on the generated folder:", accuracy)

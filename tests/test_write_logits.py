@@ -36,7 +36,7 @@ def test_a_jax_teachers_file_gives_the_in_process_student_bit_for_bit(cache_dir,
     methods = ("KD", "DeBKD")
     in_process = pipeline.train_and_evaluate(small_config(cache_dir, methods), str(tmp_path / "a"))
     config = small_config(cache_dir, methods)
-    dataset = pipeline.load_data(config)
+    dataset = pipeline.load_source(config, "memory")
     cached = workdir_lib.read_npz(str(tmp_path / "a" / "teacher" / "logits.npz"))
     path = str(tmp_path / "teacher_logits.npz")
     teachers.write_logits_file(path, dataset, {s: cached[s] for s in ("train", "val", "test")})
@@ -78,7 +78,7 @@ def test_a_pytorch_teacher_through_the_file_trains_a_student(cache_dir, tmp_path
     from third_party import torch_peer
 
     config = small_config(cache_dir)
-    dataset = pipeline.load_data(config)
+    dataset = pipeline.load_source(config, "memory")
     # The PyTorch teacher holds the weights of a Flax resnet_tiny, so the file can be checked against JAX.
     flax_model = models.get_model("resnet_tiny", dataset.num_classes)
     variables = flax_model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 3)), train=False)
@@ -97,12 +97,12 @@ def test_a_pytorch_teacher_through_the_file_trains_a_student(cache_dir, tmp_path
     aligned = teachers.align_logits(file, dataset)
     predict = training.make_predict_fn(flax_model, jnp.float32)
     for split in ("train", "val", "test"):
-        expected = np.asarray(predict(variables, getattr(dataset, f"{split}_images"))[0])
+        expected = np.asarray(predict(variables, dataset.splits[split].images)[0])
         np.testing.assert_allclose(aligned[split], expected, rtol=1e-4, atol=1e-4)
 
     config.teacher.logits = str(out)
     results = pipeline.train_and_evaluate(config, str(tmp_path / "w"))
-    teacher_accuracy = float(np.mean(np.argmax(aligned["test"], -1) == dataset.test_labels))
+    teacher_accuracy = float(np.mean(np.argmax(aligned["test"], -1) == dataset.splits["test"].labels))
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(teacher_accuracy)
     assert os.path.isdir(tmp_path / "w" / "students" / "KD-seed0" / "final")
 
@@ -128,12 +128,12 @@ def test_a_module_function_factory_sees_the_images_as_the_jax_models_do(cache_di
     config = small_config(cache_dir)
     out = str(tmp_path / "t.npz")
     write_logits.write_logits(config, "test_write_logits:linear_torch_net", "", out, batch_size=7)
-    dataset = pipeline.load_data(config)
+    dataset = pipeline.load_source(config, "memory")
     aligned = teachers.align_logits(teachers.read_logits_file(out), dataset)
     net = linear_torch_net(dataset.num_classes)
     w, b = net[1].weight.detach().numpy(), net[1].bias.detach().numpy()
     for split in ("train", "val", "test"):
-        x = (getattr(dataset, f"{split}_images").astype(np.float32) - 127.5) / 127.5  # NHWC in [-1, 1]
+        x = (dataset.splits[split].images.astype(np.float32) - 127.5) / 127.5  # NHWC in [-1, 1]
         expected = x.transpose(0, 3, 1, 2).reshape(len(x), -1) @ w.T + b
         np.testing.assert_allclose(aligned[split], expected, rtol=1e-4, atol=1e-3)
 

@@ -105,12 +105,12 @@ def write_logits(config, spec: str, weights: str, out: str, batch_size: int) -> 
 
     if batch_size < 1:
         raise UserError(f"--batch_size={batch_size} must be >= 1.")
-    dataset = pipeline.load_data(config)
-    model = build_model(spec, dataset.num_classes)
+    source = pipeline.load_source(config, "memory")  # the images decoded as the memory pipeline decodes them
+    model = build_model(spec, source.num_classes)
     if weights:
         load_weights(model, weights)
     logits = {
-        split: torch_logits(model, getattr(dataset, f"{split}_images"), dataset.num_classes, batch_size)
+        split: torch_logits(model, source.splits[split].images, source.num_classes, batch_size)
         for split in ("train", "val", "test")
     }
     bad = [s for s, v in logits.items() if not np.all(np.isfinite(v))]
@@ -118,7 +118,7 @@ def write_logits(config, spec: str, weights: str, out: str, batch_size: int) -> 
         raise UserError(
             f"--model gave NaN/Inf logits on the {', '.join(bad)} images; check the model and weights."
         )
-    teachers.write_logits_file(out, dataset, logits)
+    teachers.write_logits_file(out, source, logits)
     return logits
 
 

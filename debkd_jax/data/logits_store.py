@@ -1,8 +1,13 @@
-"""Teacher logits on disk, one row per example: `LogitsStore` (docs/scale.md).
+"""A split's teacher logits, one row per example, behind one interface of three kinds:
 
-The teacher pass writes a split's logits chunk by chunk (any process any chunk); training reads its
-batches' rows
-by memory map, never the store whole. float16/bfloat16 storage halves it (`encode_logits`/`decode_logits`).
+    ArrayLogits     in memory: (N, k) float32 (the memory kind's teacher pass, a logits file)
+    LogitsStore     on disk: chunk files written by the teacher pass chunk by chunk (any process any chunk),
+                    read by memory map, never whole; float16/bfloat16 storage halves it (docs/scale.md)
+    ComposedLogits  rows taken from several stores (out-of-fold logits: each row from its fold's pass)
+
+Each has `num_rows`, `num_classes`, `row(r)` (k,), `rows(idx)` (n, k), `chunks()` -> (rows, logits) pieces
+that together are every row once, `all()` (N, k) for a small split, and `valid` (N,) bool (False: an image the
+teacher pass could not read). Every value comes back as float32.
 """
 
 from __future__ import annotations
@@ -125,6 +130,34 @@ class LogitsStore:
         c, i = divmod(int(r), self.chunk_rows)
         return decode_logits(np.asarray(self._chunk(c)[i]), self.dtype)
 
+    def rows(self, idx) -> np.ndarray:
+        """Rows `idx` as float32 (n, k), each chunk's rows read from its memory map at once."""
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((len(idx), self.num_classes), np.float32)
+        chunk, within = np.divmod(idx, self.chunk_rows)
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = decode_logits(np.asarray(self._chunk(int(c))[within[sel]]), self.dtype)
+        return out
+
+    def chunks(self):
+        """(rows, logits (n, k) float32) per chunk file, in order."""
+        for c in range(self.num_chunks):
+            start = c * self.chunk_rows
+            z = decode_logits(np.load(self._file(c, "npy")), self.dtype)
+            yield np.arange(start, start + len(z)), z
+
+    def all(self) -> np.ndarray:
+        return (
+            np.concatenate([z for _, z in self.chunks()])
+            if self.num_rows
+            else np.zeros((0, self.num_classes), np.float32)
+        )
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.meta()[0]
+
     @functools.lru_cache(maxsize=16)  # noqa: B019 - per process; maps, not data
     def _chunk(self, c: int) -> np.ndarray:
         return np.load(self._file(c, "npy"), mmap_mode="r")
@@ -158,3 +191,88 @@ def decode_logits(stored: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return np.asarray(stored).view(ml_dtypes.bfloat16).astype(np.float32)
     return np.asarray(stored, np.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayLogits:
+    """A split's logits in memory (module docstring): `logits` (N, k) float32, all rows valid unless `valid`
+    says otherwise."""
+
+    logits: np.ndarray
+    valid_rows: np.ndarray | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[1])
+
+    def row(self, r: int) -> np.ndarray:
+        return np.asarray(self.logits[int(r)], np.float32)
+
+    def rows(self, idx) -> np.ndarray:
+        return np.asarray(self.logits[np.asarray(idx, np.int64)], np.float32)
+
+    def chunks(self):
+        yield np.arange(self.num_rows), np.asarray(self.logits, np.float32)
+
+    def all(self) -> np.ndarray:
+        return np.asarray(self.logits, np.float32)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.ones(self.num_rows, bool) if self.valid_rows is None else np.asarray(self.valid_rows, bool)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ComposedLogits:
+    """Rows from several stores (module docstring): row r is row `position[r]` of `parts[part_of[r]]`."""
+
+    parts: tuple
+    part_of: np.ndarray
+    position: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.part_of)
+
+    @property
+    def num_classes(self) -> int:
+        return self.parts[0].num_classes
+
+    def row(self, r: int) -> np.ndarray:
+        return self.parts[int(self.part_of[r])].row(int(self.position[r]))
+
+    def rows(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((len(idx), self.num_classes), np.float32)
+        for k in np.unique(self.part_of[idx]):
+            sel = self.part_of[idx] == k
+            out[sel] = self.parts[int(k)].rows(self.position[idx[sel]])
+        return out
+
+    def _rows_of(self, k: int) -> np.ndarray:
+        """The rows part k holds, by their position in it."""
+        rows = np.flatnonzero(self.part_of == k)
+        return rows[np.argsort(self.position[rows])]
+
+    def chunks(self):
+        for k, part in enumerate(self.parts):
+            rows_of = self._rows_of(k)
+            for rows, z in part.chunks():
+                yield rows_of[rows], z
+
+    def all(self) -> np.ndarray:
+        out = np.empty((self.num_rows, self.num_classes), np.float32)
+        for rows, z in self.chunks():
+            out[rows] = z
+        return out
+
+    @property
+    def valid(self) -> np.ndarray:
+        out = np.ones(self.num_rows, bool)
+        for k, part in enumerate(self.parts):
+            out[self._rows_of(k)] = part.valid
+        return out

@@ -90,8 +90,8 @@ def plan_source(kind: str, arg: str, *, image_size, max_per_class, digits_classe
         return SourcePlan(f"folder:{root}", root, key, functools.partial(
             _decode_folder, root, listing, image_size, max_per_class, progress
         ))
-    builder, origins = _tfds_builder(arg, tfds_data_dir, use_dataset_test_split)
-    key = {"source": "tfds", **_tfds_fingerprint(builder, arg, tfds_data_dir, origins)}
+    builder, origins = tfds_builder(arg, tfds_data_dir, use_dataset_test_split)
+    key = {"source": "tfds", **tfds_fingerprint(builder, arg, tfds_data_dir, origins)}
     return SourcePlan(f"tfds:{arg}", None, key, functools.partial(
         _decode_tfds, builder, arg, tfds_data_dir, origins, image_size, max_per_class, progress
     ))
@@ -348,7 +348,7 @@ def _tfds_not_ready(name: str, data_dir: str | None, error: Exception) -> ValueE
     )
 
 
-def _tfds_builder(name: str, data_dir: str | None, use_test_split: bool):
+def tfds_builder(name: str, data_dir: str | None, use_test_split: bool):
     """(builder, split names to read): all recorded splits, or train (+ test) if none are."""
     import tensorflow_datasets as tfds
 
@@ -368,7 +368,7 @@ def _tfds_builder(name: str, data_dir: str | None, use_test_split: bool):
     return builder, origins
 
 
-def _tfds_fingerprint(builder, name: str, data_dir: str | None, origins: Sequence[str]) -> dict:
+def tfds_fingerprint(builder, name: str, data_dir: str | None, origins: Sequence[str]) -> dict:
     splits = builder.info.splits
     return {
         "name": name,

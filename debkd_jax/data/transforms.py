@@ -1,5 +1,6 @@
 """The field's ImageNet image transforms on Pillow images (torchvision's): the training random-resized crop
-and flip, the evaluation resize and center crop. (S, S, 3) uint8 out."""
+and flip, the evaluation resize and center crop. (S, S, 3) uint8 out. `read_image_file` makes a model's input
+from an image file as its run did (`model.json`'s preprocessing): what `predict` calls."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import numpy as np
 from PIL import Image
+
+from debkd_jax.data import sources
 
 EVAL_CROP = 224 / 256
 """The share of the resized image's shorter side that evaluation keeps (the field's 224 of 256)."""
@@ -28,6 +31,30 @@ def eval_transform(img: Image.Image, image_size: int, crop: float = EVAL_CROP) -
     img = _resize(img, (nw, nh))
     left, top = (nw - image_size) // 2, (nh - image_size) // 2
     return np.asarray(img.crop((left, top, left + image_size, top + image_size)), np.uint8)
+
+
+def eval_draft(image_size: int, crop: float) -> int:
+    """The smallest side a JPEG may be decoded at (Pillow's draft mode) for `eval_transform`."""
+    return max(image_size, round(image_size / crop))
+
+
+def read_image_file(path: str, preprocessing: dict) -> np.ndarray:
+    """An image file as a model's uint8 input (S, S, 3), exactly as its run evaluated images
+    (`DataSource.preprocessing`): "squash" decodes as the memory kind does (`sources.decode_file`),
+    "resize_crop" as the files kind does (a draft decode, then `eval_transform`). ValueError (with the reason)
+    for a file that cannot be read."""
+    size = int(preprocessing["image_size"])
+    if preprocessing["resize"] == "squash":
+        image, reason = sources.decode_file(path, size)
+        if image is None:
+            raise ValueError(reason)
+        return image
+    crop = float(preprocessing["crop"])
+    try:
+        img = sources.open_rgb(path, eval_draft(size, crop))
+    except Exception as e:  # noqa: BLE001 - any decoder failure, with its reason
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    return eval_transform(img, size, crop)
 
 
 def rrc_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:

@@ -1,18 +1,22 @@
-"""The main job and its parts, which sweeps reuse.
+"""The main job and its parts, which sweeps reuse; one path for either kind of data source.
 
-job.py               train_and_evaluate: check, data record, teacher -> logits, students, results
-teacher.py           Teacher and get_teacher: trained, given (variables), a logits file; out-of-fold
-teacher_training.py  train_teacher (or reuse), logits cached on disk
+job.py               check (nothing written); train_and_evaluate: data record, teacher -> logits, students,
+                     results
+inputs.py            which kind of data (data.pipeline), the source of that kind, its record, the models
+                     checked on it
+teacher.py           Teacher and get_teacher: a logits file, given variables, a finished run or trained here;
+                     out-of-fold; knowledge infusion's table read from the logits store
+teacher_pass.py      a network's logits on splits, into the logits store of the source's kind
+teacher_training.py  train_teacher (or reuse)
 folds.py             out-of-fold logits from K fold teachers (teacher.folds = K > 1)
-student.py           train_student: claim, step spec, fit, evaluate, save
+student.py           train_student: claim, step spec, fit, evaluate, save (model.json with its preprocessing)
 identity.py          the one definition of "the same run" (teachers, students, sweep points)
 diagnostics.py       what the targets do to the teacher's logits; when and with what results were made
-stream.py            the same job on streamed data (data.pipeline="stream", docs/scale.md)
-stream_logits.py     its teacher pass to disk, knowledge infusion from the store
+plan.py              what a job would do, from what it builds (`python -m debkd_jax.main --plan`)
 """
 
 from debkd_jax.pipeline.diagnostics import run_diagnostics, run_meta, target_diagnostics
-from debkd_jax.pipeline.folds import check_folds, out_of_fold_logits, with_out_of_fold_logits
+from debkd_jax.pipeline.folds import check_folds, out_of_fold_logits
 from debkd_jax.pipeline.identity import (
     fingerprint,
     identity_key,
@@ -21,10 +25,13 @@ from debkd_jax.pipeline.identity import (
     teacher_identity,
     training_fields,
 )
-from debkd_jax.pipeline.job import check_models, load_data, record_data, train_and_evaluate
+from debkd_jax.pipeline.inputs import check_models, choose_kind, load_source, record_data, record_skipped
+from debkd_jax.pipeline.job import Setup, check, train_and_evaluate
+from debkd_jax.pipeline.plan import json_ready, plan
 from debkd_jax.pipeline.student import (
-    claim_student,
+    claim_run,
     evaluate_student,
+    model_record,
     save_student,
     student_step_spec,
     train_student,
@@ -33,45 +40,54 @@ from debkd_jax.pipeline.teacher import (
     Teacher,
     get_teacher,
     given_teacher,
+    infusion_table,
+    split_accuracy,
     teacher_from_logits_file,
     teacher_from_variables,
+    unreadable_files,
 )
-from debkd_jax.pipeline.teacher_training import (
-    cached_logits,
-    placeholder_targets,
-    teacher_logits,
-    train_teacher,
-)
+from debkd_jax.pipeline.teacher_pass import logits_key, network_logits
+from debkd_jax.pipeline.teacher_training import check_checkpoint, teacher_meta, train_teacher
 
 __all__ = [
+    "Setup",
     "Teacher",
-    "cached_logits",
+    "check",
+    "check_checkpoint",
     "check_folds",
     "check_models",
-    "claim_student",
+    "choose_kind",
+    "claim_run",
     "evaluate_student",
     "fingerprint",
     "get_teacher",
     "given_teacher",
     "identity_key",
-    "load_data",
+    "infusion_table",
+    "json_ready",
+    "load_source",
+    "logits_key",
+    "model_record",
+    "network_logits",
     "out_of_fold_logits",
-    "placeholder_targets",
+    "plan",
     "record_data",
+    "record_skipped",
     "run_diagnostics",
     "run_folder",
     "run_meta",
     "save_student",
+    "split_accuracy",
     "student_identity",
     "student_step_spec",
     "target_diagnostics",
     "teacher_from_logits_file",
     "teacher_from_variables",
     "teacher_identity",
-    "teacher_logits",
     "train_and_evaluate",
     "train_student",
+    "teacher_meta",
     "train_teacher",
     "training_fields",
-    "with_out_of_fold_logits",
+    "unreadable_files",
 ]

@@ -8,39 +8,57 @@ import numpy as np
 
 from debkd_jax import methods
 from debkd_jax import targets as targets_lib
+from debkd_jax.pipeline.teacher import infusion_table, split_accuracy
 
 
-def target_diagnostics(method_cfg, teacher_logits: np.ndarray, labels: np.ndarray) -> dict:
-    """What a method's targets do to the teacher's training logits: the share of images they classify wrongly
-    after the method's transforms, the share of images the transforms changed, and (for the de-biased loss)
-    the mean width of the interval the true class's target may take (`targets.label_interval`)."""
-    built = methods.method_targets(method_cfg, teacher_logits, labels)
-    logits = np.asarray(built.logits)
-    lo_y, hi_y = targets_lib.label_interval(built.lo, built.hi, labels)
+def target_diagnostics(method_cfg, store, labels: np.ndarray) -> dict:
+    """What a method's targets do to the teacher's training logits (a logits store, read chunk by chunk): the
+    share of images they classify wrongly after the method's transforms, the share of images the transforms
+    changed, and (for the de-biased loss) the mean width of the interval the true class's target may take
+    (`targets.label_interval`)."""
+    infusion = None
+    if "knowledge_infusion" in tuple(method_cfg.transforms):
+        infusion = infusion_table(store, labels, method_cfg.ki_mode)
+    valid = store.valid
+    wrong = changed = width = 0.0
+    count = 0
+    for rows, z in store.chunks():
+        ok = valid[rows]
+        z, y = z[ok], labels[rows][ok]
+        if not len(y):
+            continue
+        built = methods.method_targets(method_cfg, z, y, infusion=infusion)
+        logits = np.asarray(built.logits)
+        wrong += float(np.sum(np.argmax(logits, -1) != y))
+        changed += float(np.sum(np.any(logits != np.asarray(z, np.float32), axis=-1)))
+        if method_cfg.loss == "debkd":
+            lo_y, hi_y = targets_lib.label_interval(built.lo, built.hi, y)
+            width += float(np.mean(np.asarray(hi_y) - np.asarray(lo_y))) * len(y)
+        count += len(y)
+    count = max(count, 1)
     return {
-        "targets_wrong": float(np.mean(np.argmax(logits, -1) != labels)),
-        "changed": float(np.mean(np.any(logits != np.asarray(teacher_logits, np.float32), axis=-1))),
-        "region_width": float(np.mean(np.asarray(hi_y) - np.asarray(lo_y)))
-        if method_cfg.loss == "debkd"
-        else None,
+        "targets_wrong": wrong / count,
+        "changed": changed / count,
+        "region_width": width / count if method_cfg.loss == "debkd" else None,
     }
 
 
-def run_diagnostics(config, dataset, t_logits: dict) -> dict:
+def run_diagnostics(config, source, teacher) -> dict:
     """The teacher's accuracy on every split (None for a split a logits file lacks), and `target_diagnostics`
     of every method except plain CE."""
-    teacher = {
-        split: float(np.mean(np.argmax(t_logits[split], -1) == getattr(dataset, f"{split}_labels")))
-        if t_logits[split] is not None
+    labels = {split: source.splits[split].labels for split in ("train", "val", "test")}
+    accuracy = {
+        split: split_accuracy(teacher.logits[split], labels[split])
+        if teacher.logits[split] is not None
         else None
         for split in ("train", "val", "test")
     }
     per_method = {
-        name: target_diagnostics(cfg, t_logits["train"], dataset.train_labels)
+        name: target_diagnostics(cfg, teacher.logits["train"], labels["train"])
         for name, cfg in config.methods.items()
         if cfg.loss != "ce"
     }
-    return {"teacher_accuracy": teacher, "methods": per_method}
+    return {"teacher_accuracy": accuracy, "methods": per_method}
 
 
 def run_meta(command: str | None, runs: list[dict], teacher_meta: dict) -> dict:

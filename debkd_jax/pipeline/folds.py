@@ -1,10 +1,9 @@
-"""Out-of-fold teacher logits (`teacher.folds = K > 1`): each training image's logits from the one of K fold
-teachers that never saw it."""
+"""Out-of-fold teacher logits (`teacher.folds = K > 1`), on either kind of data: each training image's logits
+from the one of K fold teachers that never saw it."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 
@@ -14,109 +13,118 @@ from jax.sharding import Mesh
 
 from debkd_jax import data as data_lib
 from debkd_jax import workdir_lib
+from debkd_jax.data import logits_store
+from debkd_jax.data import source as source_lib
 from debkd_jax.errors import UserError
-from debkd_jax.pipeline.identity import fingerprint
-from debkd_jax.pipeline.teacher_training import cached_logits, train_teacher
+from debkd_jax.pipeline.teacher_pass import network_logits
+from debkd_jax.pipeline.teacher_training import train_teacher
 
 log = logging.getLogger("debkd_jax")
 
 
-def check_folds(config, dataset) -> None:
+def check_folds(config, source: source_lib.DataSource) -> None:
     """`teacher.folds = K` needs each class's training images spread over K folds: `UserError` when a class
     has fewer than K (checked before anything is written)."""
     k = config.teacher.get("folds", 1)
-    counts = np.bincount(dataset.train_labels, minlength=dataset.num_classes)
+    labels = source.splits["train"].labels
+    counts = np.bincount(labels, minlength=source.num_classes)
     if k > 1 and k > counts.min():
         smallest = int(np.argmin(counts))
         raise UserError(
             f"teacher.folds={k} is more than the {counts[smallest]} training images of class "
-            f"{dataset.class_names[smallest]!r}: every fold needs each class; use teacher.folds <= "
+            f"{source.class_names[smallest]!r}: every fold needs each class; use teacher.folds <= "
             f"{counts[smallest]}."
         )
 
 
-def out_of_fold_logits(config, dataset, teacher_dir: str, mesh: Mesh) -> tuple[np.ndarray, dict]:
-    """`teacher.folds = K > 1`: (each training image's logits (N, k) from the teacher of its fold, which was
-    trained on the other K - 1 folds and never saw it; what was done).
+def out_of_fold_logits(config, source: source_lib.DataSource, teacher_dir: str, mesh: Mesh) -> tuple:
+    """`teacher.folds = K > 1`: (a store of each training image's logits, each row from the teacher of its
+    fold, which was trained on the other K - 1 folds and never saw it; the key of those logits; what was
+    done).
 
     The folds are `data.stratified_folds(train labels, K, config.seed)`. Teacher k trains (or is reused, or
     resumes) in `teacher_dir/folds-K/fold-k`, with the teacher config and checkpoint selection on the
-    validation split; `folds-K/out_of_fold.npz` records every image's id, fold and logits.
+    validation split; its logits on the images it held out are that folder's `heldout_logits` store, and
+    `folds-K/out_of_fold.npz` records every image's id, fold and (for the memory kind) logits.
     """
     num_folds = config.teacher.folds
-    folds = data_lib.stratified_folds(dataset.train_labels, num_folds, config.seed)
+    train = source.splits["train"]
+    folds = data_lib.stratified_folds(train.labels, num_folds, config.seed)
     root = os.path.join(teacher_dir, f"folds-{num_folds}")
     fold_config = copy.deepcopy(config)
     fold_config.teacher.checkpoint = ""  # fold teachers always train here
-    logits = np.zeros((len(folds), dataset.num_classes), np.float32)
-    done = []
+    counts = np.bincount(folds)
     log.info(
-        "teacher: %d folds, so %d fold teachers (each on %d-%d training images) besides the teacher trained on all "
-        "%d: %d teacher trainings in all",
+        "teacher: %d folds, so %d fold teachers (each on %d-%d training images) besides the teacher "
+        "trained on "
+        "all %d: %d teacher trainings in all",
         num_folds,
         num_folds,
-        len(folds) - np.bincount(folds).max(),
-        len(folds) - np.bincount(folds).min(),
+        len(folds) - counts.max(),
+        len(folds) - counts.min(),
         len(folds),
         num_folds + 1,
     )
+    parts, keys, done = [], [], []
+    position = np.zeros(len(folds), np.int64)
     for k in range(num_folds):
-        held = folds == k
-        kept = ~held
-        subset = dataclasses.replace(
-            dataset,
-            train_images=dataset.train_images[kept],
-            train_labels=dataset.train_labels[kept],
-            train_ids=None if dataset.train_ids is None else dataset.train_ids[kept],
-        )
+        held = np.flatnonzero(folds == k)
+        kept = np.flatnonzero(folds != k)
+        position[held] = np.arange(len(held))
         run_dir = os.path.join(root, f"fold-{k}")
         variables, meta = train_teacher(
-            config=fold_config, dataset=subset, run_dir=run_dir, mesh=mesh, fold=(k, num_folds)
+            config=fold_config,
+            source=source.with_train(kept),
+            run_dir=run_dir,
+            mesh=mesh,
+            fold=(k, num_folds),
         )
-        heldout = dataset.train_images[held]
-        key = fingerprint(*jax.tree.leaves(jax.tree.map(np.asarray, variables)), heldout)
-        logits[held] = cached_logits(
+        stores, key = network_logits(
             config=config,
+            source=source,
             variables=variables,
             model_name=meta["model"],
-            num_classes=dataset.num_classes,
-            images={"heldout": heldout},
-            path=os.path.join(run_dir, "heldout_logits.npz"),
-            key=key,
+            splits={"heldout": train.select(held)},
+            stem=os.path.join(run_dir, "heldout_logits"),
             mesh=mesh,
             label=f"teacher of fold {k + 1}/{num_folds}",
-        )["heldout"]
+        )
+        store = stores["heldout"]
+        parts.append(store)
+        keys.append(key)
+        accuracy = _accuracy(store, train.labels[held])
         done.append(
             {
                 "fold": k,
-                "train_images": int(kept.sum()),
-                "heldout_images": int(held.sum()),
-                "heldout_accuracy": float(np.mean(np.argmax(logits[held], -1) == dataset.train_labels[held])),
+                "train_images": int(len(kept)),
+                "heldout_images": int(len(held)),
+                "heldout_accuracy": accuracy,
                 "best_epoch": meta.get("best_epoch"),
                 "wall_seconds": meta.get("wall_seconds"),
             }
         )
+    composed = logits_store.ComposedLogits(tuple(parts), folds, position)
+    if source.kind == "memory":
+        composed = logits_store.ArrayLogits(composed.all())
     if jax.process_index() == 0:
-        record = {"fold": folds, "logits": logits, "labels": dataset.train_labels}
-        if dataset.train_ids is not None:
-            record["ids"] = dataset.train_ids
+        record = {"fold": folds, "labels": train.labels, "ids": train.ids}
+        if source.kind == "memory":
+            record["logits"] = composed.all()
         workdir_lib.write_npz(os.path.join(root, "out_of_fold.npz"), **record)
-    return logits, {
+    info = {
         "folds": num_folds,
         "seed": config.seed,
         "teacher_trainings": num_folds + 1,
         "fold_teachers": done,
     }
+    return composed, "-".join(keys), info
 
 
-def with_out_of_fold_logits(
-    *, config, dataset, t_logits: dict, teacher_meta: dict, teacher_dir: str, mesh: Mesh | None
-) -> tuple[dict, dict]:
-    """(t_logits, teacher_meta) as they are for `teacher.folds = 1`; for K > 1 the training split's logits
-    replaced by `out_of_fold_logits`, and `teacher_meta["out_of_fold"]` saying what was done (with the
-    teacher's own training accuracy, `train_accuracy_own`)."""
-    if config.teacher.get("folds", 1) == 1:
-        return t_logits, teacher_meta
-    logits, info = out_of_fold_logits(config, dataset, teacher_dir, mesh)
-    info["train_accuracy_own"] = float(np.mean(np.argmax(t_logits["train"], -1) == dataset.train_labels))
-    return {**t_logits, "train": logits}, {**teacher_meta, "out_of_fold": info}
+def _accuracy(store, labels: np.ndarray) -> float:
+    correct = total = 0
+    valid = store.valid
+    for rows, z in store.chunks():
+        ok = valid[rows]
+        correct += int(np.sum((np.argmax(z, -1) == labels[rows]) & ok))
+        total += int(np.sum(ok))
+    return float(correct / max(total, 1))

@@ -7,29 +7,32 @@ import hashlib
 import json
 import os
 
-import numpy as np
-
-from debkd_jax import workdir_lib
-
-
-def fingerprint(*arrays) -> str:
-    """A short sha256 of arrays' shapes, dtypes and bytes."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+from debkd_jax import config_lib, workdir_lib
+from debkd_jax.workdir_lib import fingerprint  # noqa: F401 - the pipeline's name for it
 
 
 def training_fields(train_cfg) -> dict:
-    """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint)."""
+    """The fields of a teacher/student config that decide its training (not eval_batch_size, checkpoint, the
+    teacher's origin); a field added later only where it differs from its default
+    (`config_lib.LATER_TRAINING_DEFAULTS`), so that runs recorded before it existed are still reused."""
     skip = ("eval_batch_size", "checkpoint", "logits", "variables", "folds")
-    return {k: v for k, v in train_cfg.to_dict().items() if k not in skip}
+    later = config_lib.LATER_TRAINING_DEFAULTS
+    return {
+        k: v
+        for k, v in train_cfg.to_dict().items()
+        if k not in skip and not (k in later and _same(v, later[k]))
+    }
 
 
-def teacher_identity(config, meta: dict) -> dict:
-    """What decides a teacher trained here: its training config, seed, dtype, augmentation and data."""
+def _same(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def teacher_identity(config, meta: dict, source=None) -> dict:
+    """What decides a teacher trained here: its training config, seed, dtype, augmentation and data (and, for
+    image files, how their images are made into inputs)."""
     identity = {
         "teacher": training_fields(config.teacher),
         "seed": config.seed,
@@ -41,27 +44,27 @@ def teacher_identity(config, meta: dict) -> dict:
     }
     if "fold" in meta:
         identity["fold"] = meta["fold"]
+    if source is not None and source.kind != "memory":
+        identity["preprocessing"] = source.preprocessing
     return identity
 
 
-def student_identity(
-    *, config, method_cfg, seed: int, dataset, t_logits: dict, teacher_meta: dict | None = None
-) -> dict:
-    """What decides a student. The teacher enters through its logits (the splits it has) and, for a logits
-    file, the file's sha256."""
+def student_identity(*, config, method_cfg, seed: int, source, teacher) -> dict:
+    """What decides a student: its method, training config, seed, dtype, augmentation and data, and the
+    teacher through the key of its logits (`Teacher.key`) and, for a logits file, the file's sha256."""
     identity = {
         "method": method_cfg.to_dict(),
         "student": training_fields(config.student),
         "seed": seed,
         "dtype": config.dtype,
         "augment": config.data.augment,
-        "data": fingerprint(dataset.train_images, dataset.train_labels),
-        "teacher_logits": fingerprint(
-            *(t_logits[s] for s in ("train", "val", "test") if t_logits[s] is not None)
-        ),
+        "data": source.fingerprint,
+        "teacher_logits": teacher.key,
     }
-    if teacher_meta and teacher_meta.get("logits_sha256"):
-        identity["teacher_logits_file"] = teacher_meta["logits_sha256"]
+    if teacher.meta.get("logits_sha256"):
+        identity["teacher_logits_file"] = teacher.meta["logits_sha256"]
+    if source.kind != "memory":
+        identity["preprocessing"] = source.preprocessing
     return identity
 
 
@@ -72,9 +75,9 @@ def identity_key(identity: dict) -> str:
 
 
 def run_folder(parent: str, stem: str, identity: dict) -> str:
-    """The folder of the run `identity` among several runs named `<stem>-<key>` in `parent` (a sweep's points):
-    a folder there that was claimed with this identity (whatever its key: folders named by an older key are
-    reused), else `<stem>-<identity_key(identity)>`."""
+    """The folder of the run `identity` among several runs named `<stem>-<key>` in `parent` (a sweep's
+    points): a folder there that was claimed with this identity (whatever its key: folders named by an older
+    key are reused), else `<stem>-<identity_key(identity)>`."""
     wanted = workdir_lib.jsonable(identity)
     prefix = f"{stem}-"
     names = sorted(os.listdir(parent)) if os.path.isdir(parent) else []

@@ -1,69 +1,92 @@
-"""The main job, top to bottom: check, record the data, teacher -> logits, students, results.
+"""The main job, top to bottom, for every size of data: check, record the data, teacher -> logits, students,
+results.
 
-`train_and_evaluate(config, workdir)` is what `python -m debkd_jax.main` runs.
+`train_and_evaluate(config, workdir)` is what `python -m debkd_jax.main` runs. `data.pipeline` only picks the
+kind of data source ("memory": decoded arrays; "stream": image files read by grain; "auto": by size); every
+step after that is the same for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from debkd_jax import config_lib, methods, models, report, training, workdir_lib
-from debkd_jax import data as data_lib
-from debkd_jax.errors import UserError
-from debkd_jax.pipeline import stream
+from debkd_jax import config_lib, methods, report, training, workdir_lib
+from debkd_jax.data import source as source_lib
 from debkd_jax.pipeline.diagnostics import run_diagnostics, run_meta
 from debkd_jax.pipeline.folds import check_folds
+from debkd_jax.pipeline.inputs import check_models, choose_kind, load_source, record_data, record_skipped
 from debkd_jax.pipeline.student import train_student
-from debkd_jax.pipeline.teacher import get_teacher, given_teacher
+from debkd_jax.pipeline.teacher import Teacher, get_teacher, given_teacher, unreadable_files
+from debkd_jax.pipeline.teacher_training import check_checkpoint
 
 log = logging.getLogger("debkd_jax")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str | None = None) -> dict:
-    """Teacher -> cached teacher logits -> targets -> each method's student for each seed -> results. With
-    `data.pipeline = "stream"` (or "auto" choosing it) the same on streamed data (`pipeline.stream`).
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a checked job starts from: its data source (and why that kind), the device mesh, and a teacher
+    given from elsewhere (None: trained here or reused)."""
 
-    Writes into `workdir`: config.json, teacher/ (checkpoints, final model, teacher.json, logits.npz; with
-    `teacher.folds = K > 1` also folds-K/: the fold teachers and out_of_fold.npz),
-    students/<method>-seed<s>/ (checkpoints, final model, run.json, metrics.jsonl, TensorBoard events,
-    result.json), results.json, results.md, val_accuracy.png, and skipped_files.csv when images were
-    unreadable. Re-running the same command resumes an interrupted run and reuses finished parts; see
-    docs/reliability.md.
-    """
-    config_lib.validate_stream_fields(config)
-    choice, why = stream.choose(config)
-    log.info("data: %s pipeline (%s)", choice, why)
+    source: source_lib.DataSource
+    why: str
+    mesh: jax.sharding.Mesh
+    given: Teacher | None
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Everything that can be checked before anything is written (the processes joined first): the config,
+    which kind of data and why, the data source, the models on its images, the folds, a teacher from
+    elsewhere. A combination that cannot work is a one-line `UserError` here."""
+    config_lib.validate_data_fields(config)
+    kind, why = choose_kind(config)
     training.initialize_distributed(config)
     config_lib.validate_config(config)
+    config_lib.validate_for_kind(config, kind)
+    mesh = training.create_mesh()
+    source = load_source(config, kind)
+    check_models(config, source, with_teacher=not config.teacher.get("logits", ""))
+    check_folds(config, source)
+    check_checkpoint(config, source, os.path.join(workdir_lib.expand(workdir), "teacher"))
+    return Setup(source, why, mesh, given_teacher(config, source))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str | None = None) -> dict:
+    """Teacher -> its logits on every split -> each method's student for each seed -> results, on data of
+    either kind.
+
+    Writes into `workdir`: config.json, splits.csv (id, split, label of every image), teacher/ (checkpoints,
+    final model, teacher.json, its logits: logits.npz in memory, logits-<key>/ chunk files for image files;
+    with `teacher.folds = K > 1` also folds-K/), students/<method>-seed<s>/ (checkpoints, final model,
+    run.json, model.json, metrics.jsonl, TensorBoard events, result.json), results.json, results.md,
+    val_accuracy.png, and skipped_files.csv when images were unreadable. Re-running the same command resumes
+    an interrupted run and reuses finished parts; see docs/reliability.md.
+    """
+    setup = check(config, workdir)
     workdir = workdir_lib.expand(workdir)
-    if choice == "stream":  # data.pipeline="stream" (or "auto" on data that would not fit): docs/scale.md
-        return stream.train_and_evaluate(config, workdir, command, why)
     writer = jax.process_index() == 0
     with workdir_lib.Workdir(workdir, writer=writer) as wd:
-        # Check: the data, the models and a teacher from elsewhere, before anything is written.
-        mesh = training.create_mesh()
-        dataset = load_data(config)
-        check_models(config, dataset, with_teacher=not config.teacher.get("logits", ""))
-        check_folds(config, dataset)
-        given = given_teacher(config, dataset)
-
+        source, mesh = setup.source, setup.mesh
         # The record of what ran on what.
         wd.write_config(config)
-        record_data(dataset, workdir, writer)
+        record_data(source, workdir, writer, setup.why, config.student.batch_size)
 
         # Teacher -> its logits on every split.
         teacher = get_teacher(
             config=config,
-            dataset=dataset,
+            source=source,
             teacher_dir=os.path.join(workdir, "teacher"),
             mesh=mesh,
-            given=given,
+            given=setup.given,
         )
+        unreadable = unreadable_files(teacher)
+        if unreadable:
+            source = dataclasses.replace(source, skipped=tuple(sorted({*source.skipped, *unreadable})))
+            record_skipped(source.skipped, workdir, writer)
 
         # Students: every method, every seed.
         runs = [
@@ -72,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
                 method_name=name,
                 method_cfg=method_cfg,
                 seed=seed,
-                dataset=dataset,
+                source=source,
                 teacher=teacher,
                 mesh=mesh,
                 run_dir=os.path.join(workdir, "students", f"{workdir_lib.safe_name(name)}-seed{seed}"),
@@ -84,79 +107,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
         # Results.
         results = report.summarize(
             config=config,
-            dataset=dataset,
+            source=source,
             teacher_meta=teacher.meta,
-            teacher_test=teacher.test_metrics(dataset),
+            teacher_test=teacher.test_metrics(source),
             runs=runs,
-            diagnostics=run_diagnostics(config, dataset, teacher.logits),
+            diagnostics=run_diagnostics(config, source, teacher),
         )
-        results["meta"] = run_meta(command, runs, teacher.meta)
+        results["meta"] = {
+            **run_meta(command, runs, teacher.meta),
+            "data": {"kind": source.kind, "why": setup.why},
+        }
         if writer:
             report.write_results(workdir, results)
         return results
-
-
-def load_data(config) -> data_lib.Dataset:
-    """The configured data set; its errors (missing folder, one class, too few images) are `UserError`s."""
-    d = config.data
-    try:
-        return data_lib.load_dataset(
-            d.source,
-            cache_dir=workdir_lib.expand(d.cache_dir) if d.cache_dir else None,
-            seed=config.seed,
-            image_size=d.image_size,
-            max_per_class=d.max_per_class or None,
-            digits_classes=d.digits_classes,
-            tfds_data_dir=d.tfds_data_dir or None,
-            use_dataset_test_split=d.use_dataset_test_split,
-            progress=config.progress,
-        )
-    except UserError:
-        raise
-    except ValueError as e:
-        raise UserError(f"data.source={d.source!r}: {e}") from e
-    except OSError as e:
-        raise UserError(f"data.source={d.source!r}: cannot read it ({e}).") from e
-
-
-def record_data(dataset, out_dir: str, writer: bool) -> None:
-    """Logs the data set's classes and split sizes; lists unreadable files in `out_dir/skipped_files.csv`."""
-    log.info(
-        "data: %s, %d classes %s, train/val/test = %d/%d/%d",
-        dataset.source,
-        dataset.num_classes,
-        dataset.class_names,
-        len(dataset.train_labels),
-        len(dataset.val_labels),
-        len(dataset.test_labels),
-    )
-    if dataset.skipped:
-        skipped_csv = os.path.join(out_dir, "skipped_files.csv")
-        if writer:
-            report.write_skipped_csv(dataset.skipped, skipped_csv)
-        log.warning("data: skipped %d unreadable file(s), listed in %s", len(dataset.skipped), skipped_csv)
-
-
-def check_models(config, dataset, with_teacher: bool) -> None:
-    """Builds the student (and the teacher network, `with_teacher`) abstractly on one image before anything
-    is written: a failing factory, logits of the wrong shape, or features FKD cannot tap are `UserError`s."""
-    x = jax.ShapeDtypeStruct((1, *dataset.train_images.shape[1:]), jnp.float32)
-    uses_hints = any(m.hint_weight for m in config.methods.values())
-    for part in ("student", "teacher") if with_teacher else ("student",):
-        name = config[part].model
-        try:
-            model = models.get_model(name, dataset.num_classes, config.dtype)
-            _, features = jax.eval_shape(
-                lambda v, m=model: m.init_with_output(jax.random.key(0), v, train=False)[0], x
-            )
-            if uses_hints:
-                models.check_features_for_hints(name, features)
-        except UserError as e:
-            raise UserError(f"{part}.{e}") from e
-        except Exception as e:  # noqa: BLE001 - the user's module failing on these images
-            if not models.is_factory_spec(name):
-                raise
-            raise UserError(
-                f"{part}.model={name!r} fails on images of shape {x.shape} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}); check data.image_size and the module."
-            ) from e

@@ -1,4 +1,5 @@
-"""One student, one method, one seed: claim its folder, build its step, train it, evaluate it, save it."""
+"""One student, one method, one seed, on either kind of data: claim its folder, build its step, train it,
+evaluate it, save it."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from debkd_jax import losses, methods, metrics, models, training, workdir_lib
-from debkd_jax import targets as targets_lib
+from debkd_jax.data import source as source_lib
 from debkd_jax.pipeline.identity import student_identity
-from debkd_jax.pipeline.teacher import Teacher
+from debkd_jax.pipeline.teacher import Teacher, infusion_table
 
 log = logging.getLogger("debkd_jax")
 
@@ -26,7 +27,7 @@ def train_student(
     method_name: str,
     method_cfg,
     seed: int,
-    dataset,
+    source: source_lib.DataSource,
     teacher: Teacher,
     mesh: Mesh,
     run_dir: str,
@@ -36,37 +37,32 @@ def train_student(
     A finished run in `run_dir` (result.json) with the same settings is reused, an interrupted one resumes
     from its last checkpoint; a folder started with other settings is refused (`workdir_lib.claim_run_dir`).
     With `config.overwrite`, an existing folder is set aside (renamed `<run_dir>.<time>`) and the student
-    retrained.
+    retrained. The method's targets are built in the train step from each batch's rows of the teacher's logits
+    (and knowledge infusion's table, computed here once from the whole training split).
     """
-    done = claim_student(
-        config=config,
-        method_name=method_name,
-        method_cfg=method_cfg,
-        seed=seed,
-        dataset=dataset,
-        teacher=teacher,
-        run_dir=run_dir,
+    identity = student_identity(
+        config=config, method_cfg=method_cfg, seed=seed, source=source, teacher=teacher
+    )
+    done = claim_run(
+        run_dir=run_dir, identity=identity, method_name=method_name, seed=seed, overwrite=config.overwrite
     )
     if done is not None:
         return done
     scfg = config.student
     objective = methods.objective(method_cfg, scfg.num_epochs)
-    train_targets = methods.method_targets(method_cfg, teacher.logits["train"], dataset.train_labels)
     infusion = None
     if "knowledge_infusion" in objective.transforms:
-        infusion = targets_lib.infusion_table(
-            teacher.logits["train"], dataset.train_labels, method_cfg.ki_mode
-        )
+        infusion = infusion_table(teacher.logits["train"], source.splits["train"].labels, method_cfg.ki_mode)
     spec = student_step_spec(
-        config=config, method_cfg=method_cfg, objective=objective, dataset=dataset, teacher=teacher, mesh=mesh
+        config=config, method_cfg=method_cfg, objective=objective, source=source, teacher=teacher, mesh=mesh
     )
     started = time.perf_counter()
     result = training.fit(
         name=f"{method_name} (seed {seed})",
         spec=spec,
         train_cfg=scfg,
-        dataset=dataset,
-        train_targets=train_targets,
+        source=source,
+        logits=None if method_cfg.loss == "ce" else teacher.logits["train"],
         run_dir=run_dir,
         mesh=mesh,
         seed=seed,
@@ -79,7 +75,7 @@ def train_student(
         config=config,
         method_cfg=method_cfg,
         variables=student_vars,
-        dataset=dataset,
+        source=source,
         teacher=teacher,
         infusion=infusion,
         mesh=mesh,
@@ -95,26 +91,8 @@ def train_student(
         "test": test,
         "history": result.history,
     }
-    save_student(config=config, variables=student_vars, dataset=dataset, result=out, run_dir=run_dir)
+    save_student(config=config, variables=student_vars, source=source, result=out, run_dir=run_dir)
     return out
-
-
-def claim_student(
-    *, config, method_name: str, method_cfg, seed: int, dataset, teacher: Teacher, run_dir: str
-) -> dict | None:
-    """Claims `run_dir` for this student (`identity.student_identity`; with `config.overwrite` an existing
-    folder is set aside first); returns its result when it finished before, else None."""
-    identity = student_identity(
-        config=config,
-        method_cfg=method_cfg,
-        seed=seed,
-        dataset=dataset,
-        t_logits=teacher.logits,
-        teacher_meta=teacher.meta,
-    )
-    return claim_run(
-        run_dir=run_dir, identity=identity, method_name=method_name, seed=seed, overwrite=config.overwrite
-    )
 
 
 def claim_run(*, run_dir: str, identity: dict, method_name: str, seed: int, overwrite: bool) -> dict | None:
@@ -134,29 +112,27 @@ def claim_run(*, run_dir: str, identity: dict, method_name: str, seed: int, over
 
 
 def student_step_spec(
-    *, config, method_cfg, objective, dataset, teacher: Teacher, mesh: Mesh
+    *, config, method_cfg, objective, source: source_lib.DataSource, teacher: Teacher, mesh: Mesh
 ) -> training.StepSpec:
     """The student's train step spec: the method's objective, the teacher network when it runs online, and
     FitNets hint taps (the first, middle and last blocks both networks share) when the method uses hints."""
     scfg = config.student
-    steps = len(dataset.train_labels) // scfg.batch_size
+    steps = len(source.splits["train"]) // scfg.batch_size
     kw: dict[str, Any] = {"method_cfg": method_cfg}
     conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype)
     if objective.needs_teacher_online:
         kw["teacher"] = models.get_model(
-            teacher.meta["model"], dataset.num_classes, config.dtype, conv_backward
+            teacher.meta["model"], source.num_classes, config.dtype, conv_backward
         )
     if objective.uses_hints:
-        t_shapes = jax.eval_shape(
-            lambda x: kw["teacher"].apply(teacher.variables, x, train=False)[1],
-            dataset.train_images[:1] * 0.0,
-        )
+        x = jax.ShapeDtypeStruct((1, source.image_size, source.image_size, 3), jnp.float32)
+        t_shapes = jax.eval_shape(lambda x: kw["teacher"].apply(teacher.variables, x, train=False)[1], x)
         student_blocks = len(
             jax.eval_shape(
-                lambda x: models.get_model(scfg.model, dataset.num_classes).init_with_output(
+                lambda x: models.get_model(scfg.model, source.num_classes).init_with_output(
                     jax.random.key(0), x, train=False
                 )[0][1],
-                dataset.train_images[:1] * 0.0,
+                x,
             )
         )
         t_taps = models.feature_taps(len(t_shapes), "teacher")
@@ -169,55 +145,64 @@ def student_step_spec(
             "hint_shapes": tuple(tuple(int(d) for d in t_shapes[i].shape[1:]) for i in t_taps),
         }
     return training.build_step_spec(
-        scfg, dataset.num_classes, config.dtype, objective, steps, config.data.augment, conv_backward, **kw
+        scfg,
+        source.num_classes,
+        config.dtype,
+        objective,
+        steps,
+        source.augments_on_device,
+        conv_backward,
+        **kw,
     )
 
 
 def evaluate_student(
-    *, config, method_cfg, variables, dataset, teacher: Teacher, infusion, mesh: Mesh
+    *, config, method_cfg, variables, source: source_lib.DataSource, teacher: Teacher, infusion, mesh: Mesh
 ) -> dict:
-    """The student's test metrics (`metrics.classification_metrics`), with its agreement with the teacher and
-    the share of its logits inside the method's target regions where the teacher's test logits exist."""
-    backbone = models.get_model(config.student.model, dataset.num_classes, config.dtype)
+    """The student's test metrics (`metrics.classification_metrics`) on the readable test images, with its
+    agreement with the teacher and the share of its logits inside the method's target regions where the
+    teacher's test logits exist."""
+    backbone = models.get_model(config.student.model, source.num_classes, config.dtype)
     predict = training.make_predict_fn(backbone, jnp.dtype(config.dtype))
-    test_logits = training.predict_logits(
-        predict, variables, dataset.test_images, config.student.eval_batch_size, mesh
+    test = source.splits["test"]
+    test_logits, valid = training.split_logits(
+        predict, variables, source, test, eval_batch_size=config.student.eval_batch_size, mesh=mesh
     )
-    t_test = teacher.logits["test"]
-    hits = None
-    if t_test is not None:  # a logits file may lack the test split
-        test_targets = methods.method_targets(method_cfg, t_test, dataset.test_labels, infusion=infusion)
+    store = teacher.logits["test"]
+    t_test, hits = None, None
+    if store is not None:  # a logits file may lack the test split
+        valid = valid & store.valid
+        t_test = store.all()[valid]
+    labels = test.labels[valid]
+    test_logits = test_logits[valid]
+    if t_test is not None:
+        test_targets = methods.method_targets(method_cfg, t_test, labels, infusion=infusion)
         hits = np.asarray(
             losses.region_hits(
-                test_logits,
-                dataset.test_labels,
-                test_targets.lo,
-                test_targets.hi,
-                temperature=method_cfg.temperature,
+                test_logits, labels, test_targets.lo, test_targets.hi, temperature=method_cfg.temperature
             )
         )
     return metrics.classification_metrics(
-        test_logits,
-        dataset.test_labels,
-        num_classes=dataset.num_classes,
-        teacher_logits=t_test,
-        region_hits=hits,
+        test_logits, labels, num_classes=source.num_classes, teacher_logits=t_test, region_hits=hits
     )
 
 
-def save_student(*, config, variables, dataset, result: dict, run_dir: str) -> None:
-    """`run_dir/final` (the variables; every process takes part, orbax syncs them), `model.json` (what
-    `export` needs to rebuild the network) and `result.json`."""
+def model_record(config, source: source_lib.DataSource) -> dict:
+    """`model.json`: what `export` needs to rebuild the network and `predict` to make its inputs."""
+    return {
+        "model": config.student.model,
+        "num_classes": source.num_classes,
+        "class_names": list(source.class_names),
+        "image_size": source.image_size,
+        "dtype": config.dtype,
+        "preprocessing": source.preprocessing,
+    }
+
+
+def save_student(*, config, variables, source: source_lib.DataSource, result: dict, run_dir: str) -> None:
+    """`run_dir/final` (the variables; every process takes part, orbax syncs them), `model.json` and
+    `result.json`."""
     workdir_lib.save_variables(os.path.join(run_dir, "final"), variables)
     if jax.process_index() == 0:
-        workdir_lib.write_json(
-            os.path.join(run_dir, "model.json"),
-            {
-                "model": config.student.model,
-                "num_classes": dataset.num_classes,
-                "class_names": list(dataset.class_names),
-                "image_size": int(dataset.train_images.shape[1]),
-                "dtype": config.dtype,
-            },
-        )
+        workdir_lib.write_json(os.path.join(run_dir, "model.json"), model_record(config, source))
         workdir_lib.write_json(os.path.join(run_dir, "result.json"), result)

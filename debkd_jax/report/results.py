@@ -22,25 +22,25 @@ def seed_summary(group: Sequence[dict]) -> dict:
     }
 
 
-def dataset_summary(dataset) -> dict:
-    """Source, class names, split sizes and per-class counts of a `data.Dataset`."""
+def dataset_summary(source) -> dict:
+    """Source (as the user named it), class names, split sizes and per-class counts of a data source
+    (`data.source.DataSource`, either kind), and how many files could not be read."""
     splits = ("train", "val", "test")
     return {
-        "source": dataset.source,
-        "class_names": list(dataset.class_names),
-        "sizes": {s: int(len(getattr(dataset, f"{s}_labels"))) for s in splits},
+        "source": source.name,
+        "class_names": list(source.class_names),
+        "sizes": {s: int(len(source.splits[s].labels)) for s in splits},
         "class_counts": {
-            s: np.bincount(getattr(dataset, f"{s}_labels"), minlength=dataset.num_classes).tolist()
-            for s in splits
+            s: np.bincount(source.splits[s].labels, minlength=source.num_classes).tolist() for s in splits
         },
-        "skipped_files": len(dataset.skipped),
+        "skipped_files": len(source.skipped),
     }
 
 
 def summarize(
     *,
     config,
-    dataset,
+    source,
     teacher_meta: dict,
     teacher_test: dict | None,
     runs: Sequence[dict],
@@ -65,7 +65,7 @@ def summarize(
         if name in diagnostics.get("methods", {}):
             row["targets"] = diagnostics["methods"][name]
     return {
-        "dataset": dataset_summary(dataset),
+        "dataset": dataset_summary(source),
         "teacher": {
             "model": teacher_meta["model"],
             "test": teacher_test,
@@ -87,7 +87,7 @@ def sweep_summary(
     config,
     points: Sequence,
     runs: dict[str, list[dict]],
-    dataset,
+    source,
     teacher_meta: dict,
     teacher_test: dict | None,
 ) -> dict:
@@ -116,7 +116,7 @@ def sweep_summary(
             "x_label": sweep.x_label,
             "base_method": config.methods[sweep.method].to_dict(),
         },
-        "dataset": dataset_summary(dataset),
+        "dataset": dataset_summary(source),
         "teacher": {"model": teacher_meta["model"], "test": teacher_test},
         "student_model": config.student.model,
         "student_epochs": config.student.num_epochs,

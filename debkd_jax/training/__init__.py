@@ -1,6 +1,6 @@
 """Training one model: train state and optimizer, the train step (one factory for training, benchmarks and
 tests), the mesh and multi-process helpers, the `fit` loop with checkpoints and resume, the per-epoch metric
-writer (metrics.jsonl, TensorBoard), and the passes over streamed data (`streamed.py`)."""
+writer (metrics.jsonl, TensorBoard), and the one evaluation pass over either kind of data (`evaluate.py`)."""
 
 from debkd_jax.training.distributed import (
     create_mesh,
@@ -11,13 +11,22 @@ from debkd_jax.training.distributed import (
     sync_processes,
     wait_for_coordinator,
 )
-from debkd_jax.training.loop import FitResult, NonFiniteLoss, fit
+from debkd_jax.training.evaluate import (
+    eval_chunk_rows,
+    local_eval_batch,
+    local_rows,
+    predict_pass,
+    split_accuracy,
+    split_logits,
+)
+from debkd_jax.training.loop import FitResult, NonFiniteLoss, fit, non_finite_loss
 from debkd_jax.training.metric_writer import MetricWriter
 from debkd_jax.training.state import (
     TrainState,
     host_copy,
     init_state,
     jitted_init,
+    learning_rate_schedule,
     make_optimizer,
     variables_of,
     zero_metrics,
@@ -30,34 +39,30 @@ from debkd_jax.training.step import (
     make_train_step,
     predict_logits,
 )
-from debkd_jax.training.streamed import (
-    StreamTrainData,
-    local_eval_batch,
-    local_rows,
-    pass_accuracy,
-    predict_pass,
-)
 
 __all__ = [
     "FitResult",
     "MetricWriter",
     "NonFiniteLoss",
     "StepSpec",
-    "StreamTrainData",
     "Student",
     "TrainState",
     "build_step_spec",
     "create_mesh",
     "distributed_kwargs",
     "fit",
+    "non_finite_loss",
     "host_copy",
     "init_state",
     "initialize_distributed",
     "jitted_init",
     "local_eval_batch",
     "local_rows",
-    "pass_accuracy",
+    "split_accuracy",
+    "split_logits",
+    "eval_chunk_rows",
     "predict_pass",
+    "learning_rate_schedule",
     "make_optimizer",
     "make_predict_fn",
     "make_train_step",

@@ -1,7 +1,9 @@
-"""`fit`: trains one model for its epochs with the train step, checkpoints every epoch (orbax) and resumes.
+"""`fit`: trains one model for its epochs with the train step on either kind of data, checkpoints every
+epoch (orbax) and resumes.
 
 The checkpoint manager keeps the newest checkpoint and the best one on validation accuracy
-(`workdir_lib.checkpoint_manager`); each holds the train state and the history up to its epoch.
+(`workdir_lib.checkpoint_manager`); each holds the train state, the history up to its epoch and every
+process's position in the data (the batch iterator's `get_state()`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from debkd_jax import console, workdir_lib
-from debkd_jax import data as data_lib
-from debkd_jax import targets as targets_lib
+from debkd_jax.data.batching import make_global_batch
+from debkd_jax.data.source import DataSource, train_batches
+from debkd_jax.data.stream import TrainOrder
 from debkd_jax.errors import UserError
-from debkd_jax.training.distributed import process_local
+from debkd_jax.training.evaluate import split_accuracy
 from debkd_jax.training.metric_writer import MetricWriter
 from debkd_jax.training.state import host_copy, init_state, make_optimizer, variables_of, zero_metrics
-from debkd_jax.training.step import StepSpec, make_predict_fn, make_train_step, predict_logits
-from debkd_jax.training.streamed import StreamTrainData
+from debkd_jax.training.step import StepSpec, make_predict_fn, make_train_step
 
 log = logging.getLogger("debkd_jax")
 
@@ -48,25 +50,26 @@ def fit(
     name: str,
     spec: StepSpec,
     train_cfg,
-    dataset: data_lib.Dataset | None,
-    train_targets: targets_lib.Targets | None,
+    source: DataSource,
     run_dir: str,
     mesh: Mesh,
     seed: int,
+    logits=None,
     teacher_vars=None,
     infusion=None,
     on_epoch: Callable[[dict], None] | None = None,
     show_progress: bool = True,
-    stream: StreamTrainData | None = None,
 ) -> FitResult:
-    """Trains `spec.model` for `train_cfg.num_epochs`, checkpointing every epoch (orbax) and resuming from the
-    last complete checkpoint in `run_dir`. Returns the variables of the best epoch on validation accuracy (of
-    equal ones the earliest), restored from its checkpoint.
+    """Trains `spec.model` for `train_cfg.num_epochs` on `source`'s training split (either kind),
+    checkpointing every epoch (orbax) and resuming from the last complete checkpoint in `run_dir`. Returns the
+    variables of the best epoch on validation accuracy (of equal ones the earliest), restored from its
+    checkpoint.
 
-    `stream` (instead of `dataset` and `train_targets`): batches from grain (`StreamTrainData`), whose
-    iterator
-    position is saved with every checkpoint and restored with it."""
-    n_train = len(stream.train) if stream is not None else len(dataset.train_labels)
+    `logits`: the training split's teacher logits (a store: `data.logits_store`), whose batch rows go to the
+    step as 'teacher_logits'; None for a step that needs none (CE). The batch iterator's position
+    (`get_state()`) is saved with every checkpoint and restored with it."""
+    train = source.splits["train"]
+    n_train = len(train)
     steps_per_epoch = n_train // train_cfg.batch_size
     if steps_per_epoch < 1:
         raise UserError(
@@ -74,9 +77,7 @@ def fit(
             "lower the batch size."
         )
     tx = make_optimizer(train_cfg, steps_per_epoch)
-    init_rng = jax.random.key(seed)
-    image_shape = (stream.image_size,) * 2 + (3,) if stream is not None else dataset.train_images.shape[1:]
-    state = init_state(init_rng, spec.model, tx, image_shape)
+    state = init_state(jax.random.key(seed), spec.model, tx, (source.image_size, source.image_size, 3))
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     history: list[dict] = []
@@ -95,13 +96,23 @@ def fit(
                     "is set aside) or a new --workdir."
                 )
             items = {"state": ocp.args.StandardRestore(host_copy(state)), "history": ocp.args.JsonRestore()}
-            if stream is not None:
+            has_data_item = os.path.isdir(os.path.join(run_dir, "checkpoints", str(latest), _DATA_ITEM))
+            if has_data_item:
                 items[_DATA_ITEM] = ocp.args.JsonRestore()
             restored = ckpt.restore(latest, args=ocp.args.Composite(**items))
             state = jax.device_put(restored["state"], replicated)
             history = list(restored["history"]["epochs"])
-            if stream is not None:
+            if has_data_item:
                 data_state = restored[_DATA_ITEM][f"process_{jax.process_index()}"]
+            elif source.kind == "memory":  # written before iterator states were saved: at an epoch's end
+                data_state = {"step": len(history) * steps_per_epoch}
+            else:
+                raise UserError(
+                    f"{name}: the checkpoint of epoch {len(history)} in {run_dir}/checkpoints holds no "
+                    "position "
+                    "of the data stream; re-run with --config.overwrite=True (the old run is set aside) or a "
+                    "new --workdir."
+                )
             log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
 
         step_fn = make_train_step(spec, mesh, seed)
@@ -112,12 +123,18 @@ def fit(
             teacher_vars = jax.device_put(teacher_vars, replicated)
         if infusion is not None:
             infusion = jax.device_put(jnp.asarray(infusion), replicated)
-        host_targets = jax.tree.map(np.asarray, train_targets)
         start_epoch = len(history)
-        batches = None
-        if stream is not None and start_epoch < train_cfg.num_epochs:
-            order = stream.order(train_cfg.batch_size, seed, train_cfg.num_epochs)
-            batches = stream.iterator(order, seed, data_state)
+        if start_epoch < train_cfg.num_epochs:
+            order = TrainOrder(
+                n_train,
+                train_cfg.batch_size,
+                seed,
+                train_cfg.num_epochs,
+                jax.process_index(),
+                jax.process_count(),
+            )
+            batches = train_batches(source, order, seed=seed, logits=logits, state=data_state)
+        keys = ("image", "label", "teacher_logits") if logits is not None else ("image", "label")
 
         epochs = console.progress(
             range(start_epoch, train_cfg.num_epochs),
@@ -130,51 +147,29 @@ def fit(
         for epoch in epochs:
             t0 = time.perf_counter()
             acc = jax.device_put(zero_metrics(), replicated)
-            if stream is None:
-                order = data_lib.batch_indices(n_train, train_cfg.batch_size, seed=seed, epoch=epoch)
-                local = process_local(order)
-            else:
-                local = range(steps_per_epoch)
             steps = console.progress(
-                local,
+                range(steps_per_epoch),
                 desc=f"  epoch {epoch + 1}",
-                total=len(local),
+                total=steps_per_epoch,
                 leave=False,
-                disable=not show_progress or len(local) < 20,
+                disable=not show_progress or steps_per_epoch < 20,
                 unit="step",
             )
-            for idx in steps:
-                if stream is None:
-                    batch = data_lib.gather_batch(dataset, host_targets, idx, batch_sharding)
-                else:
-                    batch = stream.global_batch(batches, batch_sharding)
+            for _ in steps:
+                local = next(batches)
+                batch = make_global_batch({k: local[k] for k in keys}, batch_sharding)
                 state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
             acc = jax.device_get(acc)
             if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:
-                bad = int(acc["first_nonfinite_step"]) + 1
-                total = train_cfg.num_epochs * steps_per_epoch
-                if history:
-                    kept = (
-                        f"the last good checkpoint (epoch {len(history)}) is kept in {run_dir}/checkpoints. "
-                        f"Lower the learning rate (now {train_cfg.learning_rate}) or check the data, then "
-                        "re-run with --config.overwrite=True (the diverged run is set aside) or a new --workdir"
-                    )
-                else:
-                    kept = (
-                        f"nothing was saved yet. Lower the learning rate (now {train_cfg.learning_rate}) or "
-                        "check the data, then re-run"
-                    )
-                raise NonFiniteLoss(
-                    f"{name}: the loss or its gradient became NaN/Inf at step {bad} of {total} (epoch "
-                    f"{epoch + 1}); training stopped and {kept}."
-                )
-            if stream is None:
-                val_logits = predict_logits(
-                    predict, variables_of(state), dataset.val_images, train_cfg.eval_batch_size, mesh
-                )
-                val_acc = float(np.mean(np.argmax(val_logits, -1) == dataset.val_labels))
-            else:
-                val_acc = stream.val_accuracy(predict, variables_of(state), mesh, train_cfg.eval_batch_size)
+                raise non_finite_loss(name, acc, epoch, history, train_cfg, steps_per_epoch, run_dir)
+            val_acc = split_accuracy(
+                predict,
+                variables_of(state),
+                source,
+                source.splits["val"],
+                eval_batch_size=train_cfg.eval_batch_size,
+                mesh=mesh,
+            )
             # Only values that the config and seed decide: a resumed or repeated run writes the same records.
             record = {
                 "epoch": epoch + 1,
@@ -189,9 +184,9 @@ def fit(
                 # arrays would be split among the processes (each writing its part of the checkpoint).
                 "state": ocp.args.StandardSave(host_copy(state)),
                 "history": ocp.args.JsonSave({"epochs": history}),
+                # every process's position in the data, written by process 0
+                _DATA_ITEM: ocp.args.JsonSave(_gathered_iterator_states(batches.get_state())),
             }
-            if stream is not None:  # every process's grain iterator position, written by process 0
-                items[_DATA_ITEM] = ocp.args.JsonSave(_gathered_iterator_states(batches.get_state()))
             _save_checkpoint(
                 ckpt,
                 epoch + 1,
@@ -231,12 +226,33 @@ def fit(
         try:
             _wait_for_checkpoint(ckpt, run_dir)
         finally:
-            if stream is not None and batches is not None and hasattr(batches, "close"):
+            if batches is not None and hasattr(batches, "close"):
                 batches.close()  # grain's worker processes
             ckpt.close()
             if writer is not None:
                 writer.close()
     return FitResult(best_variables=best_variables, history=history, best_epoch=best_epoch)
+
+
+def non_finite_loss(name, acc, epoch, history, train_cfg, steps_per_epoch, run_dir) -> NonFiniteLoss:
+    """The error of a run whose loss or gradient became NaN/Inf, saying what was kept and what to do."""
+    bad = int(acc["first_nonfinite_step"]) + 1
+    total = train_cfg.num_epochs * steps_per_epoch
+    if history:
+        kept = (
+            f"the last good checkpoint (epoch {len(history)}) is kept in {run_dir}/checkpoints. "
+            f"Lower the learning rate (now {train_cfg.learning_rate}) or check the data, then "
+            "re-run with --config.overwrite=True (the diverged run is set aside) or a new --workdir"
+        )
+    else:
+        kept = (
+            f"nothing was saved yet. Lower the learning rate (now {train_cfg.learning_rate}) or "
+            "check the data, then re-run"
+        )
+    return NonFiniteLoss(
+        f"{name}: the loss or its gradient became NaN/Inf at step {bad} of {total} (epoch "
+        f"{epoch + 1}); training stopped and {kept}."
+    )
 
 
 _DATA_ITEM = "data_iterator"

@@ -18,21 +18,29 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
-def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with (Nesterov, unless `cfg.nesterov` is False) momentum, weight decay on kernels, and the learning
-    rate of `cfg.lr_schedule`: "cosine" (default: linear warm-up then cosine decay to 0) or "step" (the
-    ImageNet recipe: `learning_rate` times `lr_decay_rate` at each epoch of `lr_decay_epochs`)."""
+def learning_rate_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
+    """`cfg.lr_schedule`: "cosine" (default: `warmup_epochs` of linear warm-up from 0, then cosine decay to 0
+    at the last step) or "step" (the ImageNet recipe: `learning_rate` times `lr_decay_rate` at each epoch of
+    `lr_decay_epochs`), over `cfg.num_epochs` epochs of `steps_per_epoch` steps."""
     total = max(cfg.num_epochs * steps_per_epoch, 1)
     if cfg.get("lr_schedule", "cosine") == "step":
-        boundaries = {int(e * steps_per_epoch): cfg.lr_decay_rate for e in cfg.lr_decay_epochs}
-        schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
-    else:
-        warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, end_value=0.0)
+        boundaries = {int(e * steps_per_epoch): cfg.get("lr_decay_rate", 0.1) for e in cfg.lr_decay_epochs}
+        return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, end_value=0.0)
+
+
+def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with (Nesterov, unless `cfg.nesterov` is False) momentum, weight decay on kernels, and the learning
+    rate of `learning_rate_schedule`."""
     kernels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay, mask=kernels),
-        optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.get("nesterov", True)),
+        optax.sgd(
+            learning_rate_schedule(cfg, steps_per_epoch),
+            momentum=cfg.momentum,
+            nesterov=cfg.get("nesterov", True),
+        ),
     )
 
 

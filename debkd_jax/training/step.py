@@ -15,12 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from debkd_jax import console, losses, methods, models
 from debkd_jax import data as data_lib
+from debkd_jax import losses, methods, models
 from debkd_jax.training.state import TrainState
 
 
@@ -39,9 +38,9 @@ class Student(nn.Module):
     def __call__(self, x, train: bool = True):
         logits, blocks = self.backbone(x, train=train)
         hints = tuple(
-            models.HintRegressor(
-                c, dtype=self.backbone.dtype, conv=self.backbone.conv, name=f"hint_{i}"
-            )(blocks[tap], (h, w), train)
+            models.HintRegressor(c, dtype=self.backbone.dtype, conv=self.backbone.conv, name=f"hint_{i}")(
+                blocks[tap], (h, w), train
+            )
             for i, (tap, (h, w, c)) in enumerate(zip(self.taps, self.hint_shapes, strict=True))
         )
         return logits, hints
@@ -147,32 +146,21 @@ def make_predict_fn(model: nn.Module, dtype) -> Callable:
 def predict_logits(
     predict: Callable, variables, images: np.ndarray, batch_size: int, mesh: Mesh, progress: str | None = None
 ) -> np.ndarray:
-    """Logits of every image, in order: every batch padded to `batch_size` (rounded down to a multiple of the
-    mesh size; fewer images than that, to their count rounded up to one), so that `predict` compiles for one
-    shape. -> (N, k) float32.
+    """Logits of every image of a uint8 array (N, S, S, 3), in order, on every process: the one evaluation
+    pass (`evaluate.split_logits`) over the array as a memory-kind split. -> (N, k) float32.
 
-    Every process passes the same `images` (the whole split) and gets all the logits back: with several
-    processes each device takes its rows from its host's identical copy and the sharded result is gathered
-    with `multihost_utils.process_allgather` (`jax.device_get` cannot read shards held by other hosts).
-    """
-    n = len(images)
-    ndev = mesh.devices.size
-    batch_size = max(ndev, batch_size - batch_size % ndev)
-    batch_size = min(batch_size, max(ndev, -(-n // ndev) * ndev))  # a few images: not padded to a whole batch
-    sharding = NamedSharding(mesh, P("data"))
-    out = []
-    starts = range(0, n, batch_size)
-    for start in console.progress(starts, desc=progress, total=len(starts), disable=progress is None):
-        chunk = images[start : start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        # Each device takes its rows of the (identical on every process) host chunk: valid on several hosts.
-        batch = jax.make_array_from_callback(chunk.shape, sharding, lambda index, chunk=chunk: chunk[index])
-        logits = predict(variables, batch)[0]
-        if jax.process_count() > 1:
-            host = multihost_utils.process_allgather(logits, tiled=True)
-        else:
-            host = jax.device_get(logits)
-        out.append(np.asarray(host)[: len(chunk) - pad])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    Batches are `batch_size` rows rounded down to a multiple of the mesh (fewer images than that: their count
+    rounded up to one), padded with black images, so that `predict` compiles for one shape. Every process
+    passes the same `images` (the whole split)."""
+    from debkd_jax.data import source as source_lib
+    from debkd_jax.training.evaluate import split_logits
+
+    images = np.asarray(images)
+    split = source_lib.Split(
+        np.arange(len(images)).astype(str), np.zeros(len(images), np.int32), images=images
+    )
+    holder = source_lib.DataSource("memory", "array", ("",), {"eval": split}, int(images.shape[1]), "")
+    logits, _ = split_logits(
+        predict, variables, holder, split, eval_batch_size=batch_size, mesh=mesh, progress=progress
+    )
+    return logits
