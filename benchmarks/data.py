@@ -3,14 +3,16 @@
     python -m benchmarks.data [--source=folder:../shared/data/dogs_vs_cats_32] [--out=DIR] [--steps=N]
 
 Standalone it writes `BENCHMARKS_DATA.md` and `benchmarks_data.json` into `--out`; as the `data` section of
-`python -m benchmarks` it goes into BENCHMARKS.md. Batches are delivered on the path `fit` uses (seeded
-`batch_indices`, host gather of images, labels and target rows, `make_global_batch` onto the mesh) and the
-DeBKD train step of a student (ResNet-8 by default) runs on those batches.
+`python -m benchmarks` it goes into BENCHMARKS.md. Batches are delivered on the path `fit` uses (the memory
+kind's iterator: the seeded order, one host gather of images, labels and teacher-logit rows, then
+`make_global_batch` onto the mesh) and the DeBKD train step of a student (ResNet-8 by default), its targets built
+in the step, runs on those batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -22,8 +24,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.render import fmt, ratio, table
-from debkd_jax import config_lib, methods, training
+from debkd_jax import config_lib, methods, pipeline, training
 from debkd_jax import data as data_lib
+from debkd_jax.data import logits_store, stream
 
 DEFAULT_SOURCE = "folder:../shared/data/dogs_vs_cats_32"
 
@@ -34,56 +37,61 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def global_batch(dataset, host_targets, idx, sharding) -> dict:
-    """One batch exactly as `training.fit` builds it: images, labels and target rows sharded on 'data'."""
-    return data_lib.gather_batch(dataset, host_targets, idx, sharding)
-
-
-def deliver_batches(
-    dataset, host_targets, batch_size: int, mesh, *, epoch: int = 0, limit: int | None = None
-):
-    """One epoch of batches as `training.fit` builds them; returns the number of images delivered."""
+def train_batches(source, logits, batch_size: int, mesh, *, epochs: int = 1):
+    """The run's global batches as `training.fit` builds them: the memory kind's iterator (one numpy gather of
+    images, labels and teacher-logit rows per step) and one `make_global_batch` onto the mesh."""
     sharding = NamedSharding(mesh, P("data"))
-    order = data_lib.batch_indices(len(dataset.train_labels), batch_size, seed=0, epoch=epoch)
+    order = stream.TrainOrder(len(source.splits["train"]), batch_size, 0, epochs)
+    for local in data_lib.source.train_batches(source, order, seed=0, logits=logits):
+        yield data_lib.make_global_batch({k: local[k] for k in ("image", "label", "teacher_logits")}, sharding)
+
+
+def deliver_batches(source, logits, batch_size: int, mesh, *, limit: int | None = None) -> int:
+    """One epoch of batches as `training.fit` builds them; returns the number of images delivered."""
     delivered = 0
-    for idx in order[:limit]:
-        jax.block_until_ready(global_batch(dataset, host_targets, idx, sharding))
-        delivered += len(idx)
+    for i, batch in enumerate(train_batches(source, logits, batch_size, mesh)):
+        if limit is not None and i >= limit:
+            break
+        jax.block_until_ready(batch)
+        delivered += batch_size
     return delivered
 
 
-def synthetic_targets(dataset, method_cfg):
+def synthetic_logits(source):
+    labels = source.splits["train"].labels
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(len(dataset.train_labels), dataset.num_classes)).astype(np.float32)
-    logits[np.arange(len(logits)), dataset.train_labels] += 2.0
-    return jax.tree.map(np.asarray, methods.method_targets(method_cfg, logits, dataset.train_labels))
+    logits = rng.normal(size=(len(labels), source.num_classes)).astype(np.float32)
+    logits[np.arange(len(logits)), labels] += 2.0
+    return logits_store.ArrayLogits(logits)
 
 
-def step_images_per_s(dataset, targets, method_cfg, model: str, batch_size: int, steps: int, mesh) -> float:
-    """The DeBKD step of `model` on the first `steps` delivered batches (after two untimed ones)."""
+def step_images_per_s(source, logits, method_cfg, model: str, batch_size: int, steps: int, mesh) -> float:
+    """The DeBKD step of `model`, its targets built in the step from each batch's teacher-logit rows (as the
+    job trains), on the first `steps` delivered batches (after two untimed ones)."""
     cfg = config_lib.train_config(model, num_epochs=1, batch_size=batch_size)
-    steps_per_epoch = len(dataset.train_labels) // batch_size
+    steps_per_epoch = len(source.splits["train"]) // batch_size
     objective = methods.objective(method_cfg, cfg.num_epochs)
     spec = training.build_step_spec(
-        cfg, dataset.num_classes, "float32", objective, steps_per_epoch, False, method_cfg=method_cfg
+        cfg, source.num_classes, "float32", objective, steps_per_epoch, False, method_cfg=method_cfg
     )
-    replicated, sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
     state = training.init_state(
         jax.random.key(0),
         spec.model,
         training.make_optimizer(cfg, steps_per_epoch),
-        dataset.train_images.shape[1:],
+        (source.image_size, source.image_size, 3),
     )
     state, acc = jax.device_put(state, replicated), jax.device_put(training.zero_metrics(), replicated)
-    step = training.make_train_step(spec, mesh, seed=0)
-    order = data_lib.batch_indices(len(dataset.train_labels), batch_size, seed=0, epoch=0)
-    batches = [global_batch(dataset, targets, idx, sharding) for idx in order[: steps + 2]]
+    infusion = jax.device_put(pipeline.infusion_table(logits, source.splits["train"].labels, method_cfg.ki_mode),
+                              replicated)
+    step = training.make_train_step(spec, mesh)
+    batches = list(itertools.islice(train_batches(source, logits, batch_size, mesh), steps + 2))
     for b in batches[:2]:
-        state, acc = step(state, acc, b, None, None)
+        state, acc = step(state, acc, b, None, infusion)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for b in batches[2:]:
-        state, acc = step(state, acc, b, None, None)
+        state, acc = step(state, acc, b, None, infusion)
     jax.block_until_ready(state)
     return len(batches[2:]) * batch_size / (time.perf_counter() - t0)
 
@@ -105,12 +113,13 @@ def measure_source(source: str, batch_size: int = 128, steps: int = 10, model: s
     )
     mesh = training.create_mesh()
     method_cfg = methods.preset("DeBKD")
-    targets = synthetic_targets(dataset, method_cfg)
-    deliver_batches(dataset, targets, batch_size, mesh, limit=2)  # warm-up
-    delivered, deliver_s = _timed(lambda: deliver_batches(dataset, targets, batch_size, mesh, epoch=1))
+    source = data_lib.memory_source(dataset)
+    logits = synthetic_logits(source)
+    deliver_batches(source, logits, batch_size, mesh, limit=2)  # warm-up
+    delivered, deliver_s = _timed(lambda: deliver_batches(source, logits, batch_size, mesh))
     results["batch_delivery_images_per_s"] = delivered / deliver_s
     results["train_step_images_per_s"] = step_images_per_s(
-        dataset, targets, method_cfg, model, batch_size, steps, mesh
+        source, logits, method_cfg, model, batch_size, steps, mesh
     )
     results["delivery_over_step"] = (
         results["batch_delivery_images_per_s"] / results["train_step_images_per_s"]
@@ -136,10 +145,11 @@ def render(r: dict) -> list[str]:
             ["decode every file and write the cache", fmt(r["decode_and_cache_images_per_s"])],
             ["load the cache", fmt(r["cached_load_images_per_s"])],
             [
-                "deliver one epoch of training batches (images, labels, target rows) to the mesh",
+                "deliver one epoch of training batches (images, labels, teacher-logit rows) to the mesh",
                 fmt(r["batch_delivery_images_per_s"]),
             ],
-            [f"{r['model']} DeBKD train step on those batches", fmt(r["train_step_images_per_s"])],
+            [f"{r['model']} DeBKD train step on those batches, targets built in the step",
+             fmt(r["train_step_images_per_s"])],
         ],
     )
     return lines + [

@@ -1,11 +1,11 @@
 """a2. Train step in fresh processes: the project's default CPU step vs the PyTorch peer, round by round.
 
-Every sample is a new process: the JAX step (`benchmarks.lever_worker`, `config.conv_backward="auto"`, one CPU
-device, the command-line XLA defaults) once with oneDNN on 2 OpenMP threads and once on 1
-(`DEBKD_ONEDNN_THREADS`), and the peer (`benchmarks.peer_worker`, its own fresh process). The three run one
-after the other in a rotating order (A B C, B C A, C A B, ...), so that none always runs first or after the
-same one; each round gives the peer's time over each JAX arm's (> 1: JAX is faster) and the load average
-before and after the round.
+Every sample is a new process: the JAX step (this module as a worker, `python -m benchmarks.fresh_pairs SPEC`:
+`config.conv_backward="auto"`, one CPU device, the command-line XLA defaults) once with oneDNN on 2 OpenMP
+threads and once on 1 (`DEBKD_ONEDNN_THREADS`), and the peer (`benchmarks.peer_worker`, its own fresh
+process). The three run one after the other in a rotating order (A B C, B C A, C A B, ...), so that none
+always runs first or after the same one; each round gives the peer's time over each JAX arm's (> 1: JAX is
+faster) and the load average before and after the round.
 """
 
 from __future__ import annotations
@@ -18,26 +18,44 @@ import numpy as np
 
 from benchmarks import peer as peer_lib
 from benchmarks import workers
-from benchmarks.levers import geometric_mean, lever_env
 from benchmarks.render import fmt, ratio, table
-from benchmarks.timing import rotation, summary
+from benchmarks.steps import JaxStep
+from benchmarks.timing import interleaved, rotation, summary
+from debkd_jax import xla_cpu
 
 PEER = "torch"
 ARMS = {"jax_omp2": "2", "jax_omp1": "1"}  # JAX arm -> DEBKD_ONEDNN_THREADS
 LABELS = {"jax_omp2": "JAX, oneDNN on 2 threads", "jax_omp1": "JAX, oneDNN on 1 thread", PEER: "PyTorch peer"}
 
 
-def jax_sample(ctx, model: str, threads: str) -> dict:
-    spec = {
-        "kind": "train_step",
-        "model": model,
-        "batch": ctx.mode.batch,
-        "calls": ctx.mode.pair_calls[model],
+def jax_env(threads: str) -> dict:
+    """The JAX worker's environment: the command-line default XLA settings on one CPU device (a parent's
+    `--xla_force_host_platform_device_count` dropped), oneDNN on `threads` OpenMP threads."""
+    env = workers.child_env(
+        drop_flags=("--xla_force_host_platform_device_count",), DEBKD_ONEDNN_THREADS=threads
+    )
+    xla_cpu.apply_defaults(env)
+    return env
+
+
+def sample_step(model: str, batch: int, calls: int) -> dict:
+    """In the worker: the CE step of `model` (`conv_backward="auto"`), `calls` samples of one call each after
+    the compiling call; their summary, the compile time, the conv backward and the process's XLA_FLAGS."""
+    fn = JaxStep(model, "CE", batch=batch)
+    samples = interleaved({"fn": fn}, rounds=calls, calls=1, warmup=0, settle=0.0)["fn"]
+    return {
+        "compile_s": fn.compile_s,
+        "conv_backward": fn.conv_backward,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **summary(samples, batch),
     }
-    env = {**lever_env(None), "DEBKD_ONEDNN_THREADS": threads}
+
+
+def jax_sample(ctx, model: str, threads: str) -> dict:
+    spec = {"model": model, "batch": ctx.mode.batch, "calls": ctx.mode.pair_calls[model]}
     return workers.run_json(
-        [sys.executable, "-m", "benchmarks.lever_worker", json.dumps(spec)],
-        env=env,
+        [sys.executable, "-m", "benchmarks.fresh_pairs", json.dumps(spec)],
+        env=jax_env(threads),
         timeout=ctx.mode.worker_timeout_s,
         section="fresh_pairs",
         what=f"the JAX worker ({model}, {threads} oneDNN thread(s))",
@@ -77,6 +95,11 @@ def rounds_of(run, names: list[str], rounds: int) -> list[dict]:
             }
         )
     return out
+
+
+def geometric_mean(xs) -> float:
+    """Of per-round ratios: exp of the mean of their logs (a 2x round and a 0.5x round cancel)."""
+    return float(np.exp(np.mean(np.log(xs))))
 
 
 def measure_model(ctx, model: str) -> dict:
@@ -155,3 +178,7 @@ def render(r: dict) -> list[str]:
             "",
         ]
     return lines
+
+
+if __name__ == "__main__":
+    print(json.dumps(sample_step(**json.loads(sys.argv[1]))))

@@ -46,35 +46,24 @@ class Peer:
         self._keys = itertools.count()
         self.info = self.worker.request("hello", timeout=start_timeout, section="peer start")
 
-    def _build(self, op: str, section: str, **fields) -> RemoteSampler:
-        teacher = f", teacher {fields['teacher']}" if fields.get("teacher") else ""
-        dtype = f", {fields['dtype']}" if fields.get("dtype", "float32") != "float32" else ""
-        key = f"{op} {fields['model']}{teacher}, batch {fields['batch']}{dtype} (#{next(self._keys)})"
-        self.worker.request(op, timeout=self.timeout, section=section, key=key, **fields)
-        return RemoteSampler(self, key, section)
-
     def train_step(
-        self,
-        section: str,
-        model: str,
-        batch: int,
-        teacher: str | None = None,
-        dtype: str = "float32",
-        image_size: int = 32,
+        self, section: str, model: str, batch: int, dtype: str = "float32", image_size: int = 32
     ) -> RemoteSampler:
-        return self._build(
+        """The peer's CE step of `model` on one fixed batch, built in the worker; time it with `.sample`."""
+        suffix = f", {dtype}" if dtype != "float32" else ""
+        key = f"train_step {model}, batch {batch}{suffix} (#{next(self._keys)})"
+        self.worker.request(
             "train_step",
-            section,
+            timeout=self.timeout,
+            section=section,
+            key=key,
             model=model,
             batch=batch,
             num_classes=2,
-            teacher=teacher,
             dtype=dtype,
             image_size=image_size,
         )
-
-    def eval(self, section: str, model: str, batch: int) -> RemoteSampler:
-        return self._build("eval", section, model=model, batch=batch, num_classes=2)
+        return RemoteSampler(self, key, section)
 
     def close(self) -> None:
         self.worker.close()

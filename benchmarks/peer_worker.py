@@ -7,10 +7,9 @@ autotunes), and every step still ends in `loss.item()`, a device sync, as the JA
 Requests:
 
     {"op": "hello"}                           -> torch version, threads, thread settings, pid, device
-    {"op": "train_step", "key": K, "model": M, "batch": B, "num_classes": C, "teacher": T or null,
+    {"op": "train_step", "key": K, "model": M, "batch": B, "num_classes": C,
      "dtype": "float32" | "bfloat16", "image_size": S (default 32)}
-                                              bfloat16: autocast (mixed precision), CE steps only
-    {"op": "eval", "key": K, "model": M, "batch": B, "num_classes": C}
+                                              a CE step; bfloat16: autocast (mixed precision)
     {"op": "time", "key": K, "calls": N}                         -> {"seconds_per_call": s}, timed here
     {"op": "quit"}
 """
@@ -65,31 +64,14 @@ class Peer:
     def train_step(self, req: dict) -> dict:
         torch, k = self.torch, req.get("num_classes", 2)
         dtype = req.get("dtype", "float32")
-        if dtype not in ("float32", "bfloat16") or (dtype != "float32" and req.get("teacher")):
-            raise ValueError(f"dtype {dtype!r}: the peer runs float32, or bfloat16 autocast for CE steps")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype {dtype!r}: the peer runs float32, or bfloat16 autocast")
         torch.manual_seed(0)
         student = self.models.get_model(req["model"], k).to(self.device)
-        if req.get("teacher"):
-            teacher = self.models.get_model(req["teacher"], k).to(self.device)
-            step = self.train.make_kd_train_step(student, teacher)
-        else:
-            autocast = torch.bfloat16 if dtype == "bfloat16" else None
-            step = self.train.make_train_step(student, autocast_dtype=autocast)
+        autocast = torch.bfloat16 if dtype == "bfloat16" else None
+        step = self.train.make_train_step(student, autocast_dtype=autocast)
         images, labels = _batch(torch, req["batch"], k, self.device, image_size=req.get("image_size", 32))
         self.fns[req["key"]] = lambda: step(images, labels)
-        return {"key": req["key"]}
-
-    def eval(self, req: dict) -> dict:
-        torch = self.torch
-        net = self.models.get_model(req["model"], req.get("num_classes", 2)).to(self.device).eval()
-        net = net.to(memory_format=torch.channels_last)
-        images, _ = _batch(torch, req["batch"], req.get("num_classes", 2), self.device)
-
-        def forward():
-            with torch.inference_mode():
-                return net(images)[0].sum().item()
-
-        self.fns[req["key"]] = forward
         return {"key": req["key"]}
 
     def time(self, req: dict) -> dict:

@@ -89,10 +89,10 @@ def meta_of(mode: Mode, only: Sequence[str], peer, skipped) -> dict:
     }
 
 
-def measure_sections(ctx: Context, only: Sequence[str]) -> None:
+def measure_sections(ctx: Context, only: Sequence[str], results: dict) -> None:
     for name in SECTIONS:
         if name in only:
-            ctx.results[name] = importlib.import_module(f"benchmarks.{name}").measure(ctx)
+            results[name] = importlib.import_module(f"benchmarks.{name}").measure(ctx)
 
 
 def run(
@@ -103,9 +103,10 @@ def run(
     command: str = "",
     peer_device: str = "auto",
 ) -> dict:
-    needs_peer = {"train_step", "epoch", "memory", "inference"} & set(only)
+    # fresh_pairs starts a fresh peer process for each of its samples; train_step shares this one.
+    needs_peer = "train_step" in only
     peer, skipped = start_peer(mode, log, peer_device) if needs_peer else (None, "no section that uses it")
-    results: dict[str, Any] = {"meta": meta_of(mode, only, peer, skipped), "notes": []}
+    results: dict[str, Any] = {"meta": meta_of(mode, only, peer, skipped)}
     results["meta"]["command"] = command or f"python -m benchmarks --{mode.name}"
     t0 = time.perf_counter()
     previous_opt, previous_settle = jax.config.values["jax_disable_most_optimizations"], timing.SETTLE_S
@@ -113,7 +114,7 @@ def run(
         jax.config.update("jax_disable_most_optimizations", True)
         timing.SETTLE_S = 0.0
     try:
-        measure_sections(Context(mode, peer, log, results), only)
+        measure_sections(Context(mode, peer, log), only, results)
     finally:
         steps.clear_steps()
         jax.config.update("jax_disable_most_optimizations", previous_opt)
@@ -124,11 +125,6 @@ def run(
     meta["load_after"] = os.getloadavg()[0]
     meta["noisy"] = busy(meta)
     meta["seconds"] = time.perf_counter() - t0
-    if mode.name == "quick":
-        results["notes"].append(
-            "Quick mode: epochs are extrapolated from a few steps, the main job's memory is "
-            "that of the smoke config (`configs/debkd.py:smoke`), few rounds."
-        )
     write(results, out_dir)
     return results
 
@@ -157,17 +153,6 @@ def with_train_options(mode: Mode, models: str, batches: str, dtypes: str) -> Mo
     return dataclasses.replace(mode, **changes)
 
 
-def with_lever_options(mode: Mode, pairs: int | None, models: str) -> Mode:
-    if pairs is not None:
-        mode = dataclasses.replace(mode, lever_pairs=pairs)
-    if models:
-        chosen = {m.strip() for m in models.split(",")}
-        mode = dataclasses.replace(
-            mode, lever_workloads=tuple(w for w in mode.lever_workloads if w[1] in chosen)
-        )
-    return mode
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=benchmarks.__doc__.split("\n\n")[0]
@@ -177,10 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         group.add_argument(f"--{name}", dest="mode", action="store_const", const=name)
     parser.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument(
-        "--lever-pairs", type=int, default=None, help="levers: pairs per setting and workload"
-    )
-    parser.add_argument("--lever-models", default="", help="levers: only the workloads of these models")
     parser.add_argument("--train-models", default="", help="train_step: these models (comma-separated)")
     parser.add_argument("--train-batches", default="", help="train_step: these batch sizes (comma-separated)")
     parser.add_argument(
@@ -197,9 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
-    mode = with_lever_options(MODES[args.mode or "quick"], args.lever_pairs, args.lever_models)
     try:
-        mode = with_train_options(mode, args.train_models, args.train_batches, args.train_dtypes)
+        mode = with_train_options(
+            MODES[args.mode or "quick"], args.train_models, args.train_batches, args.train_dtypes
+        )
     except ValueError as e:
         parser.error(f"--train-batches takes comma-separated integers ({e})")
     bad = sorted(set(mode.train_dtypes) - {"float32", "bfloat16"})

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.timing import block
-from debkd_jax import config_lib, methods, models, training
+from debkd_jax import config_lib, methods, training
 
 
 def unoptimized_jit_call(fn, *args):
@@ -43,6 +43,7 @@ def synthetic_teacher_logits(n: int, k: int, seed: int = 0, accuracy_margin: flo
 class JaxStep:
     """One `training.make_train_step` step of a student on one fixed synthetic batch; calling it runs a step.
 
+    method: a preset whose targets are precomputed (CE, DeBKD, ...; no teacher online).
     conv_backward: as `config.conv_backward` ("auto" resolves as `training.resolve_conv_backward` does: on one
     CPU "onednn" where the native conv runs, else "materialized"; "xla" is the plain backward);
     `self.conv_backward` is the resolved value.
@@ -56,25 +57,19 @@ class JaxStep:
         batch: int,
         num_classes: int = 2,
         dtype: str = "float32",
-        teacher_name: str | None = None,
         seed: int = 0,
         conv_backward: str = "auto",
         image_size: int = 32,
-        **method_overrides,
     ):
         mesh = training.create_mesh()
         self.conv_backward = training.resolve_conv_backward(conv_backward, mesh, dtype)
-        method_cfg = methods.preset(method, **method_overrides)
+        method_cfg = methods.preset(method)
         cfg = config_lib.train_config(model_name, num_epochs=15, batch_size=batch)
         objective = methods.objective(method_cfg, cfg.num_epochs)
         labels, t_logits = synthetic_teacher_logits(batch, num_classes, seed)
         targets = methods.method_targets(method_cfg, t_logits, labels)
-        kw, self.teacher_vars = {}, None
-        if objective.needs_teacher_online:
-            kw["teacher"] = models.get_model(teacher_name, num_classes, dtype, self.conv_backward)
-            self.teacher_vars = init_variables(kw["teacher"], seed + 1)
         self.spec = training.build_step_spec(
-            cfg, num_classes, dtype, objective, 100, False, self.conv_backward, method_cfg=method_cfg, **kw
+            cfg, num_classes, dtype, objective, 100, False, self.conv_backward, method_cfg=method_cfg
         )
         state = training.init_state(
             jax.random.key(seed),
@@ -82,28 +77,25 @@ class JaxStep:
             training.make_optimizer(cfg, 100),
             (image_size, image_size, 3),
         )
-        self.step = training.make_train_step(self.spec, mesh, seed)
-        # As `training.fit` places them: state (and teacher) replicated, the batch sharded on 'data'.
+        self.step = training.make_train_step(self.spec, mesh)
+        # As `training.fit` places them: state replicated, the batch sharded on 'data'.
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.state = jax.device_put(state, replicated)
         self.acc = jax.device_put(training.zero_metrics(), replicated)
-        if self.teacher_vars is not None:
-            self.teacher_vars = jax.device_put(self.teacher_vars, replicated)
         rng = np.random.default_rng(seed)
         images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
         rows = jax.tree.map(np.asarray, targets)
         self.batch = jax.device_put({"image": images, "label": labels, "rows": rows}, sharded)
-        self.images = batch
         t0 = time.perf_counter()
         self()
         self.compile_s = time.perf_counter() - t0
 
     def __call__(self):
-        self.state, self.acc = self.step(self.state, self.acc, self.batch, self.teacher_vars, None)
+        self.state, self.acc = self.step(self.state, self.acc, self.batch, None, None)
         block(self.acc)
 
     def lowered(self):
-        return self.step.lower(self.state, self.acc, self.batch, self.teacher_vars, None)
+        return self.step.lower(self.state, self.acc, self.batch, None, None)
 
 
 _STEPS: dict = {}
@@ -119,21 +111,3 @@ def get_step(model_name: str, method: str = "CE", **kw) -> JaxStep:
 
 def clear_steps() -> None:
     _STEPS.clear()
-
-
-class TeacherPass:
-    """Eval-mode logits of one batch (`training.make_predict_fn`): the pass that precomputes the targets."""
-
-    def __init__(self, model_name: str, batch: int, num_classes: int = 2, seed: int = 1):
-        model = models.get_model(model_name, num_classes)
-        self.variables = init_variables(model, seed)
-        self.predict = training.make_predict_fn(model, jnp.float32)
-        rng = np.random.default_rng(0)
-        self.images_array = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
-        self.images = batch
-        t0 = time.perf_counter()
-        self()
-        self.compile_s = time.perf_counter() - t0
-
-    def __call__(self):
-        block(self.predict(self.variables, self.images_array))

@@ -1,4 +1,4 @@
-"""Timing shared by every section: interleaved samples, alternating orders, summaries and paired ratios.
+"""Timing shared by every section: interleaved samples, rotating orders, summaries and paired ratios.
 
 A sampler is anything `interleaved` can time: a plain callable that waits for its own result (timed here,
 `calls` calls per sample), or an object with `.sample(calls) -> seconds per call` that times itself elsewhere
@@ -22,10 +22,6 @@ def block(x):
     return jax.block_until_ready(x)
 
 
-def call(fn, *args):
-    return jax.block_until_ready(fn(*args))
-
-
 def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -44,11 +40,6 @@ def rotation(names: Sequence[str], round_index: int) -> list[str]:
     """The order of round `round_index`: A, B, C, then B, C, A, ... so no one always runs after another."""
     shift = round_index % len(names)
     return list(names[shift:]) + list(names[:shift])
-
-
-def alternating(first: str, second: str, pairs: int) -> list[tuple[str, str]]:
-    """Orders of `pairs` pairs: (A, B), (B, A), (A, B), ... so neither always runs first."""
-    return [(first, second) if i % 2 == 0 else (second, first) for i in range(pairs)]
 
 
 def interleaved(

@@ -84,12 +84,6 @@ def runs_of(r: dict) -> list[dict]:
     return r.get("runs") or [{"batch": r["batch"], "dtype": "float32", "models": r["models"]}]
 
 
-def headline(r: dict, batch: int) -> dict:
-    """{model: row} of the float32 run at `batch`, or {} when there is none."""
-    runs = [x for x in runs_of(r) if x["batch"] == batch and x["dtype"] == "float32"]
-    return runs[0]["models"] if runs else {}
-
-
 def render(r: dict) -> list[str]:
     runs = runs_of(r)
     lines = [f"## a. Student train step ({r.get('image_size', 32)}x{r.get('image_size', 32)})", ""]

@@ -2,7 +2,7 @@
 nothing).
 
 XLA:CPU (jax 0.10.2) hands convolutions and reductions to YNNPACK fusions by default. On this project's
-networks its own emitters are faster (measured by `python -m benchmarks`, section `levers`; the figures and
+networks its own emitters are faster (measured by the levers benchmark, folded away since; the figures and
 their artifacts: docs/performance-findings-2026-11.md). So `python -m debkd_jax.main`, `.sweep`, `.export`,
 `.predict` and `python -m benchmarks` turn YNNPACK fusions off before JAX creates its backend, unless
 `XLA_FLAGS` already says something about them or `DEBKD_XLA_CPU_DEFAULTS=0` asks for XLA's own defaults. The

@@ -1,5 +1,5 @@
 """The benchmarks (benchmarks/, outside the package): the report holds what the JSON holds, every ratio is the
-ratio of the recorded samples, lever pairs alternate, and a worker that hangs is killed within its timeout.
+ratio of the recorded samples, fresh-process rounds rotate, and a hanging worker is killed within its timeout.
 
 No assertions on speed: these run on shared, busy machines.
 """
@@ -14,17 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import lever_worker, levers, modes, peer, render, run, steps, timing, train_step, workers
-from benchmarks.flops import conv_dense_macs, training_flops_per_image
+from benchmarks import fresh_pairs, modes, peer, render, run, steps, timing, train_step, workers
 
 
 def median_ratio(a, b):
     return float(np.median(np.asarray(a) / np.asarray(b)))
-
-
-def section(md: str, heading: str) -> str:
-    """The report's text from `heading` to the next section heading."""
-    return md.split(heading, 1)[1].split("\n## ", 1)[0]
 
 
 def row_of(md: str, *first_cells: str) -> list[str]:
@@ -116,53 +110,6 @@ def test_results_written_before_the_grid_still_render():
     old = {"batch": 128, "image_size": 32, "models": {"resnet8": row}}
     lines = train_step.render(old)
     assert "| resnet8 | 128 | float32 | JAX CE | 10 (12) | 1.50x |" in lines
-    assert train_step.headline(old, 128) == {"resnet8": row} and train_step.headline(old, 64) == {}
-
-
-def test_epoch_overhead_and_loss_ratios_equal_the_recorded_samples(smoke):
-    results, md = smoke
-    epoch = results["epoch"]
-    rows = epoch["rows"]
-    want = median_ratio(rows["jax_kd_online"]["samples_s"], rows["jax_debkd_precomputed"]["samples_s"])
-    assert epoch["speedup_precomputed_vs_jax_online"] == pytest.approx(want)
-    assert rows["jax_kd_online"]["epoch_s"] == pytest.approx(
-        np.median(rows["jax_kd_online"]["samples_s"]) * epoch["steps_per_epoch"]
-    )
-    p = epoch["teacher_pass"]
-    assert p["seconds"] == pytest.approx(np.median(p["samples_s"]) * p["images"] / p["batch"])
-
-    over = results["overhead"]
-    want = median_ratio(over["rows"]["debkd"]["samples_s"], over["rows"]["ce"]["samples_s"]) - 1
-    assert over["debkd_over_ce"] == pytest.approx(want)
-    assert row_of(section(md, "## c."), "debkd")[2] == f"{100 * want:+.1f}%"
-
-    for r in results["loss"]["rows"]:
-        want = median_ratio(r["samples_s"]["debkd"], r["samples_s"]["ce"])
-        assert r["debkd_over_ce"] == pytest.approx(want)
-        assert row_of(section(md, "## g."), str(r["k"]), r["case"])[7] == f"{want:.2f}x"
-    cases = {(r["k"], r["case"]) for r in results["loss"]["rows"]}
-    assert cases == {(2, "realistic"), (2, "worst"), (10, "realistic"), (10, "worst")}
-
-
-def test_flops_and_inference_rows_follow_from_the_json(smoke):
-    results, md = smoke
-    flops = results["flops"]
-    ((name, model),) = flops["models"].items()
-    assert model["training_flops_per_image"] == training_flops_per_image(conv_dense_macs(name))
-    step = flops["train_step"][name]
-    (headline,) = [r for r in results["train_step"]["runs"] if r["dtype"] == "float32"]
-    ips = headline["models"][name]["jax_ce"]["images_per_s"]
-    assert step["jax_share_of_gemm_peak"] == pytest.approx(
-        model["training_flops_per_image"] * ips / flops["gemm"]["flops_per_s"]
-    )
-    inf = results["inference"]["models"][name]
-    want = median_ratio(
-        inf["throughput"]["flax_eval"]["samples_s"], inf["throughput"]["exported"]["samples_s"]
-    )
-    assert inf["exported_speedup_vs_flax_eval"] == pytest.approx(want)
-    assert row_of(section(md, "## f."), name, f"{inf['parameters']:,}")[4] == render.fmt(
-        inf["throughput"]["exported"]["images_per_s"]
-    )
 
 
 def test_smoke_peer_ran_in_its_own_process_with_passive_openmp(smoke):
@@ -185,51 +132,19 @@ def test_interleaved_rotates_and_records_one_sample_per_round():
     assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
 
 
-def test_lever_pairs_alternate_and_each_ratio_is_its_pairs_ratio():
-    times = iter([1.0, 2.0, 4.0, 2.0, 1.0, 3.0, 5.0, 5.0])
-    calls = []
-
-    def fake_run(name):
-        calls.append(name)
-        return {"median_s": next(times)}
-
-    pairs = levers.alternating_pairs(fake_run, "ynnpack_on", 4)
-    d, y = "default", "ynnpack_on"
-    assert calls == [d, y, y, d, d, y, y, d]
-    assert [p["order"] for p in pairs] == [[d, y], [y, d], [d, y], [y, d]]
-    assert [p["lever_over_default"] for p in pairs] == [2.0, 2.0, 3.0, 1.0]
-    # A side that always gains 1.5x by running first: per-pair ratios r*1.5, r/1.5, ... -> geometric mean r.
-    assert levers.geometric_mean([2 * 1.5, 2 / 1.5, 2 * 1.5, 2 / 1.5]) == pytest.approx(2.0)
+def test_the_fresh_jax_worker_gets_the_command_line_defaults_on_one_device():
+    env = fresh_pairs.jax_env("1")
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in env["XLA_FLAGS"].split()
+    assert "xla_force_host_platform_device_count" not in env["XLA_FLAGS"]  # the test session's fake devices
+    assert env["DEBKD_ONEDNN_THREADS"] == "1"
 
 
-def test_lever_environments_differ_only_in_the_lever():
-    default = levers.lever_env(None)
-    on = levers.lever_env(modes.YNNPACK_ON)
-    assert "--xla_cpu_experimental_ynn_fusion_type=" in default["XLA_FLAGS"].split()
-    assert "xla_cpu_experimental_ynn_fusion_type" not in on["XLA_FLAGS"]
-    assert (
-        "xla_force_host_platform_device_count" not in default["XLA_FLAGS"]
-    )  # the test session's fake devices
-    eigen = levers.lever_env(modes.LEVERS_FULL[1])
-    assert eigen["XLA_FLAGS"].split() == default["XLA_FLAGS"].split() + ["--xla_cpu_multi_thread_eigen=false"]
-
-
-def test_one_lever_pair_runs_two_fresh_workers():
-    mode = dataclasses.replace(modes.MODES["smoke"], lever_pairs=1)
-    ctx = modes.Context(mode, None, lambda msg: None, {})
-    result = levers.measure_lever(ctx, ("train_step", "resnet_tiny", 8), modes.YNNPACK_ON)
-    (pair,) = result["pairs"]
-    assert pair["order"] == ["default", "ynnpack_on"]
-    assert pair["default"]["xla_flags"] == result["xla_flags"]["default"]
-    assert pair["lever"]["xla_flags"] == result["xla_flags"]["lever"] != result["xla_flags"]["default"]
-    assert pair["lever_over_default"] == pair["lever"]["median_s"] / pair["default"]["median_s"]
-    assert result["median_lever_over_default"] == pair["lever_over_default"]
-
-
-def test_teacher_pass_worker_reports_its_samples():
-    got = lever_worker.measure("teacher_pass", "resnet_tiny", 4, 3)
+def test_a_fresh_jax_sample_runs_in_its_own_process_and_reports_its_samples():
+    mode = dataclasses.replace(modes.MODES["smoke"], batch=4, pair_calls={"resnet_tiny": 3})
+    got = fresh_pairs.jax_sample(modes.Context(mode, None, lambda msg: None), "resnet_tiny", "1")
     assert len(got["samples_s"]) == 3
     assert got["images_per_s"] == pytest.approx(4 / np.median(got["samples_s"]))
+    assert got["xla_flags"] == fresh_pairs.jax_env("1")["XLA_FLAGS"]
 
 
 HANGS = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -258,8 +173,8 @@ def test_a_hanging_worker_is_killed_within_its_timeout_and_named():
 def test_a_peer_that_hangs_in_a_step_fails_the_section_within_its_timeout():
     p = peer.Peer(1, timeout=2, start_timeout=60, command=HANGS_AFTER_HELLO)
     t0 = time.monotonic()
-    with pytest.raises(workers.WorkerTimeout, match=r"epoch: .* 'train_step'"):
-        p.train_step("epoch", "resnet8", 64, teacher="resnet50")
+    with pytest.raises(workers.WorkerTimeout, match=r"train_step: .* 'train_step'"):
+        p.train_step("train_step", "resnet8", 64)
     assert time.monotonic() - t0 < 10
     assert p.worker.proc.poll() is not None
 
@@ -271,10 +186,10 @@ def test_a_one_shot_worker_past_its_timeout_is_killed_with_its_children():
     cmd = [sys.executable, "-c", spawn + " time.sleep(600)", marker]
     t0 = time.monotonic()
     with pytest.raises(
-        workers.WorkerTimeout, match=r"levers: the default worker .* did not finish within 2 s"
+        workers.WorkerTimeout, match=r"fresh_pairs: the JAX worker .* did not finish within 2 s"
     ):
         workers.run_json(
-            cmd, env=dict(os.environ), timeout=2, section="levers", what="the default worker (x)"
+            cmd, env=dict(os.environ), timeout=2, section="fresh_pairs", what="the JAX worker (x)"
         )
     assert time.monotonic() - t0 < 10
     alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, timeout=10).stdout.split()
@@ -317,22 +232,6 @@ def test_steps_use_the_models_conv_backward():
     steps.clear_steps()
 
 
-def test_closed_form_flops_count_every_conv_and_dense():
-    macs = conv_dense_macs("resnet8")
-    # stem 32*32*16*27, stage 1: 2 convs 32*32*16*144, stage 2: 16*16*32*(144 + 288) + proj 16*16*32*16,
-    # stage 3: 8*8*64*(288 + 576) + proj 8*8*64*32, head 64*2.
-    want = (
-        32 * 32 * 16 * 27
-        + 2 * 32 * 32 * 16 * 144
-        + 16 * 16 * 32 * (144 + 288 + 16)
-        + 8 * 8 * 64 * (288 + 576 + 32)
-        + 64 * 2
-    )
-    assert macs["forward"] == want
-    assert macs["first_layer"] == 32 * 32 * 16 * 27
-    assert training_flops_per_image(macs) == 2 * (3 * want - macs["first_layer"])
-
-
 def test_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         run.main(["--smoke", "--only=nonsense"])
@@ -353,13 +252,6 @@ def test_a_peer_hang_ends_the_run_with_one_line_naming_the_section(monkeypatch, 
     assert not (tmp_path / "benchmarks.json").exists()
 
 
-def test_lever_options_narrow_the_mode():
-    mode = run.with_lever_options(modes.MODES["quick"], 8, "resnet8,resnet8x4")
-    assert mode.lever_pairs == 8
-    assert mode.lever_workloads == (("train_step", "resnet8", 128), ("teacher_pass", "resnet8x4", 256))
-    assert run.with_lever_options(modes.MODES["quick"], None, "") == modes.MODES["quick"]
-
-
 def test_the_committed_gpu_report_is_its_json_rendered(capsys):
     folder = os.path.join(workers.REPO_ROOT, "benchmarks", "results", "gpu-h200-2026-12-04")
     render.main([os.path.join(folder, "benchmarks.json")])
@@ -367,9 +259,17 @@ def test_the_committed_gpu_report_is_its_json_rendered(capsys):
         assert capsys.readouterr().out == f.read()
 
 
-def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
-    from benchmarks import fresh_pairs
+def test_the_committed_scale_report_is_its_json_written(tmp_path):
+    from benchmarks.scale import report
 
+    folder = os.path.join(workers.REPO_ROOT, "benchmarks", "results", "scale-2026-12-04")
+    with open(os.path.join(folder, "benchmarks_scale.json"), encoding="utf-8") as f:
+        md = report.write(json.load(f), str(tmp_path))
+    with open(os.path.join(folder, "BENCHMARKS_SCALE.md"), encoding="utf-8") as f:
+        assert md == f.read() == (tmp_path / "BENCHMARKS_SCALE.md").read_text()
+
+
+def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
     times = {"jax_omp2": 1.0, "jax_omp1": 2.0, "torch": 3.0}
     calls = []
 
@@ -391,3 +291,5 @@ def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
         "geomean_speedup_vs_peer": {"jax_omp2": 3.0, "jax_omp1": 1.5},
         "images_per_s": {}, "omp2_over_omp1": 2.0, "conv_backward": "onednn"}}}))
     assert "median **3.00x**" in md and "2 threads over 1 thread: 2.00x" in md
+    # A side that gains 1.5x in every other round: ratios r*1.5, r/1.5, ... -> geometric mean r.
+    assert fresh_pairs.geometric_mean([2 * 1.5, 2 / 1.5, 2 * 1.5, 2 / 1.5]) == pytest.approx(2.0)
