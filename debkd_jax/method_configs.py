@@ -26,13 +26,16 @@ DEFAULTS = dict(
     hint_weight=0.0,  # FKD: gamma of sum_l MSE over the hint taps (runs the teacher online)
     weight_schedule="constant",  # "cos2": multiply the distillation weight by b(e) = cos^2(pi/2 e/E)
     warmup_epochs=0,  # DKD: linear warm-up of the distillation term over this many epochs
-    online_targets=False,  # build targets inside the step from the teacher run on the (augmented) batch
 )
+RENAMED = {"online_targets": "config.targets = 'online' (one setting for every method: docs/method.md)"}
 
 
 def method(**overrides) -> ml_collections.ConfigDict:
     """A method config: `DEFAULTS` with `overrides`; unknown fields are an error."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
+    renamed = [f"{f} is now {RENAMED[f]}" for f in unknown if f in RENAMED]
+    if renamed:
+        raise ValueError(f"unknown method field(s) {unknown}: {'; '.join(renamed)}.")
     if unknown:
         raise ValueError(f"unknown method field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
     return ml_collections.ConfigDict({**DEFAULTS, **overrides})

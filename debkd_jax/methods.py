@@ -32,6 +32,7 @@ from debkd_jax.method_configs import (  # noqa: F401 - part of this module's int
     DEFAULTS,
     LOSSES,
     PRESETS,
+    RENAMED,
     SCHEDULES,
     method,
     ordered,
@@ -44,6 +45,9 @@ log = logging.getLogger("debkd_jax")
 def validate(name: str, cfg) -> None:
     """Checks one method config; raises ValueError naming the method, the field and the valid values."""
     unknown = sorted(set(cfg.keys()) - set(DEFAULTS))
+    renamed = [f"{f} is now {RENAMED[f]}" for f in unknown if f in RENAMED]
+    if renamed:
+        raise ValueError(f"method {name!r}: unknown field(s) {unknown}: {'; '.join(renamed)}.")
     if unknown:
         raise ValueError(f"method {name!r}: unknown field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
 
@@ -61,7 +65,7 @@ def validate(name: str, cfg) -> None:
     for field in ("temperature", "num_regions", "beta", "alpha", "lam", "hint_weight", "warmup_epochs"):
         if isinstance(cfg[field], bool) or not isinstance(cfg[field], (int, float)):
             raise bad(field, "must be a number")
-    for field in ("scale_by_t2", "online_targets"):
+    for field in ("scale_by_t2",):
         if not isinstance(cfg[field], bool):
             raise bad(field, "must be True or False")
     if cfg.ki_mode not in targets.INFUSION_MODES:
@@ -107,7 +111,7 @@ def fields_read(cfg) -> set[str]:
     transforms = _as_tuple(cfg.transforms)
     read = {"loss", "transforms", "temperature", "num_regions", "hint_weight", *LOSS_FIELDS[cfg.loss]}
     if cfg.loss != "ce":
-        read |= {"weight_schedule", "online_targets"}
+        read.add("weight_schedule")
     if "knowledge_infusion" in transforms:
         read.add("ki_mode")
     if "rectify" in transforms:
@@ -152,9 +156,10 @@ def warmup_weight(cfg, epoch):
     return optax.linear_schedule(0.0, 1.0, transition_steps=cfg.warmup_epochs)(jnp.floor(epoch) + 1.0)
 
 
-def objective(cfg, num_epochs: int) -> Objective:
+def objective(cfg, num_epochs: int, online_targets: bool = False) -> Objective:
     """Turns a method config into its `Objective`. `epoch` (float: step / steps_per_epoch, traced) drives the
-    schedules, which act on the integer epoch (module docstring)."""
+    schedules, which act on the integer epoch (module docstring). `online_targets` (`config.targets =
+    "online"`): the targets come from the teacher run in the step on the batch's views (CE needs none)."""
     kind, t = cfg.loss, cfg.temperature
     if kind == "dkd" and cfg.warmup_epochs > num_epochs:
         log.warning(
@@ -211,7 +216,7 @@ def objective(cfg, num_epochs: int) -> Objective:
     uses_hints = bool(cfg.hint_weight)
     return Objective(
         transforms=_as_tuple(cfg.transforms),
-        needs_teacher_online=uses_hints or cfg.online_targets,
+        needs_teacher_online=uses_hints or (online_targets and cfg.loss != "ce"),
         uses_hints=uses_hints,
         loss_fn=loss_fn,
     )

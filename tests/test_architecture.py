@@ -27,6 +27,7 @@ LAYERS = {
     "workdir_lib": 3,
     "data": 4,
     "report": 4,
+    "config_checks": 3,
     "config_lib": 4,
     "supervisor": 4,
     "teachers": 4,

@@ -40,7 +40,7 @@ def _fit(dataset, cfg, spec, run_dir, on_epoch=None):
         name="teacher",
         spec=spec,
         train_cfg=cfg,
-        source=data.memory_source(dataset),
+        source=data.memory_source(dataset, augment=spec.augment),
         run_dir=str(run_dir),
         mesh=training.create_mesh(),
         seed=0,

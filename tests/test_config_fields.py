@@ -55,6 +55,10 @@ VALUES = {
     "data.eval_crop": "1.0",
     "data.workers": "0",
     "data.logits_chunk_rows": "512",
+    "data.views": "4",
+    "data.mixup": "0.5",
+    "targets": "online",
+    "targets_top_k": "1",
     "teacher.checkpoint": "{checkpoint}",
     "teacher.logits": "{logits}",
     "teacher.variables": "{variables}",
@@ -89,7 +93,6 @@ METHOD_VALUES = {
     "hint_weight": "0.5",
     "weight_schedule": "cos2",
     "warmup_epochs": "2",
-    "online_targets": "True",
 }
 
 

@@ -315,11 +315,12 @@ def test_folds_need_a_teacher_trained_here(field, value, needle):
     config_lib.validate_config(config)
 
 
-def test_folds_refuse_online_targets():
+@pytest.mark.parametrize("mode", ["online", "stored"])
+def test_folds_refuse_targets_from_the_views(mode):
     config = config_lib.load_config(str(REPO / "configs" / "debkd.py") + ":smoke")
     config.teacher.folds = 2
-    config.methods.DeBKD.online_targets = True
-    with pytest.raises(UserError, match="online_targets"):
+    config.targets = mode
+    with pytest.raises(UserError, match=f"targets='{mode}'.*out-of-fold"):
         config_lib.validate_config(config)
 
 

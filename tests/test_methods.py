@@ -242,7 +242,8 @@ def test_debkd_btkd_regions_come_from_the_swapped_logits_not_from_ki():
         (dict(loss="kl"), "loss='kl' is not one of"),
         (dict(transforms=("rectify", "rectify")), "names a transform twice"),
         (dict(transforms=("mixup",)), "has 'mixup'"),
-        (dict(online_targets=1), "online_targets=1 must be True or False"),
+        (dict(scale_by_t2=1), "scale_by_t2=1 must be True or False"),
+        (dict(beta=0.5, loss="kd", transforms=()), "beta=0.5 is not read by its loss 'kd'"),
         (dict(temperature="4"), "temperature='4' must be a number"),
         (dict(num_regions=2.5), "num_regions=2.5 must be an integer"),
         (dict(alpha=1.5), "alpha=1.5 must lie in"),
@@ -255,6 +256,8 @@ def test_validate_names_the_method_and_the_field(overrides, message):
         methods.validate("mine", cfg)
     with pytest.raises(ValueError, match=r"unknown method field\(s\) \[.n_regions.\]"):
         methods.preset("DeBKD", n_regions=3)
+    with pytest.raises(ValueError, match=r"online_targets is now config.targets = 'online'"):
+        methods.preset("DeBKD", online_targets=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,8 +406,9 @@ def test_each_method_trains_a_student_on_an_image_folder(folder_run, name):
 
 @pytest.fixture(scope="module")
 def one_step(folder_run):
-    """`run(cfg, rows, augment=False) -> (params after one step, the batch's loss)`: one train step from one
-    fixed initial state on one fixed batch (16 images). Steps are compiled once per (method, augment)."""
+    """`run(cfg, rows, augment=False, online=False) -> (params after one step, the batch's loss)`: one train
+    step from one fixed initial state on one fixed batch (16 images; with `augment` their view 0). `online`:
+    the targets from the teacher in the step. Steps are compiled once per (method, augment, online)."""
     k = folder_run.dataset.num_classes
     teacher_vars, meta = folder_run.teacher.variables, folder_run.teacher.meta
     replicated = NamedSharding(folder_run.mesh, P())
@@ -419,12 +423,21 @@ def one_step(folder_run):
     idx = np.arange(16)
     train = folder_run.dataset.splits["train"]
     images = {"image": train.images[idx], "label": train.labels[idx]}
+    views = data_lib.views.view_batch(
+        lambda r: train.images[r],
+        idx,
+        np.zeros(16, np.int32),
+        seed=0,
+        pad=data_lib.PAD,
+        mixup=0.0,
+        num_rows=len(train),
+    )
     teacher_vars = jax.device_put(teacher_vars, replicated)
     steps = {}
 
-    def run(cfg, rows, augment=False):
-        objective = methods.objective(cfg, folder_run.config.student.num_epochs)
-        key = (cfg.to_json(), augment)
+    def run(cfg, rows, augment=False, online=False):
+        objective = methods.objective(cfg, folder_run.config.student.num_epochs, online_targets=online)
+        key = (cfg.to_json(), augment, online)
         if key not in steps:
             spec = training.StepSpec(
                 model=student,
@@ -434,9 +447,10 @@ def one_step(folder_run):
                 dtype=jnp.float32,
                 teacher=models.get_model(meta["model"], k) if objective.needs_teacher_online else None,
                 method_cfg=cfg,
+                online_targets=online,
             )
-            steps[key] = training.make_train_step(spec, folder_run.mesh, seed=0)
-        batch = data_lib.make_global_batch(images, batch_sharding)
+            steps[key] = training.make_train_step(spec, folder_run.mesh)
+        batch = data_lib.make_global_batch({**images, **views} if augment else images, batch_sharding)
         batch["rows"] = jax.tree.map(
             lambda a: jax.make_array_from_process_local_data(batch_sharding, np.asarray(a)[idx]), rows
         )
@@ -461,7 +475,6 @@ def test_online_targets_without_augmentation_equal_the_precomputed_rows(folder_r
     equal the step on the precomputed rows: same loss, same updated parameters. The online step is fed
     meaningless rows, so it cannot pass by reading them."""
     offline = methods.preset(name)
-    online = methods.preset(name, online_targets=True)
     labels = folder_run.dataset.splits["train"].labels
     rows = methods.method_targets(offline, folder_run.logits["train"], labels)
     n, k = rows.logits.shape
@@ -474,14 +487,14 @@ def test_online_targets_without_augmentation_equal_the_precomputed_rows(folder_r
     # The batch holds teacher-correct and teacher-wrong samples.
     assert 0 < np.mean(np.asarray(rows.correct)[:16]) < 1
     params_off, loss_off = one_step(offline, rows)
-    params_on, loss_on = one_step(online, junk)
+    params_on, loss_on = one_step(offline, junk, online=True)
     np.testing.assert_allclose(loss_on, loss_off, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_on, params_off)
     _, loss_junk = one_step(offline, junk)  # the same compiled step: the rows do matter
     assert abs(loss_junk - loss_off) > 1e-3
     if name == "DeBKD":
         # With augmentation the teacher sees the augmented batch: targets (and the loss) differ, stay finite.
-        _, loss_aug = one_step(online, junk, augment=True)
+        _, loss_aug = one_step(offline, junk, augment=True, online=True)
         assert np.isfinite(loss_aug) and abs(loss_aug - loss_off) > 1e-6
 
 

@@ -125,10 +125,10 @@ def first_cpus(count: int) -> str | None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", check.machine_isas())
 def test_every_geometry_matches_xla_under_every_instruction_set_in_a_fresh_process(isa, threads):
-    """y, dx and dw of every geometry class of `native.check` (input channels 1-17, kernels 1/3/7, strides 1/2,
-    SAME/VALID, odd sizes, and the ResNet shortcuts where oneDNN's strided 1x1 kernel fails), repeated, within
-    1e-5 of XLA: in a fresh process per instruction-set cap this CPU has and per oneDNN thread count, on two
-    cores (taskset), killed if it hangs."""
+    """y, dx and dw of every geometry class of `native.check` (input channels 1-17, kernels 1/3/7, strides
+    1/2, SAME/VALID, odd sizes, and the ResNet shortcuts where oneDNN's strided 1x1 kernel fails), repeated,
+    within 1e-5 of XLA: in a fresh process per instruction-set cap this CPU has and per oneDNN thread count,
+    on two cores (taskset), killed if it hangs."""
     cmd = [sys.executable, "-m", "debkd_jax.native", "--json"]
     cpus = first_cpus(2)
     if cpus and shutil.which("taskset"):
@@ -149,9 +149,9 @@ def test_every_geometry_matches_xla_under_every_instruction_set_in_a_fresh_proce
 @pytest.mark.timeout(200)
 @pytest.mark.skipif("AVX2" not in check.machine_isas(), reason="oneDNN's AVX2 kernels need an AVX2 CPU")
 def test_the_check_catches_onednns_strided_1x1_fault_when_the_routing_is_off():
-    """The check is not blind: with the routing around oneDNN's fault switched off in a child process, the AVX2
-    1x1 kernel's backward-weights pass writes past its scratchpad (a guard zone catches it) or returns wrong
-    weight gradients, and the check reports it. Every x86 CPU in CI has AVX2."""
+    """The check is not blind: with the routing around oneDNN's fault switched off in a child process, the
+    AVX2 1x1 kernel's backward-weights pass writes past its scratchpad (a guard zone catches it) or returns
+    wrong weight gradients, and the check reports it. Every x86 CPU in CI has AVX2."""
     script = (
         "import sys\n"
         "from debkd_jax import native\n"
@@ -180,8 +180,8 @@ def test_the_geometries_cover_the_issue_matrix():
 
 
 def test_no_strided_1x1_convolution_reaches_onednn():
-    """A strided 1x1 conv (a ResNet shortcut with 4 input channels) and both its gradients call the handlers at
-    stride 1 on the subsampled input; the 3x3 stride-2 conv beside it keeps its stride."""
+    """A strided 1x1 conv (a ResNet shortcut with 4 input channels) and both its gradients call the handlers
+    at stride 1 on the subsampled input; the 3x3 stride-2 conv beside it keeps its stride."""
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
 
     def loss(x, w1, w3):
@@ -215,7 +215,8 @@ def test_a_self_check_past_its_deadline_fails_and_leaves_nothing_running():
 
 def test_auto_does_not_pick_a_native_conv_that_failed_its_self_check(tmp_path):
     """A fresh process whose self-check cannot finish (a 0.01 s deadline): the native conv is reported unsafe
-    with the reason, `auto` picks the XLA conv, and `conv_backward="onednn"` falls back to it with a warning."""
+    with the reason, `auto` picks the XLA conv, and `conv_backward="onednn"` falls back to it with a
+    warning."""
     script = """
 import json, warnings
 import jax
@@ -278,7 +279,7 @@ def one_device_train_steps(conv_backward: str, n_steps: int = 2, model: str = "r
         "label": labels,
         "rows": jax.tree.map(np.asarray, rows),
     }
-    step = training.make_train_step(spec, mesh, 0)
+    step = training.make_train_step(spec, mesh)
     acc = training.zero_metrics()
     for _ in range(n_steps):
         state, acc = step(state, acc, batch_arrays, None, None)

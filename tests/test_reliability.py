@@ -332,7 +332,7 @@ def _fit(dataset, run_dir, cfg, spec):
         name="teacher",
         spec=spec,
         train_cfg=cfg,
-        source=data.memory_source(dataset),
+        source=data.memory_source(dataset, augment=spec.augment),
         run_dir=str(run_dir),
         mesh=training.create_mesh(),
         seed=0,

@@ -101,6 +101,31 @@ def test_two_streaming_processes_train_like_one_process_with_two_devices(
 
 @pytest.mark.slow
 @pytest.mark.timeout(3 * JOB_SECONDS)
+def test_stored_targets_on_the_views_train_the_student_online_targets_train(
+    one_process_two_devices, cache_dir, config_file, tmp_path
+):
+    """configs/imagenet.py stores the teacher's logits on every view (`targets="stored"`): over two devices,
+    as over two processes (above), its student is the one the teacher run in every step (`"online"`)
+    trains."""
+    workdir = tmp_path / "online"
+    args = cli_args(workdir, cache_dir / "data", "--config.targets=online", config=str(config_file))
+    proc = run_cli(args, cli_env(cache_dir, devices=2), timeout=JOB_SECONDS)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    stored = json.loads((one_process_two_devices / "results.json").read_text())
+    online = json.loads((workdir / "results.json").read_text())
+    assert (stored["targets"]["mode"], online["targets"]["mode"]) == ("stored", "online")
+    a = read_jsonl(one_process_two_devices / "students" / "KD-seed0" / "metrics.jsonl")
+    b = read_jsonl(workdir / "students" / "KD-seed0" / "metrics.jsonl")
+    for x, y in zip(a, b, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+        assert x["val_accuracy"] == y["val_accuracy"]
+    # online: the teacher runs in the step, nothing is stored.
+    assert not (workdir / "teacher" / "views").exists()
+    assert (one_process_two_devices / "teacher" / "views" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_SECONDS)
 def test_a_killed_streamed_run_restarts_to_the_uninterrupted_result(
     one_process_two_devices, cache_dir, config_file, tmp_path
 ):

@@ -190,12 +190,19 @@ def _train_steps(mesh, dataset, n_steps=3, seed=0, conv_backward="xla"):
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, replicated)
     acc = jax.device_put(training.zero_metrics(), replicated)
-    step = training.make_train_step(spec, mesh, seed)
+    step = training.make_train_step(spec, mesh)
     order = data.batch_indices(len(dataset.train_labels), cfg.batch_size, seed=seed, epoch=0)
     for idx in order[:n_steps]:
-        batch = data.make_global_batch(
-            {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}, batch_sharding
+        local = data.views.view_batch(
+            lambda r: dataset.train_images[r],
+            idx,
+            np.zeros(len(idx), np.int32),
+            seed=seed,
+            pad=data.PAD,
+            mixup=0.0,
+            num_rows=len(dataset.train_labels),
         )
+        batch = data.make_global_batch({**local, "label": dataset.train_labels[idx]}, batch_sharding)
         state, acc = step(state, acc, batch, None, None)
     return jax.device_get(state.params), jax.device_get(state.batch_stats), jax.device_get(acc)
 
@@ -337,7 +344,7 @@ def _fit(dataset, run_dir, seed, show_progress=False):
         name="teacher",
         spec=spec,
         train_cfg=cfg,
-        source=data.memory_source(dataset),
+        source=data.memory_source(dataset, augment=spec.augment),
         run_dir=str(run_dir),
         mesh=mesh,
         seed=seed,

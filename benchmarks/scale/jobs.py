@@ -14,7 +14,7 @@ import numpy as np
 
 from benchmarks import workers
 from benchmarks.steps import init_variables
-from debkd_jax import config_lib
+from debkd_jax import config_checks
 
 SIZES = (5_000, 20_000, 80_000)  # images in the folders of the memory part (`--sizes`)
 
@@ -115,7 +115,7 @@ def jax_to_numpy(tree):
 def job_memory(ctx, folder: str, pipeline: str, teacher: str) -> dict:
     """Peak RSS of `configs/imagenet.py:smoke:KD` (teacher given, so: the teacher pass over every image, then
     one student epoch) on `folder` with `data.pipeline=pipeline` (for "memory", the fields only image files
-    read, `config_lib.FILES_ONLY_FIELDS`, at their defaults)."""
+    read, `config_checks.FILES_ONLY_FIELDS`, at their defaults)."""
     workdir = tempfile.mkdtemp(prefix="debkd-bench-scale-")
     cmd = [
         sys.executable,
@@ -130,7 +130,7 @@ def job_memory(ctx, folder: str, pipeline: str, teacher: str) -> dict:
         "--config.data.max_per_class=0",
     ]
     if pipeline == "memory":  # the in-memory kind refuses the smoke config's grain settings: their defaults
-        cmd += [f"--config.{name}={default}" for name, default in config_lib.FILES_ONLY_FIELDS.items()]
+        cmd += [f"--config.{name}={default}" for name, default in config_checks.FILES_ONLY_FIELDS.items()]
     ctx.log("scale: " + " ".join(cmd[2:]))
     log_path = os.path.join(workdir, "main.log")
     t0 = time.perf_counter()

@@ -14,7 +14,8 @@
     transforms.py the ImageNet transforms: random-resized crop + flip, resize + center crop
 """
 
-from debkd_jax.data.batching import augment, batch_indices, gather_batch, make_global_batch, normalize
+from debkd_jax.data import views
+from debkd_jax.data.batching import PAD, augment, batch_indices, gather_batch, make_global_batch, normalize
 from debkd_jax.data.dataset import Dataset, load_dataset
 from debkd_jax.data.source import NORMALIZATION, DataSource, Split, files_source, memory_source
 from debkd_jax.data.sources import DIGITS_CLASS_NAMES, IMAGE_EXTENSIONS, SOURCE_FORMS, decode_file
@@ -23,6 +24,7 @@ from debkd_jax.data.transforms import read_image_file
 
 __all__ = [
     "DIGITS_CLASS_NAMES",
+    "PAD",
     "IMAGE_EXTENSIONS",
     "NORMALIZATION",
     "SOURCE_FORMS",
@@ -40,4 +42,5 @@ __all__ = [
     "normalize",
     "read_image_file",
     "stratified_folds",
+    "views",
 ]

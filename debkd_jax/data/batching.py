@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_PAD = 4
+PAD = 4
+"""The memory kind's augmentation: random crops of the image zero-padded by this many pixels."""
 
 
 def normalize(images, dtype=jnp.float32) -> jax.Array:
@@ -23,7 +24,7 @@ def normalize(images, dtype=jnp.float32) -> jax.Array:
     return ((x - 127.5) / 127.5).astype(dtype)
 
 
-def augment(rng, images, *, pad: int = _PAD) -> jax.Array:
+def augment(rng, images, *, pad: int = PAD) -> jax.Array:
     """Per-image random crop after `pad` pixels of zero padding, then a random left-right flip.
 
     (B, H, W, C) -> (B, H, W, C), same dtype; flip probability 0.5. The padding is black for uint8
@@ -70,9 +71,7 @@ def batch_indices(
     `drop_remainder=False` the last batch is padded with -1: mask with `idx >= 0`.
     """
     if num_examples < 0 or batch_size < 1:
-        raise ValueError(
-            f"need num_examples >= 0 and batch_size >= 1, got {num_examples}, {batch_size}"
-        )
+        raise ValueError(f"need num_examples >= 0 and batch_size >= 1, got {num_examples}, {batch_size}")
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     else:

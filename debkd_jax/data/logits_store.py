@@ -4,16 +4,20 @@
     LogitsStore     on disk: chunk files written by the teacher pass chunk by chunk (any process any chunk),
                     read by memory map, never whole; float16/bfloat16 storage halves it (docs/scale.md)
     ComposedLogits  rows taken from several stores (out-of-fold logits: each row from its fold's pass)
+    ViewLogits      the logits of every augmented view of every image (`config.targets = "stored"`)
+    TopKLogits      a view's top-k logits and what rebuilds the rest (many classes; docs/method.md)
 
 Each has `num_rows`, `num_classes`, `row(r)` (k,), `rows(idx)` (n, k), `chunks()` -> (rows, logits) pieces
-that together are every row once, `all()` (N, k) for a small split, and `valid` (N,) bool (False: an image the
-teacher pass could not read). Every value comes back as float32.
+that together are every row once, `all()` (N, k) for a small split, `valid` (N,) bool (False: an image the
+teacher pass could not read), and `view_rows(rows, views)`, the rows a batch of views trains on. Every value
+comes back as float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Sequence
 
@@ -25,8 +29,15 @@ from debkd_jax import workdir_lib
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+class ImageRows:
+    """The teacher's logits of an image serve every view of it (`config.targets = "fixed"`)."""
+
+    def view_rows(self, rows, views) -> np.ndarray:
+        return self.rows(rows)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class LogitsStore:
+class LogitsStore(ImageRows):
     """A split's teacher logits in `path`: `manifest.json` (rows, classes, dtype, chunk_rows, key) and, per
     chunk c of `chunk_rows` rows, `chunk-c.npy` (rows, k) logits in `dtype` (bfloat16 stored as its uint16
     bits) and `chunk-c.npz` (valid, labels, the unreadable rows' ids and reasons). A chunk is whole files or
@@ -39,26 +50,44 @@ class LogitsStore:
     dtype: str
     chunk_rows: int
     key: str
+    settings: dict | None = None
 
     @classmethod
     def create(
-        cls, path: str, num_rows: int, num_classes: int, dtype: str, chunk_rows: int, key: str, writer: bool
+        cls,
+        path: str,
+        num_rows: int,
+        num_classes: int,
+        dtype: str,
+        chunk_rows: int,
+        key: str,
+        writer: bool,
+        settings: dict | None = None,
     ) -> LogitsStore:
-        """The store at `path`, its manifest written (by `writer`) when new. ValueError when `path` holds a
-        store of other data (another key, row or class count)."""
+        """The store at `path`, its manifest written (by `writer`) when new. ValueError (one line, naming each
+        difference) when `path` holds a store of other data or settings: another key, row or class count, or
+        another value of a `settings` field (what the logits were computed from)."""
         if dtype not in STORE_DTYPES:
             raise ValueError(f"teacher logits storage dtype must be one of {STORE_DTYPES}, got {dtype!r}")
-        store = cls(path, num_rows, num_classes, dtype, chunk_rows, key)
+        store = cls(path, num_rows, num_classes, dtype, chunk_rows, key, settings)
         manifest = workdir_lib.read_json(os.path.join(path, "manifest.json"))
         if manifest is None:
             if writer:
                 os.makedirs(path, exist_ok=True)
                 workdir_lib.write_json(os.path.join(path, "manifest.json"), store.manifest())
             return store
-        if manifest != store.manifest():
+        wanted = json.loads(json.dumps(store.manifest(), default=str))
+        if manifest != wanted:
+            old, new = _flat(manifest), _flat(wanted)
+            changes = [
+                f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k, "(none)") != new.get(k, "(none)")
+            ]
             raise ValueError(
-                f"the teacher logits in {path} are of other data or another teacher ({manifest}, "
-                f"expected {store.manifest()}); move them away or use a new workdir"
+                f"the teacher logits in {path} were computed for other data or settings "
+                f"({'; '.join(changes)[:500]}); "
+                "set them aside with --config.overwrite=True or use a new workdir"
             )
         return store
 
@@ -70,7 +99,9 @@ class LogitsStore:
         if manifest is None:
             raise ValueError(f"no teacher logits store at {path} (manifest.json missing)")
         store = cls(
-            path, **{k: manifest[k] for k in ("num_rows", "num_classes", "dtype", "chunk_rows", "key")}
+            path,
+            **{k: manifest[k] for k in ("num_rows", "num_classes", "dtype", "chunk_rows", "key")},
+            settings=manifest.get("settings"),
         )
         if (store.num_rows, store.num_classes) != (num_rows, num_classes):
             raise ValueError(
@@ -85,13 +116,16 @@ class LogitsStore:
         return store
 
     def manifest(self) -> dict:
-        return {
+        out = {
             "num_rows": self.num_rows,
             "num_classes": self.num_classes,
             "dtype": self.dtype,
             "chunk_rows": self.chunk_rows,
             "key": self.key,
         }
+        if self.settings is not None:
+            out["settings"] = self.settings
+        return out
 
     @property
     def num_chunks(self) -> int:
@@ -180,6 +214,16 @@ class LogitsStore:
         return np.concatenate(valid), np.concatenate(labels).astype(np.int32), skipped
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def encode_logits(logits: np.ndarray, dtype: str) -> np.ndarray:
     """float32 logits in the store's dtype: float16/float32 as such, bfloat16 as the uint16 of its bits."""
     if dtype == "bfloat16":
@@ -194,7 +238,7 @@ def decode_logits(stored: np.ndarray, dtype: str) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ArrayLogits:
+class ArrayLogits(ImageRows):
     """A split's logits in memory (module docstring): `logits` (N, k) float32, all rows valid unless `valid`
     says otherwise."""
 
@@ -227,7 +271,7 @@ class ArrayLogits:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ComposedLogits:
+class ComposedLogits(ImageRows):
     """Rows from several stores (module docstring): row r is row `position[r]` of `parts[part_of[r]]`."""
 
     parts: tuple
@@ -276,3 +320,100 @@ class ComposedLogits:
         for k, part in enumerate(self.parts):
             out[self._rows_of(k)] = part.valid
         return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ViewLogits:
+    """The teacher's logits on every view (`config.targets = "stored"`): row `v * num_images + i` of `store`
+    holds view v of image i (the view-major order of `stream.ViewOrder`). `view_rows(rows, views)` reads a
+    batch's views; `row`, `rows`, `chunks`, `all` and `valid` run over all V x N rows."""
+
+    store: object
+    num_images: int
+
+    @property
+    def num_views(self) -> int:
+        return self.store.num_rows // self.num_images
+
+    @property
+    def num_rows(self) -> int:
+        return self.store.num_rows
+
+    @property
+    def num_classes(self) -> int:
+        return self.store.num_classes
+
+    def view_rows(self, rows, views) -> np.ndarray:
+        return self.store.rows(np.asarray(views, np.int64) * self.num_images + np.asarray(rows, np.int64))
+
+    def row(self, r: int) -> np.ndarray:
+        return self.store.row(r)
+
+    def rows(self, idx) -> np.ndarray:
+        return self.store.rows(idx)
+
+    def chunks(self):
+        return self.store.chunks()
+
+    def all(self) -> np.ndarray:
+        return self.store.all()
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.store.valid
+
+
+def pack_topk(logits: np.ndarray, k: int) -> np.ndarray:
+    """(n, K) logits -> (n, 2k + 1) float32 rows: the k largest logits rounded to float16, their class
+    indices, and the log-sum-exp of the whole row (docs/method.md, "Stored views": what `unpack_topk` rebuilds
+    from)."""
+    z = np.asarray(logits, np.float32)
+    idx = np.argsort(-z, axis=-1, kind="stable")[:, :k]
+    values = np.take_along_axis(z, idx, axis=-1).astype(np.float16).astype(np.float32)
+    m = z.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))).astype(np.float32)
+    return np.concatenate([values, idx.astype(np.float32), lse], axis=-1)
+
+
+def unpack_topk(packed: np.ndarray, num_classes: int, k: int) -> np.ndarray:
+    """(n, 2k + 1) -> (n, K) float32 logits: the stored k logits in their classes, and every other class the
+    logit that gives it an equal share of the probability the k leave, `lse + log((1 - sum_top p) / (K - k))`
+    (at least `e^-30` of it), so that softmax(logits) keeps the top-k probabilities exactly and spreads the
+    rest evenly."""
+    packed = np.asarray(packed, np.float32)
+    values, idx, lse = packed[:, :k], packed[:, k : 2 * k].astype(np.int64), packed[:, 2 * k :]
+    top = np.sum(np.exp(values.astype(np.float64) - lse), axis=-1, keepdims=True)
+    rest = np.maximum(1.0 - top, np.exp(-30.0)) / max(num_classes - k, 1)
+    out = np.broadcast_to((lse + np.log(rest)).astype(np.float32), (len(packed), num_classes)).copy()
+    np.put_along_axis(out, idx, values, axis=-1)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TopKLogits(ImageRows):
+    """Logits kept as their top k (`pack_topk` rows in `store`), made whole on each read (`unpack_topk`)."""
+
+    store: object
+    num_classes: int
+    k: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.store.num_rows
+
+    def row(self, r: int) -> np.ndarray:
+        return self.rows([r])[0]
+
+    def rows(self, idx) -> np.ndarray:
+        return unpack_topk(self.store.rows(idx), self.num_classes, self.k)
+
+    def chunks(self):
+        for rows, packed in self.store.chunks():
+            yield rows, unpack_topk(packed, self.num_classes, self.k)
+
+    def all(self) -> np.ndarray:
+        return unpack_topk(self.store.all(), self.num_classes, self.k)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.store.valid

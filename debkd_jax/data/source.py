@@ -16,11 +16,15 @@ per split in memory and as files wherever no image is unreadable; `splits_rows` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import numpy as np
 
 from debkd_jax import workdir_lib
 from debkd_jax.data import stream
+from debkd_jax.data import views as views_lib
+from debkd_jax.data.batching import PAD
 from debkd_jax.data.dataset import Dataset
 from debkd_jax.data.transforms import EVAL_CROP
 
@@ -59,7 +63,8 @@ class DataSource:
     """What a job reads (module docstring). `fingerprint` decides a run's identity; `preprocessing` says how a
     model's input is made from an image (`model.json`, `export`, `predict`); `augment` is the training
     augmentation (memory: pad-4 crop and flip on device; files: random-resized crop and flip in the
-    loader)."""
+    loader), drawn per view: image i trains on view `epoch mod views`, a pure function of (`view_seed`, i,
+    view) (`data.views`), mixed with a partner's same view when `mixup` > 0."""
 
     kind: str
     name: str
@@ -71,6 +76,9 @@ class DataSource:
     augment: bool = False
     eval_crop: float = EVAL_CROP
     workers: int = 0
+    views: int = 1
+    mixup: float = 0.0
+    view_seed: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -100,7 +108,9 @@ class DataSource:
         return dataclasses.replace(self, splits={**self.splits, "train": self.splits["train"].select(rows)})
 
 
-def memory_source(dataset: Dataset, *, augment: bool = False) -> DataSource:
+def memory_source(
+    dataset: Dataset, *, augment: bool = False, views: int = 1, mixup: float = 0.0, view_seed: int = 0
+) -> DataSource:
     """A decoded `Dataset` as the memory kind; its fingerprint is that of its training images and labels."""
     splits = {}
     for name in SPLITS:
@@ -122,18 +132,30 @@ def memory_source(dataset: Dataset, *, augment: bool = False) -> DataSource:
         fingerprint=workdir_lib.fingerprint(dataset.train_images, dataset.train_labels),
         skipped=tuple(dataset.skipped),
         augment=augment,
+        views=views,
+        mixup=mixup,
+        view_seed=view_seed,
     )
 
 
 def files_source(
-    planned: stream.StreamSource, *, name: str, image_size: int, augment: bool, eval_crop: float, workers: int
+    planned: stream.StreamSource,
+    *,
+    name: str,
+    image_size: int,
+    augment: bool,
+    eval_crop: float,
+    workers: int,
+    views: int = 1,
+    mixup: float = 0.0,
+    view_seed: int = 0,
 ) -> DataSource:
     """A planned stream (`stream.plan_stream`) as the files kind; `name` as the user gave the source."""
     splits = {
-        name: Split(
+        split: Split(
             np.asarray(records.ids).astype(str), np.asarray(records.labels, np.int32), records=records
         )
-        for name, records in planned.splits.items()
+        for split, records in planned.splits.items()
     }
     return DataSource(
         kind="files",
@@ -145,6 +167,9 @@ def files_source(
         augment=augment,
         eval_crop=eval_crop,
         workers=workers,
+        views=views,
+        mixup=mixup,
+        view_seed=view_seed,
     )
 
 
@@ -162,10 +187,12 @@ def splits_rows(source: DataSource) -> list[tuple[str, str, int]]:
 
 class ArrayBatches:
     """Memory kind: a run's local batches `{'image', 'label'[, 'teacher_logits']}`, each one numpy gather of
-    `order.local_rows(epoch, step)`. State: the number of batches taken (`{"step": s}`)."""
+    `order.local_rows(epoch, step)`; with augmentation also each view's crop (and mixup) parameters, which the
+    step applies on the device (`views.apply_views`). State: the number of batches taken (`{"step": s}`)."""
 
-    def __init__(self, split: Split, order: stream.TrainOrder, logits=None):
-        self.split, self.order, self.logits, self.step = split, order, logits, 0
+    def __init__(self, source: DataSource, order: stream.TrainOrder, logits=None):
+        self.source, self.order, self.logits, self.step = source, order, logits, 0
+        self.split = source.splits["train"]
 
     def __iter__(self):
         return self
@@ -175,9 +202,23 @@ class ArrayBatches:
         if epoch >= self.order.num_epochs:
             raise StopIteration
         rows = self.order.local_rows(epoch, step)
-        batch = {"image": self.split.images[rows], "label": self.split.labels[rows]}
+        view = views_lib.epoch_views(epoch, self.source.views)
+        views = np.full(len(rows), view, np.int32)
+        if self.source.augments_on_device:
+            batch = views_lib.view_batch(
+                lambda r: self.split.images[r],
+                rows,
+                views,
+                seed=self.source.view_seed,
+                pad=PAD,
+                mixup=self.source.mixup,
+                num_rows=len(self.split),
+            )
+        else:
+            batch = {"image": self.split.images[rows]}
+        batch["label"] = self.split.labels[rows]
         if self.logits is not None:
-            batch["teacher_logits"] = self.logits.rows(rows)
+            batch["teacher_logits"] = self.logits.view_rows(rows, views)
         self.step += 1
         return batch
 
@@ -190,24 +231,41 @@ class ArrayBatches:
 
 def train_batches(source: DataSource, order: stream.TrainOrder, *, seed: int, logits=None, state=None):
     """The run's local training batches, `{'image' (b, S, S, 3) uint8, 'label' (b,)[, 'teacher_logits' (b,
-    k)]}` (more keys from files), at `state` (a checkpoint's `get_state()`) when given; `close()` where it
-    exists ends grain's worker processes."""
+    k)]}` (with the memory kind's view parameters, or more keys from files), at `state` (a checkpoint's
+    `get_state()`) when given; `close()` where it exists ends grain's worker processes. `seed` (the student's)
+    decides the order; the views are the data's (`DataSource.view_seed`)."""
     split = source.splits["train"]
     if source.kind == "memory":
-        it = ArrayBatches(split, order, logits)
+        it = ArrayBatches(source, order, logits)
     else:
         read = stream.ReadExample(
             split.records,
             source.image_size,
             train=source.augment,
-            seed=seed,
+            seed=source.view_seed,
             eval_crop=source.eval_crop,
             logits=logits,
+            views=source.views,
+            mixup=source.mixup,
         )
         it = iter(stream.loader(order, read, order.local_batch, workers=source.workers))
     if state is not None:
         it.set_state(state)
     return it
+
+
+STEP_KEYS = (
+    "image",
+    "label",
+    "teacher_logits",
+    "offsets",
+    "flips",
+    "partner_image",
+    "partner_offsets",
+    "partner_flips",
+    "mix",
+)
+"""What of a local training batch goes to the train step (the rest is the reader's bookkeeping)."""
 
 
 class ArrayEvalBatches:
@@ -246,3 +304,63 @@ def eval_batches(
         return ArrayEvalBatches(split, order, local_batch)
     read = stream.ReadExample(split.records, source.image_size, train=False, eval_crop=source.eval_crop)
     return iter(stream.loader(order, read, local_batch, workers=workers))
+
+
+class ArrayViewBatches:
+    """Memory kind: the local batches of a pass over every view (`order`'s rows r: view r // N of image r mod
+    N;
+    -1 pads), each view made exactly as the train step makes it (`views.apply_views`, jitted)."""
+
+    def __init__(self, source: DataSource, order: stream.EvalOrder, local_batch: int):
+        self.source, self.rows, self.local_batch, self.start = source, order.rows, local_batch, 0
+        self.split = source.splits["train"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.start >= len(self.rows):
+            raise StopIteration
+        rows = self.rows[self.start : self.start + self.local_batch]
+        self.start += self.local_batch
+        valid, n = rows >= 0, len(self.split)
+        images_rows, views = np.maximum(rows, 0) % n, np.maximum(rows, 0) // n
+        batch = views_lib.view_batch(
+            lambda r: self.split.images[r],
+            images_rows,
+            views,
+            seed=self.source.view_seed,
+            pad=PAD,
+            mixup=self.source.mixup,
+            num_rows=n,
+        )
+        images = np.array(_apply_views(batch))
+        images[~valid] = 0
+        return {
+            "image": images,
+            "label": self.split.labels[images_rows],
+            "row": rows,
+            "valid": valid,
+            "reason": np.full(len(rows), ""),
+        }
+
+
+_apply_views = jax.jit(functools.partial(views_lib.apply_views, pad=PAD))
+
+
+def view_batches(source: DataSource, order: stream.EvalOrder, local_batch: int, *, workers: int):
+    """The local batches of a pass over every training view (`order` over the V x N view rows, view-major),
+    each view's pixels exactly those the student trains on."""
+    if source.kind == "memory":
+        return ArrayViewBatches(source, order, local_batch)
+    split = source.splits["train"]
+    read = stream.ReadExample(
+        split.records,
+        source.image_size,
+        train=True,
+        seed=source.view_seed,
+        eval_crop=source.eval_crop,
+        views=source.views,
+        mixup=source.mixup,
+    )
+    return iter(stream.loader(stream.ViewOrder(order.rows, len(split)), read, local_batch, workers=workers))

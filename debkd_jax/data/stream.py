@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from debkd_jax.data import views as view_lib
 from debkd_jax.data.batching import batch_indices
 from debkd_jax.data.listing import (  # noqa: F401 - the files kind's listing, part of this module's interface
     AUTO_MEMORY_SHARE,
@@ -129,15 +130,32 @@ class EvalOrder:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReadExample:
-    """(row, epoch, position) -> {'image' (S, S, 3) uint8, 'label', 'row', 'valid', ['teacher_logits' (k,)]}.
+class ViewOrder:
+    """The rows of every view, view-major: element r -> (image r mod N, view r // N, r); -1 rows pad a
+    lockstep pass (`EvalOrder` over these rows) as black, invalid examples."""
 
-    Runs in grain's worker processes. `train=True`: `train_transform` seeded by (seed, epoch, position),
-    and an
-    unreadable image is replaced by another row drawn from the same seed (the batch stays whole and the order
-    stays a function of the seed; the teacher pass counts and lists the unreadable files). Eval:
-    `eval_transform`;
-    row -1 (padding) and an unreadable image give a black image with valid=False, the reason in `reason`.
+    rows: np.ndarray
+    num_rows: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int]:
+        r = int(self.rows[int(i)])
+        return (r % self.num_rows, r // self.num_rows, int(i)) if r >= 0 else (-1, 0, int(i))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadExample:
+    """(row, epoch, position) -> {'image' (S, S, 3) uint8, 'label', 'row', 'view', 'valid', 'reason'[,
+    'teacher_logits' (k,)]}. Runs in grain's worker processes.
+
+    `train=True`: view v = epoch mod `views` of image `row` (`data.views`): its random-resized crop and flip
+    drawn from `views.view_keys(seed, row, v)` (`seed` is the data's, not a student's), with `mixup` > 0 mixed
+    with its partner's same view; an unreadable image is replaced by another row drawn from that key (the
+    batch stays whole; the teacher pass lists the unreadable files). `train=False`: `eval_transform`. Row -1
+    (padding) and an unreadable image in evaluation give a black image with valid=False, the reason in
+    `reason`. `logits`: the teacher's logits of the image, or of this view of it (`logits_store.ViewLogits`).
     """
 
     records: SplitRecords
@@ -145,37 +163,51 @@ class ReadExample:
     train: bool
     seed: int = 0
     eval_crop: float = EVAL_CROP
-    logits: LogitsStore | None = None
+    logits: object = None
+    views: int = 1
+    mixup: float = 0.0
 
     def __call__(self, item) -> dict:
-        row, epoch, position = item
+        row, epoch, _ = item
+        view = view_lib.epoch_views(max(epoch, 0), self.views) if self.train else 0
         image, label, reason = None, -1, ""
         if row >= 0:
+            key = view_lib.view_keys(self.seed, [row], [view])[0]
             draft = None if self.train else eval_draft(self.image_size, self.eval_crop)
             img, label, reason = self.records.read(row, draft)
             if self.train and img is None:
-                row, img, label = self._substitute(row, epoch, position, reason)
-            if img is not None:
-                if self.train:
-                    rng = np.random.default_rng([self.seed, epoch, position])
-                    image = train_transform(img, self.image_size, rng)
-                else:
-                    image = eval_transform(img, self.image_size, self.eval_crop)
+                row, img, label = self._substitute(row, key, reason)
+            if img is not None and self.train:
+                image = train_transform(img, self.image_size, view_lib.view_generator(key))
+                if self.mixup:
+                    partners, lam = view_lib.mixup_params(np.asarray([key]), len(self.records), self.mixup)
+                    image = self._mixed(image, int(partners[0]), view, float(lam[0]))
+            elif img is not None:
+                image = eval_transform(img, self.image_size, self.eval_crop)
         out = {
             "image": image
             if image is not None
             else np.zeros((self.image_size, self.image_size, 3), np.uint8),
             "label": np.int32(max(label, 0)),
             "row": np.int64(row),
+            "view": np.int32(view),
             "valid": np.bool_(image is not None),
             "reason": np.asarray(reason or ""),
         }
         if self.logits is not None:
-            out["teacher_logits"] = self.logits.row(max(row, 0))
+            out["teacher_logits"] = self.logits.view_rows(np.asarray([max(row, 0)]), np.asarray([view]))[0]
         return out
 
-    def _substitute(self, row: int, epoch: int, position: int, reason: str):
-        rng = np.random.default_rng([self.seed, epoch, position, 1])
+    def _mixed(self, image: np.ndarray, partner: int, view: int, lam: float) -> np.ndarray:
+        key = view_lib.view_keys(self.seed, [partner], [view])[0]
+        img, _, reason = self.records.read(partner)
+        if img is None:
+            partner, img, _ = self._substitute(partner, key, reason)
+        other = train_transform(img, self.image_size, view_lib.view_generator(key))
+        return view_lib.mix(image[None], other[None], np.asarray([lam], np.float32), xp=np)[0]
+
+    def _substitute(self, row: int, key, reason: str):
+        rng = np.random.default_rng([int(key), 1])
         for _ in range(_SUBSTITUTE_TRIES):
             other = int(rng.integers(len(self.records)))
             img, label, _ = self.records.read(other)

@@ -37,20 +37,24 @@ from debkd_jax.pipeline.student import (
     train_student,
 )
 from debkd_jax.pipeline.teacher import (
+    StudentTargets,
     Teacher,
     get_teacher,
     given_teacher,
     infusion_table,
+    row_labels,
     split_accuracy,
+    student_targets,
     teacher_from_logits_file,
     teacher_from_variables,
     unreadable_files,
 )
-from debkd_jax.pipeline.teacher_pass import logits_key, network_logits
+from debkd_jax.pipeline.teacher_pass import logits_key, network_logits, view_logits
 from debkd_jax.pipeline.teacher_training import check_checkpoint, teacher_meta, train_teacher
 
 __all__ = [
     "Setup",
+    "StudentTargets",
     "Teacher",
     "check",
     "check_checkpoint",
@@ -73,6 +77,7 @@ __all__ = [
     "plan",
     "record_data",
     "record_skipped",
+    "row_labels",
     "run_diagnostics",
     "run_folder",
     "run_meta",
@@ -80,6 +85,7 @@ __all__ = [
     "split_accuracy",
     "student_identity",
     "student_step_spec",
+    "student_targets",
     "target_diagnostics",
     "teacher_from_logits_file",
     "teacher_from_variables",
@@ -90,4 +96,5 @@ __all__ = [
     "train_teacher",
     "training_fields",
     "unreadable_files",
+    "view_logits",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 
 from debkd_jax import methods
 from debkd_jax import targets as targets_lib
-from debkd_jax.pipeline.teacher import infusion_table, split_accuracy
+from debkd_jax.pipeline.teacher import infusion_table, row_labels, split_accuracy
 
 
 def target_diagnostics(method_cfg, store, labels: np.ndarray) -> dict:
@@ -19,6 +19,7 @@ def target_diagnostics(method_cfg, store, labels: np.ndarray) -> dict:
     infusion = None
     if "knowledge_infusion" in tuple(method_cfg.transforms):
         infusion = infusion_table(store, labels, method_cfg.ki_mode)
+    labels = row_labels(store, labels)
     valid = store.valid
     wrong = changed = width = 0.0
     count = 0
@@ -43,9 +44,10 @@ def target_diagnostics(method_cfg, store, labels: np.ndarray) -> dict:
     }
 
 
-def run_diagnostics(config, source, teacher) -> dict:
+def run_diagnostics(config, source, teacher, targets=None) -> dict:
     """The teacher's accuracy on every split (None for a split a logits file lacks), and `target_diagnostics`
-    of every method except plain CE."""
+    of every method except plain CE, on the logits the students' targets come from (`targets.train`: the
+    images', or every view's)."""
     labels = {split: source.splits[split].labels for split in ("train", "val", "test")}
     accuracy = {
         split: split_accuracy(teacher.logits[split], labels[split])
@@ -53,8 +55,9 @@ def run_diagnostics(config, source, teacher) -> dict:
         else None
         for split in ("train", "val", "test")
     }
+    train = targets.train if targets is not None else teacher.logits["train"]
     per_method = {
-        name: target_diagnostics(cfg, teacher.logits["train"], labels["train"])
+        name: target_diagnostics(cfg, train, labels["train"])
         for name, cfg in config.methods.items()
         if cfg.loss != "ce"
     }

@@ -44,14 +44,17 @@ def teacher_identity(config, meta: dict, source=None) -> dict:
     }
     if "fold" in meta:
         identity["fold"] = meta["fold"]
+    identity.update(view_fields(config))
     if source is not None and source.kind != "memory":
         identity["preprocessing"] = source.preprocessing
     return identity
 
 
-def student_identity(*, config, method_cfg, seed: int, source, teacher) -> dict:
-    """What decides a student: its method, training config, seed, dtype, augmentation and data, and the
-    teacher through the key of its logits (`Teacher.key`) and, for a logits file, the file's sha256."""
+def student_identity(*, config, method_cfg, seed: int, source, teacher, targets=None) -> dict:
+    """What decides a student: its method, training config, seed, dtype, augmentation (and its views) and
+    data, where its targets come from (`config.targets`), and the teacher through the key of the logits its
+    targets are built from (`Teacher.key`, or `targets.key` of the views) and, for a logits file, the file's
+    sha256."""
     identity = {
         "method": method_cfg.to_dict(),
         "student": training_fields(config.student),
@@ -59,13 +62,27 @@ def student_identity(*, config, method_cfg, seed: int, source, teacher) -> dict:
         "dtype": config.dtype,
         "augment": config.data.augment,
         "data": source.fingerprint,
-        "teacher_logits": teacher.key,
+        "teacher_logits": targets.key if targets is not None else teacher.key,
     }
+    identity.update(view_fields(config))
+    mode = config.get("targets", "fixed")
+    if mode != "fixed":
+        identity["targets"] = mode
     if teacher.meta.get("logits_sha256"):
         identity["teacher_logits_file"] = teacher.meta["logits_sha256"]
     if source.kind != "memory":
         identity["preprocessing"] = source.preprocessing
     return identity
+
+
+def view_fields(config) -> dict:
+    """With augmentation, the views every model trains on (`data.views`, `data.mixup`): what decides them
+    beyond the data and the seed. Nothing without augmentation, so that runs recorded before views are still
+    reused."""
+    d = config.data
+    if not d.augment:
+        return {}
+    return {"views": d.get("views", 16), "mixup": d.get("mixup", 0.0)}
 
 
 def identity_key(identity: dict) -> str:

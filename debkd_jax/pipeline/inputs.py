@@ -53,7 +53,13 @@ def load_source(config, kind: str) -> source_lib.DataSource:
                 use_dataset_test_split=d.use_dataset_test_split,
                 progress=config.progress,
             )
-            return source_lib.memory_source(dataset, augment=d.augment)
+            return source_lib.memory_source(
+                dataset,
+                augment=d.augment,
+                views=d.get("views", 16),
+                mixup=d.get("mixup", 0.0),
+                view_seed=config.seed,
+            )
         planned = stream.plan_stream(
             d.source,
             seed=config.seed,
@@ -64,6 +70,9 @@ def load_source(config, kind: str) -> source_lib.DataSource:
         )
         return source_lib.files_source(
             planned,
+            views=d.get("views", 16),
+            mixup=d.get("mixup", 0.0),
+            view_seed=config.seed,
             name=d.source,
             image_size=d.image_size,
             augment=d.augment,

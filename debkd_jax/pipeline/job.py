@@ -15,13 +15,13 @@ import os
 import jax
 import ml_collections
 
-from debkd_jax import config_lib, methods, report, training, workdir_lib
+from debkd_jax import config_checks, config_lib, methods, report, training, workdir_lib
 from debkd_jax.data import source as source_lib
 from debkd_jax.pipeline.diagnostics import run_diagnostics, run_meta
 from debkd_jax.pipeline.folds import check_folds
 from debkd_jax.pipeline.inputs import check_models, choose_kind, load_source, record_data, record_skipped
 from debkd_jax.pipeline.student import train_student
-from debkd_jax.pipeline.teacher import Teacher, get_teacher, given_teacher, unreadable_files
+from debkd_jax.pipeline.teacher import Teacher, get_teacher, given_teacher, student_targets, unreadable_files
 from debkd_jax.pipeline.teacher_training import check_checkpoint
 
 log = logging.getLogger("debkd_jax")
@@ -42,17 +42,27 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Everything that can be checked before anything is written (the processes joined first): the config,
     which kind of data and why, the data source, the models on its images, the folds, a teacher from
     elsewhere. A combination that cannot work is a one-line `UserError` here."""
-    config_lib.validate_data_fields(config)
+    config_checks.validate_data_fields(config)
     kind, why = choose_kind(config)
     training.initialize_distributed(config)
     config_lib.validate_config(config)
-    config_lib.validate_for_kind(config, kind)
+    config_checks.validate_for_kind(config, kind)
     mesh = training.create_mesh()
     source = load_source(config, kind)
     check_models(config, source, with_teacher=not config.teacher.get("logits", ""))
     check_folds(config, source)
     check_checkpoint(config, source, os.path.join(workdir_lib.expand(workdir), "teacher"))
     return Setup(source, why, mesh, given_teacher(config, source))
+
+
+def targets_record(source: source_lib.DataSource, targets) -> dict:
+    """Where the students' targets came from (`config.targets`), and the views they trained on."""
+    out = {"mode": targets.mode, "augment": source.augment}
+    if source.augment:
+        out.update(
+            views=source.views, mixup=source.mixup, logits_of_views=hasattr(targets.train, "num_views")
+        )
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str | None = None) -> dict:
@@ -83,6 +93,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             mesh=mesh,
             given=setup.given,
         )
+        targets = student_targets(
+            config=config,
+            source=source,
+            teacher=teacher,
+            teacher_dir=os.path.join(workdir, "teacher"),
+            mesh=mesh,
+        )
         unreadable = unreadable_files(teacher)
         if unreadable:
             source = dataclasses.replace(source, skipped=tuple(sorted({*source.skipped, *unreadable})))
@@ -97,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
                 seed=seed,
                 source=source,
                 teacher=teacher,
+                targets=targets,
                 mesh=mesh,
                 run_dir=os.path.join(workdir, "students", f"{workdir_lib.safe_name(name)}-seed{seed}"),
             )
@@ -111,8 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             teacher_meta=teacher.meta,
             teacher_test=teacher.test_metrics(source),
             runs=runs,
-            diagnostics=run_diagnostics(config, source, teacher),
+            diagnostics=run_diagnostics(config, source, teacher, targets),
         )
+        results["targets"] = targets_record(source, targets)
         results["meta"] = {
             **run_meta(command, runs, teacher.meta),
             "data": {"kind": source.kind, "why": setup.why},

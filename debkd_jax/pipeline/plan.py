@@ -16,6 +16,8 @@ import numpy as np
 
 from debkd_jax import methods, training, workdir_lib
 from debkd_jax.data import source as source_lib
+from debkd_jax.data import views as views_lib
+from debkd_jax.data.batching import PAD
 from debkd_jax.pipeline.identity import student_identity, teacher_identity
 from debkd_jax.pipeline.job import check
 from debkd_jax.pipeline.teacher import Teacher
@@ -41,6 +43,7 @@ def plan(config, workdir: str) -> dict:
             "devices": int(mesh.devices.size),
         },
         "data": data_plan(config, source, setup.why),
+        "targets": targets_plan(config, source),
         "teacher": teacher_plan(config, source, setup.given),
         "students": [
             student_plan(config, name, method_cfg, seed, source)
@@ -71,6 +74,28 @@ def data_plan(config, source: source_lib.DataSource, why: str) -> dict:
     }
     if source.kind == "files":
         out.update(workers=source.workers, logits_chunk_rows=config.data.logits_chunk_rows)
+    return out
+
+
+def targets_plan(config, source: source_lib.DataSource) -> dict:
+    """Where the students' targets will come from, and the views a model trains on: with augmentation, the
+    first images' view parameters (crop offsets and flips; with mixup, partners and ratios) of the first
+    views."""
+    mode = config.get("targets", "fixed")
+    out = {"mode": mode, "views": None}
+    if source.augment:
+        rows = np.arange(min(4, len(source.splits["train"])))
+        keys = np.concatenate(
+            [views_lib.view_keys(source.view_seed, rows, v) for v in range(min(3, source.views))]
+        )
+        offsets, flips = views_lib.crop_params(keys, PAD)
+        out["views"] = {"count": source.views, "offsets": offsets.tolist(), "flips": flips.tolist()}
+        if source.mixup:
+            partners, lam = views_lib.mixup_params(keys, len(source.splits["train"]), source.mixup)
+            out["views"].update(partners=partners.tolist(), mix=np.round(lam, 6).tolist())
+    if mode == "stored" and source.augment:
+        top_k = config.targets_top_k if source.num_classes > config.targets_top_k else None
+        out["stored"] = {"rows": source.views * len(source.splits["train"]), "top_k": top_k}
     return out
 
 
@@ -124,7 +149,7 @@ def teacher_plan(config, source: source_lib.DataSource, given: Teacher | None) -
     }
 
 
-def objective_probe(method_cfg, num_epochs: int, num_classes: int) -> dict:
+def objective_probe(method_cfg, num_epochs: int, num_classes: int, online: bool = False) -> dict:
     """The method's loss on a fixed probe batch at its first, middle and last epochs, and the targets it
     builds from fixed teacher logits (which its test report's region hit rate reads): what every method field
     acts on."""
@@ -134,7 +159,7 @@ def objective_probe(method_cfg, num_epochs: int, num_classes: int) -> dict:
     teacher[np.arange(PROBE_ROWS // 2), labels[: PROBE_ROWS // 2]] += 6.0  # some right, some wrong
     student = (rng.normal(size=(PROBE_ROWS, num_classes)) * 2).astype(np.float32)
     rows = methods.method_targets(method_cfg, teacher, labels)
-    objective = methods.objective(method_cfg, num_epochs)
+    objective = methods.objective(method_cfg, num_epochs, online_targets=online)
     epochs = sorted({0, num_epochs // 2, max(num_epochs - 1, 0)})
     loss = [round(float(objective.loss_fn(student, labels, rows, 0.25, float(e))), 7) for e in epochs]
     return {
@@ -153,7 +178,12 @@ def student_plan(config, name: str, method_cfg, seed: int, source: source_lib.Da
     return {
         "method": name,
         "seed": seed,
-        "objective": objective_probe(method_cfg, config.student.num_epochs, source.num_classes),
+        "objective": objective_probe(
+            method_cfg,
+            config.student.num_epochs,
+            source.num_classes,
+            config.get("targets", "fixed") == "online",
+        ),
         "training": training_plan(config.student, len(source.splits["train"])),
         "identity": student_identity(
             config=config, method_cfg=method_cfg, seed=seed, source=source, teacher=unknown_teacher

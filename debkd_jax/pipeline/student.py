@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from debkd_jax import losses, methods, metrics, models, training, workdir_lib
 from debkd_jax.data import source as source_lib
 from debkd_jax.pipeline.identity import student_identity
-from debkd_jax.pipeline.teacher import Teacher, infusion_table
+from debkd_jax.pipeline.teacher import StudentTargets, Teacher, infusion_table
 
 log = logging.getLogger("debkd_jax")
 
@@ -29,6 +29,7 @@ def train_student(
     seed: int,
     source: source_lib.DataSource,
     teacher: Teacher,
+    targets: StudentTargets | None = None,
     mesh: Mesh,
     run_dir: str,
 ) -> dict:
@@ -38,10 +39,12 @@ def train_student(
     from its last checkpoint; a folder started with other settings is refused (`workdir_lib.claim_run_dir`).
     With `config.overwrite`, an existing folder is set aside (renamed `<run_dir>.<time>`) and the student
     retrained. The method's targets are built in the train step from each batch's rows of the teacher's logits
-    (and knowledge infusion's table, computed here once from the whole training split).
+    (`targets`: of each image, or of each view; or from the teacher run in the step, `config.targets =
+    "online"`) and knowledge infusion's table, computed here once from those logits.
     """
+    targets = targets or StudentTargets("fixed", teacher.logits["train"], teacher.key)
     identity = student_identity(
-        config=config, method_cfg=method_cfg, seed=seed, source=source, teacher=teacher
+        config=config, method_cfg=method_cfg, seed=seed, source=source, teacher=teacher, targets=targets
     )
     done = claim_run(
         run_dir=run_dir, identity=identity, method_name=method_name, seed=seed, overwrite=config.overwrite
@@ -49,10 +52,11 @@ def train_student(
     if done is not None:
         return done
     scfg = config.student
-    objective = methods.objective(method_cfg, scfg.num_epochs)
+    online = targets.mode == "online" and method_cfg.loss != "ce"
+    objective = methods.objective(method_cfg, scfg.num_epochs, online_targets=online)
     infusion = None
     if "knowledge_infusion" in objective.transforms:
-        infusion = infusion_table(teacher.logits["train"], source.splits["train"].labels, method_cfg.ki_mode)
+        infusion = infusion_table(targets.train, source.splits["train"].labels, method_cfg.ki_mode)
     spec = student_step_spec(
         config=config, method_cfg=method_cfg, objective=objective, source=source, teacher=teacher, mesh=mesh
     )
@@ -62,7 +66,7 @@ def train_student(
         spec=spec,
         train_cfg=scfg,
         source=source,
-        logits=None if method_cfg.loss == "ce" else teacher.logits["train"],
+        logits=None if method_cfg.loss == "ce" or online else targets.train,
         run_dir=run_dir,
         mesh=mesh,
         seed=seed,
@@ -118,7 +122,8 @@ def student_step_spec(
     FitNets hint taps (the first, middle and last blocks both networks share) when the method uses hints."""
     scfg = config.student
     steps = len(source.splits["train"]) // scfg.batch_size
-    kw: dict[str, Any] = {"method_cfg": method_cfg}
+    online = config.get("targets", "fixed") == "online" and method_cfg.loss != "ce"
+    kw: dict[str, Any] = {"method_cfg": method_cfg, "online_targets": online}
     conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype)
     if objective.needs_teacher_online:
         kw["teacher"] = models.get_model(

@@ -22,7 +22,7 @@ from debkd_jax.data import source as source_lib
 from debkd_jax.errors import UserError
 from debkd_jax.pipeline.folds import out_of_fold_logits
 from debkd_jax.pipeline.identity import fingerprint
-from debkd_jax.pipeline.teacher_pass import array_logits, network_logits
+from debkd_jax.pipeline.teacher_pass import array_logits, network_logits, view_logits
 from debkd_jax.pipeline.teacher_training import train_teacher
 
 log = logging.getLogger("debkd_jax")
@@ -104,6 +104,54 @@ def get_teacher(
     return Teacher(variables, meta, stores, _key(stores, key))
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentTargets:
+    """Where the students' targets come from (`config.targets`): `mode`; `train`, the logits store their
+    batches read (the teacher's logits of each training image, or of each view of it: `ViewLogits`), which
+    knowledge infusion's table and the target diagnostics also read; `key`, what identifies those logits."""
+
+    mode: str
+    train: Any
+    key: str
+
+
+def student_targets(
+    *, config, source: source_lib.DataSource, teacher: Teacher, teacher_dir: str, mesh: Mesh
+) -> StudentTargets:
+    """ "fixed": the teacher's logits of each image. "stored" (with augmentation): its logits on every view,
+    computed once here for every method and seed (`teacher_pass.view_logits`). "online": the teacher runs in
+    each step on the batch's views; knowledge infusion's class means still need every view, so a method that
+    infuses gets the same views pass. Without augmentation every mode reads the image logits (one view
+    each)."""
+    mode = config.get("targets", "fixed")
+    infuses = any("knowledge_infusion" in tuple(m.transforms) for m in config.methods.values())
+    if source.augment and (mode == "stored" or (mode == "online" and infuses)):
+        views, key = view_logits(
+            config=config,
+            source=source,
+            variables=teacher.variables,
+            model_name=teacher.meta["model"],
+            stem=os.path.join(teacher_dir, "views"),
+            mesh=mesh,
+            label="teacher on every view",
+        )
+        return StudentTargets(mode, views, key)
+    if source.augment and mode == "fixed":
+        log.warning(
+            "targets='fixed': the students train on augmented views but their targets come from the "
+            "teacher on the un-augmented images (a fixed teacher); targets='stored' gives the teacher's "
+            "logits on the views they see, computed once for every method and seed (docs/method.md)."
+        )
+    return StudentTargets(mode, teacher.logits["train"], teacher.key)
+
+
+def row_labels(store, labels: np.ndarray) -> np.ndarray:
+    """The label of each row of `store`: the images' labels, repeated for every view of a `ViewLogits`."""
+    if isinstance(store, logits_store.ViewLogits):
+        return np.tile(labels, store.num_views)
+    return labels
+
+
 def _key(stores: dict, key: str) -> str:
     """The fingerprint of the logits themselves where they are in memory (small data), else the pass's key."""
     present = [stores[s] for s in SPLITS if stores.get(s) is not None]
@@ -113,8 +161,7 @@ def _key(stores: dict, key: str) -> str:
 
 
 def record_unreadable(stores: dict, source: source_lib.DataSource) -> None:
-    """Images the files kind's teacher pass could not read: logged (the job lists them in skipped_files.csv).
-    """
+    """Logs the images the teacher pass could not read (the job lists them in skipped_files.csv)."""
     for split, store in stores.items():
         if isinstance(store, logits_store.LogitsStore):
             _, _, skipped = store.meta()
@@ -135,6 +182,7 @@ def unreadable_files(teacher: Teacher) -> list[tuple[str, str]]:
 
 def split_accuracy(store, labels: np.ndarray) -> float:
     """The share of readable rows whose largest logit is the label's, read chunk by chunk."""
+    labels = row_labels(store, labels)
     correct = total = 0
     valid = store.valid
     for rows, z in store.chunks():
@@ -147,11 +195,14 @@ def split_accuracy(store, labels: np.ndarray) -> float:
 def infusion_table(store, labels: np.ndarray, mode: str) -> np.ndarray:
     """`targets.infusion_table` of a whole split, read chunk by chunk: each chunk's table weighted by its
     teacher-correct rows (per row c by its correct rows of label c), which is the whole split's table since
-    each entry is a mean over the correct rows. One chunk (logits in memory): its table as it is."""
+    each entry is a mean over the correct rows. One chunk (logits in memory): its table as it is. Over views
+    (`ViewLogits`) a view the teacher gets wrong receives its label's mean over the correct views."""
+    labels = row_labels(store, labels)
     valid = store.valid
-    pieces = (
-        [(rows, z) for rows, z in store.chunks()] if isinstance(store, logits_store.ArrayLogits) else None
+    in_memory = isinstance(store, logits_store.ArrayLogits) or (
+        isinstance(store, logits_store.ViewLogits) and isinstance(store.store, logits_store.ArrayLogits)
     )
+    pieces = list(store.chunks()) if in_memory else None
     if pieces is not None and len(pieces) == 1 and valid.all():
         rows, z = pieces[0]
         return np.asarray(targets_lib.infusion_table(z, labels[rows], mode), np.float32)

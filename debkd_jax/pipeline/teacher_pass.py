@@ -5,6 +5,8 @@ store of the source's kind (`data.logits_store`) and reused while its key holds.
     files    `<stem>-<key>/<split>/`, chunk files written by every process in turn (`LogitsStore`); a killed
              pass resumes at its first missing chunk
 
+`view_logits` is the same pass over every augmented view of the training images (`config.targets`).
+
 The key is a hash of everything the logits depend on: the variables, the model, the compute dtype, the
 source's rows and preprocessing, and the store's dtype.
 """
@@ -92,38 +94,49 @@ def network_logits(
     }, key
 
 
-def chunk_pass(config, predict, variables, source, split, path: str, mesh: Mesh, progress, key: str):
-    """The files kind's pass over one split into the chunk store at `path`: every process writes its chunks,
-    chunks already there are kept (a killed pass resumes)."""
+def chunk_pass(
+    config,
+    predict,
+    variables,
+    source,
+    split,
+    path: str,
+    mesh: Mesh,
+    progress,
+    key: str,
+    *,
+    views: bool = False,
+    settings: dict | None = None,
+    top_k: int = 0,
+):
+    """The files kind's pass over one split (with `views`: over every view of the training split) into the
+    chunk store at `path`: every process writes its chunks, chunks already there are kept (a killed pass
+    resumes); with `top_k` each row is stored as `logits_store.pack_topk` packs it."""
     local = training.local_eval_batch(config.teacher.eval_batch_size, mesh)
     want = config.data.logits_chunk_rows
     chunk_rows = max(local, want - want % local)
     writer = jax.process_index() == 0
+    n = len(split) * (source.views if views else 1)
+    width = 2 * top_k + 1 if top_k else source.num_classes
+    dtype = "float32" if top_k else config.teacher.get("logits_dtype", "float32")  # packed rows hold indices
     try:
-        store = logits_store.LogitsStore.create(
-            path,
-            len(split),
-            source.num_classes,
-            config.teacher.get("logits_dtype", "float32"),
-            chunk_rows,
-            key,
-            writer,
-        )
+        store = logits_store.LogitsStore.create(path, n, width, dtype, chunk_rows, key, writer, settings)
     except ValueError as e:
         raise UserError(str(e)) from e
     training.sync_processes("logits store " + path)
     todo = store.missing_chunks()
     training.sync_processes("logits todo " + path)  # every process listed the chunks before any writes
     if todo:
-        all_chunks = stream.chunks_of(len(split), chunk_rows)
+        all_chunks = stream.chunks_of(n, chunk_rows)
 
         def write(i, chunk):
             skipped = [
-                (str(split.ids[r]), str(reason))
+                (str(split.ids[r % len(split)]), str(reason))
                 for r, reason, ok in zip(chunk["row"], chunk["reason"], chunk["valid"], strict=True)
-                if not ok
+                if not ok and r >= 0
             ]
-            store.write_chunk(todo[i], chunk["logits"], chunk["valid"], chunk["label"], skipped)
+            z = logits_store.pack_topk(chunk["logits"], top_k) if top_k else chunk["logits"]
+            store.write_chunk(todo[i], z, chunk["valid"], chunk["label"], skipped)
 
         training.predict_pass(
             predict,
@@ -135,9 +148,81 @@ def chunk_pass(config, predict, variables, source, split, path: str, mesh: Mesh,
             chunk_rows=chunk_rows,
             on_chunk=write,
             progress=progress,
+            views=views,
         )
     training.sync_processes("logits done " + path)
-    return logits_store.LogitsStore.open(path, len(split), source.num_classes)
+    return logits_store.LogitsStore.open(path, n, width)
+
+
+def view_logits(
+    *, config, source: source_lib.DataSource, variables, model_name: str, stem: str, mesh: Mesh, label: str
+):
+    """(`ViewLogits` of the teacher's logits on every training view, their key): computed once, for every
+    method and seed (`config.targets = "stored"`, and knowledge infusion's table for "online"). Full rows
+    where the data has at most `config.targets_top_k` classes, else each row's top k (`TopKLogits`). Memory
+    kind: `<stem>.npz`, recomputed when its key differs; files: the chunk store `<stem>/`, whose manifest
+    names the settings it was computed for, so that a store of other data, another teacher, another V, another
+    augmentation or another top-k is refused in one line, never reused."""
+    train = source.splits["train"]
+    top_k = config.targets_top_k if source.num_classes > config.targets_top_k else 0
+    settings = {
+        "data": source.fingerprint,
+        "teacher": logits_key(variables, model_name, source, {"train": train}, config),
+        "views": source.views,
+        "augmentation": {
+            "kind": source.kind,
+            "mixup": source.mixup,
+            "seed": source.view_seed,
+            "preprocessing": source.preprocessing,
+        },
+        "top_k": top_k,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    model = models.get_model(model_name, source.num_classes, config.dtype)
+    predict = training.make_predict_fn(model, jnp.dtype(config.dtype))
+    progress = f"{label} ({source.views} views)" if config.progress else None
+    if source.kind == "memory":
+        cached = workdir_lib.read_npz(stem + ".npz")
+        if cached is not None and str(cached.get("key")) == key:
+            z = cached["views"]
+        else:
+            z, _ = training.split_logits(
+                predict,
+                variables,
+                source,
+                train,
+                mesh=mesh,
+                progress=progress,
+                eval_batch_size=config.teacher.eval_batch_size,
+                views=True,
+            )
+            z = logits_store.pack_topk(z, top_k) if top_k else z
+            if jax.process_index() == 0:
+                workdir_lib.write_npz(stem + ".npz", key=np.asarray(key), views=z)
+        store = logits_store.ArrayLogits(z)
+    else:
+        if config.overwrite and os.path.isdir(stem) and jax.process_index() == 0:
+            manifest = workdir_lib.read_json(os.path.join(stem, "manifest.json"))
+            if manifest is not None and manifest.get("key") != key:
+                workdir_lib.keep_aside(stem)
+        training.sync_processes("views " + stem)
+        store = chunk_pass(
+            config,
+            predict,
+            variables,
+            source,
+            train,
+            stem,
+            mesh,
+            progress,
+            key,
+            views=True,
+            settings=settings,
+            top_k=top_k,
+        )
+    if top_k:
+        store = logits_store.TopKLogits(store, source.num_classes, top_k)
+    return logits_store.ViewLogits(store, len(train)), key
 
 
 def array_logits(config, source: source_lib.DataSource, logits: dict, stem: str, key: str) -> dict:

@@ -53,6 +53,24 @@ def _seconds(values) -> str:
     return f"{np.mean(values):.0f}"
 
 
+TARGET_MODES = {
+    "fixed": "the teacher's logits on each un-augmented image",
+    "online": "the teacher run in every step on the view the student sees",
+    "stored": "the teacher's logits on every view, computed once and stored",
+}
+
+
+def targets_sentence(record: dict) -> str:
+    """Which `config.targets` setting the students' targets came from, and the views they trained on."""
+    text = f"Targets: `{record['mode']}`, {TARGET_MODES.get(record['mode'], record['mode'])}"
+    if record.get("augment"):
+        mixup = f", mixup {record['mixup']}" if record.get("mixup") else ""
+        text += f"; students trained on {record['views']} augmented views per image{mixup}"
+    else:
+        text += "; no augmentation (every setting gives the same targets)"
+    return text + "."
+
+
 def results_markdown(results: dict) -> str:
     """The whole report, generated from the results JSON alone."""
     d, t = results["dataset"], results["teacher"]
@@ -67,6 +85,8 @@ def results_markdown(results: dict) -> str:
         "",
         results_table(results),
     ]
+    if results.get("targets"):
+        lines += ["", targets_sentence(results["targets"])]
     if t.get("accuracy"):
         acc = t["accuracy"]
         shown = {s: "not in the logits file" if acc[s] is None else f"{100 * acc[s]:.2f}%" for s in acc}
@@ -215,8 +235,8 @@ def sweep_markdown(results: dict, basename: str) -> str:
 
 
 def headline_table(studies: dict[str, dict], method: str = "DeBKD") -> str:
-    """One row per study (`{name: results}`): the teacher, CE, KD and `method` (test accuracy, mean ± std), the
-    paired differences of `method` against KD and CE (mean and 95% interval, pp), and the best method."""
+    """One row per study (`{name: results}`): the teacher, CE, KD and `method` (test accuracy, mean ± std),
+    the paired differences of `method` against KD and CE (mean and 95% interval, pp), and the best method."""
     rows = []
     for name, results in studies.items():
         rows_by_method = results["methods"]

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from debkd_jax import config_lib, models, native, supervisor
+from debkd_jax import config_checks, models, native, supervisor
 from debkd_jax.errors import UserError
 
 log = logging.getLogger("debkd_jax")
@@ -52,7 +52,7 @@ def initialize_distributed(config) -> None:
     `config.cluster` names the coordinator, the process count and this process's id where JAX does not detect
     them, and the timeouts. On CPU the processes' collectives run over Gloo (TCP).
     """
-    config_lib.validate_cluster(config)
+    config_checks.validate_cluster(config)
     if not config.get("distributed", False) or jax.distributed.is_initialized():
         return
     kwargs = distributed_kwargs(config)

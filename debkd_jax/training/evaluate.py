@@ -62,12 +62,13 @@ def predict_pass(
     chunk_rows: int,
     on_chunk: Callable[[int, dict], None],
     progress: str | None = None,
+    views: bool = False,
 ) -> None:
-    """Eval-mode logits of `split`'s rows in `chunks`: process p handles chunks p, p + P, ... (all processes
-    in lockstep); `on_chunk(chunk index, {'logits' (n, k), 'valid', 'label', 'row', 'reason'})` gets each of
-    this process's chunks whole. `chunk_rows`: the rows of every chunk but the last; a process reads its
-    chunks whole, `local_eval_batch(chunk_rows)` rows a step, and every step's global batch holds those of all
-    processes."""
+    """Eval-mode logits of `split`'s rows in `chunks` (with `views`: of the training views' rows, view-major,
+    `data.source.view_batches`): process p handles chunks p, p + P, ... (all processes in lockstep);
+    `on_chunk(chunk index, {'logits' (n, k), 'valid', 'label', 'row', 'reason'})` gets each of this process's
+    chunks whole. `chunk_rows`: the rows of every chunk but the last; a process reads its chunks whole,
+    `local_eval_batch(chunk_rows)` rows a step, and every step's global batch holds those of all processes."""
     p, n_proc = jax.process_index(), jax.process_count()
     order = stream.EvalOrder.build(chunks, chunk_rows, p, n_proc)
     local = local_eval_batch(chunk_rows, mesh)
@@ -77,7 +78,10 @@ def predict_pass(
     slots = len(order) // chunk_rows
     # Starting worker processes costs seconds: a short pass reads in this process's threads.
     workers = source.workers if len(order) >= MIN_ROWS_FOR_WORKERS else 0
-    it = source_lib.eval_batches(source, split, order, local, workers=workers)
+    if views:
+        it = source_lib.view_batches(source, order, local, workers=workers)
+    else:
+        it = source_lib.eval_batches(source, split, order, local, workers=workers)
     bar = console.progress(range(slots), desc=progress, total=slots, disable=progress is None, unit="chunk")
     try:
         for t in bar:
@@ -109,10 +113,12 @@ def split_logits(
     eval_batch_size: int,
     mesh: Mesh,
     progress: str | None = None,
+    views: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, k) float32, valid (N,) bool) of every row of `split`, on every process (for val/test-sized
-    splits; a pass over a training split of any size writes chunks instead: `predict_pass`)."""
-    n = len(split)
+    """(logits (N, k) float32, valid (N,) bool) of every row of `split` (with `views`: of every training view,
+    V x N rows, view-major), on every process (for data that fits in memory; a pass over data of any size
+    writes chunks instead: `predict_pass`)."""
+    n = len(split) * (source.views if views else 1)
     chunk_rows = eval_chunk_rows(eval_batch_size, n, mesh)
     got: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -129,6 +135,7 @@ def split_logits(
         chunk_rows=chunk_rows,
         on_chunk=keep,
         progress=progress,
+        views=views,
     )
     k = got[0][1].shape[1] if got else 0
     rows = np.concatenate([r for r, _, _ in got]) if got else np.zeros(0, np.int64)

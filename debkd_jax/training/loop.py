@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from debkd_jax import console, workdir_lib
 from debkd_jax.data.batching import make_global_batch
-from debkd_jax.data.source import DataSource, train_batches
+from debkd_jax.data.source import STEP_KEYS, DataSource, train_batches
 from debkd_jax.data.stream import TrainOrder
 from debkd_jax.errors import UserError
 from debkd_jax.training.evaluate import split_accuracy
@@ -68,6 +68,12 @@ def fit(
     `logits`: the training split's teacher logits (a store: `data.logits_store`), whose batch rows go to the
     step as 'teacher_logits'; None for a step that needs none (CE). The batch iterator's position
     (`get_state()`) is saved with every checkpoint and restored with it."""
+    if spec.augment != source.augments_on_device:
+        raise ValueError(
+            f"{name}: the step augments={spec.augment} but the {source.kind} source's batches "
+            f"{'carry' if source.augments_on_device else 'carry no'} view parameters; build both from one "
+            "`augment` (memory kind: `data.memory_source(..., augment=True)`)."
+        )
     train = source.splits["train"]
     n_train = len(train)
     steps_per_epoch = n_train // train_cfg.batch_size
@@ -115,7 +121,7 @@ def fit(
                 )
             log.info("%s: resumed from the checkpoint of epoch %d", name, len(history))
 
-        step_fn = make_train_step(spec, mesh, seed)
+        step_fn = make_train_step(spec, mesh)
         predict = make_predict_fn(spec.model, spec.dtype)
         batch_sharding = NamedSharding(mesh, P("data"))
         writer = MetricWriter(run_dir) if jax.process_index() == 0 else None
@@ -134,7 +140,6 @@ def fit(
                 jax.process_count(),
             )
             batches = train_batches(source, order, seed=seed, logits=logits, state=data_state)
-        keys = ("image", "label", "teacher_logits") if logits is not None else ("image", "label")
 
         epochs = console.progress(
             range(start_epoch, train_cfg.num_epochs),
@@ -157,7 +162,7 @@ def fit(
             )
             for _ in steps:
                 local = next(batches)
-                batch = make_global_batch({k: local[k] for k in keys}, batch_sharding)
+                batch = make_global_batch({k: v for k, v in local.items() if k in STEP_KEYS}, batch_sharding)
                 state, acc = step_fn(state, acc, batch, teacher_vars, infusion)
             acc = jax.device_get(acc)
             if acc["first_nonfinite_step"] != np.iinfo(np.int32).max:

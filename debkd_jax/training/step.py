@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from debkd_jax import data as data_lib
 from debkd_jax import losses, methods, models
+from debkd_jax.data import views as views_lib
 from debkd_jax.training.state import TrainState
 
 
@@ -58,6 +59,7 @@ class StepSpec:
     teacher: nn.Module | None = None
     teacher_taps: tuple[int, ...] = ()
     method_cfg: Any = None
+    online_targets: bool = False  # the targets from the teacher on this batch (config.targets = "online")
 
 
 def build_step_spec(
@@ -74,15 +76,16 @@ def build_step_spec(
     )
 
 
-def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
+def make_train_step(spec: StepSpec, mesh: Mesh) -> Callable:
     """Returns the jitted `step(state, acc, batch, teacher_vars, infusion) -> (state, acc)`.
 
     batch: {'image': uint8 (B, H, W, 3), 'label': int32 (B,), and 'rows': Targets rows (B, ...), or
-    'teacher_logits' (B, k) from which the step builds the method's targets, or neither for CE}, sharded on
-    'data'.
-    teacher_vars / infusion: replicated, used only when the objective runs the teacher online.
+    'teacher_logits' (B, k) from which the step builds the method's targets, or neither for CE; with
+    `spec.augment` also each view's crop (and mixup) parameters, `data.views.view_batch`}, sharded on 'data'.
+    teacher_vars: replicated, used when the objective runs the teacher in the step (FKD's hints, or
+    `spec.online_targets`: the targets from the teacher on this batch's views). infusion: knowledge infusion's
+    table (k, k), replicated.
     """
-    aug_key = jax.random.key(seed)
     objective = spec.objective
 
     def step(state: TrainState, acc, batch, teacher_vars, infusion):
@@ -93,14 +96,14 @@ def make_train_step(spec: StepSpec, mesh: Mesh, seed: int) -> Callable:
             rows = methods.method_targets(spec.method_cfg, batch["teacher_logits"], labels, infusion=infusion)
         else:  # CE needs no targets
             rows = None
-        if spec.augment:
-            images = data_lib.augment(jax.random.fold_in(aug_key, state.step), images)
+        if spec.augment:  # the memory kind's views: crops (and mixes) drawn per (image, view) on the host
+            images = views_lib.apply_views(batch, data_lib.PAD)
         x = data_lib.normalize(images, spec.dtype)
         teacher_feats = ()
         if objective.needs_teacher_online:
             t_logits, t_blocks = spec.teacher.apply(teacher_vars, x, train=False)
             teacher_feats = tuple(jax.lax.stop_gradient(t_blocks[i]) for i in spec.teacher_taps)
-            if spec.method_cfg.online_targets:
+            if spec.online_targets:
                 # Every row, `correct` included, from the teacher on this (augmented) batch, so BTKD's
                 # easy/hard
                 # split matches the rows that were rectified or infused; KI's table is the precomputed one.
