@@ -8,8 +8,8 @@ without knowledge infusion: KD+KI, FKD+KI, DeBKD-noKI). The argument picks the d
     python -m debkd_jax.main --config=configs/paper.py:digits,resnet8,smoke --workdir=/tmp/paper  # minutes
 
 One workdir per student, one teacher per dataset: the first command trains the ResNet-50 teacher, the second
-reuses it through `teacher.checkpoint`. Datasets (`folder:` paths relative to where you run the command, the repository root; set your own
-with `--config.data.source=folder:PATH`):
+reuses it through `teacher.checkpoint`. Datasets (`folder:` paths relative to where you run the command, the
+repository root; set your own with `--config.data.source=folder:PATH`):
 
     dogs_vs_cats       folder:../shared/data/dogs_vs_cats_32   (Kaggle Dogs vs Cats, 25,000 images)
     chihuahua_muffin   folder:data/chihuahua_vs_muffin          (Kaggle Chihuahua vs Muffin, 5,917 images)
@@ -36,6 +36,24 @@ paper's Table 2) and configs/sweep_beta.py (section 4.4.2) -- is hours of GPU ti
 (Nesterov 0.9, weight decay 5e-4), peak learning rate 0.05 at batch 64, one warm-up epoch then cosine decay,
 100 epochs for teacher and students, no augmentation (the paper lists only resizing and normalization).
 Results: workdir/results.md, laid out like the paper's Table 1 (and Table 3 for the +KI / -KI rows).
+
+`gpu` (with either student) is the paper-scale study for an accelerator, the issue on the paper's Table 1:
+
+    python -m results.paper.run_study --out=OUT --seconds=540 --variant=dogs_vs_cats,resnet8,gpu
+    python -m results.paper.run_study --out=/tmp/ps --seconds=300 --variant=dogs_vs_cats,resnet8,gpu,smoke
+
+It adds CE alone and DKD to the six methods (Table 1's KD, FKD, DeBKD and Table 3's KD+KI, FKD+KI,
+DeBKD-noKI), trains in bfloat16, and uses batch 512 (`GPU_BATCH`) for the teacher and the students with the
+peak learning rate scaled linearly from 0.05 at batch 64 to 0.4 (`gpu_learning_rate`), warmed up over 5
+epochs (`GPU_WARMUP_EPOCHS`) instead of 1. Why: the paper gives no batch size, optimizer or schedule. At batch
+64 a ResNet-8 step on a GPU is bound by its launch latency (the 1-seed study of results/gpu/ ran about 7k
+images/s); at 512 it ran 242k images/s in bfloat16 (benchmarks/results/gpu-h200-2026-12-04/), and 17,500
+training images still give 34 steps per epoch, 3,400 in 100 epochs (at 2048 only 8). Scaling the learning
+rate with the batch keeps the update per image of the recipe above (Goyal et al. 2017, "Accurate, large
+minibatch SGD"); their gradual warm-up over 5 epochs stands in for the recipe's 1 epoch, which at 512 would be
+34 steps. Everything else is the paper's setup above: all images, 100 epochs, 3 seeds, no augmentation. With
+`smoke` too: the same flags on tiny models and data (config_lib.smoke: resnet_tiny, 2 epochs, batch 32, 60
+images per class), still 3 seeds: the study's command tested on a CPU. docs/paper.md has the GPU command.
 """
 
 from debkd_jax import config_lib
@@ -48,12 +66,23 @@ DATASETS = {
 }
 STUDENTS = ("resnet18", "resnet8")
 METHODS = ("KD", "KD+KI", "FKD", "FKD+KI", "DeBKD", "DeBKD-noKI")
+# `gpu`: the study's methods, the paper's six plus the student alone and DKD.
+GPU_METHODS = ("CE", *METHODS, "DKD")
 NUM_EPOCHS = 100
+BASE_BATCH, BASE_LEARNING_RATE = 64, 0.05  # config_lib.train_config's recipe
+GPU_BATCH = 512
+GPU_WARMUP_EPOCHS = 5.0
+GPU_EVAL_BATCH = 1024
 
 
-def parse_arg(arg: str | None) -> tuple[str, str, bool]:
-    """'DATASET,STUDENT[,smoke]' (any order, each optional) -> (dataset, student, smoke)."""
-    dataset, student, smoke = "dogs_vs_cats", "resnet18", False
+def gpu_learning_rate(batch_size: int = GPU_BATCH) -> float:
+    """The recipe's peak learning rate scaled linearly to `batch_size`: 0.05 * batch_size / 64 (512: 0.4)."""
+    return BASE_LEARNING_RATE * batch_size / BASE_BATCH
+
+
+def parse_arg(arg: str | None) -> tuple[str, str, bool, bool]:
+    """'DATASET,STUDENT[,gpu][,smoke]' (any order, each optional) -> (dataset, student, smoke, gpu)."""
+    dataset, student, smoke, gpu = "dogs_vs_cats", "resnet18", False, False
     for token in (t.strip() for t in (arg or "").split(",") if t.strip()):
         if token in DATASETS:
             dataset = token
@@ -61,17 +90,22 @@ def parse_arg(arg: str | None) -> tuple[str, str, bool]:
             student = token
         elif token == "smoke":
             smoke = True
+        elif token == "gpu":
+            gpu = True
         else:
             raise ValueError(
-                f"unknown config argument {token!r}: give DATASET,STUDENT[,smoke] with DATASET one of "
+                f"unknown config argument {token!r}: give DATASET,STUDENT[,gpu][,smoke] with DATASET one of "
                 f"{sorted(DATASETS)} and STUDENT one of {STUDENTS}, e.g. paper.py:dogs_vs_cats,resnet8."
             )
-    return dataset, student, smoke
+    return dataset, student, smoke, gpu
 
 
-def paper_config(arg: str | None, method_names=METHODS):
-    """The paper's run config for `arg` (see `parse_arg`); the sweep configs start from it too."""
-    dataset, student, smoke = parse_arg(arg)
+def paper_config(arg: str | None, method_names=None):
+    """The paper's run config for `arg` (see `parse_arg`); the sweep configs start from it too. The methods
+    are `method_names`, by default `METHODS` (`GPU_METHODS` with `gpu`)."""
+    dataset, student, smoke, gpu = parse_arg(arg)
+    if method_names is None:
+        method_names = GPU_METHODS if gpu else METHODS
     config = config_lib.base_config(method_names)
     config.data.source = DATASETS[dataset]
     config.data.augment = False
@@ -79,9 +113,17 @@ def paper_config(arg: str | None, method_names=METHODS):
     config.teacher.update(config_lib.train_config("resnet50", num_epochs=NUM_EPOCHS))
     config.student.update(config_lib.train_config(student, num_epochs=NUM_EPOCHS))
     config.seeds = 3
+    if gpu:
+        config.dtype = "bfloat16"
+        for part in (config.teacher, config.student):
+            part.batch_size = GPU_BATCH
+            part.learning_rate = gpu_learning_rate(GPU_BATCH)
+            part.warmup_epochs = GPU_WARMUP_EPOCHS
+            part.eval_batch_size = GPU_EVAL_BATCH
     if smoke:
         config = config_lib.smoke(config)
-        config.seeds = 2
+        # The study's seed loop is what a smoke run of `gpu` tests: its 3 seeds stay.
+        config.seeds = 3 if gpu else 2
     return config
 
 

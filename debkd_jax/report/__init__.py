@@ -1,9 +1,11 @@
 """What a person reads after a job, for `main` and sweeps alike, generated from the results JSON alone.
 
-    results.py    the results JSON: mean/std over seeds, paired differences, two runs compared, reading it back
+    results.py    the results JSON: mean/std over seeds, paired differences, two runs compared, read back
     markdown.py   the reports and tables (Markdown)
     plots.py      the figures (PNG)
     files.py      writing a report (never over a different older one), `render` from the JSON alone
+    paper.py      a paper study's report: the DeBKD paper's numbers beside the study's own
+    paper_tables.py  the DeBKD paper's Tables 1 and 3, its stated gains and claims, as data
 
 Console progress is `debkd_jax.console`; the per-epoch metric record is `training.MetricWriter`.
 """
@@ -30,6 +32,12 @@ from debkd_jax.report.markdown import (
     sweep_markdown,
     sweep_table,
     verdict,
+)
+from debkd_jax.report.paper import (
+    paper_study,
+    paper_study_markdown,
+    render_paper_study,
+    write_paper_study,
 )
 from debkd_jax.report.plots import (
     plot_comparison,
@@ -61,12 +69,15 @@ __all__ = [
     "metric_cells",
     "paired_differences",
     "paired_table",
+    "paper_study",
+    "paper_study_markdown",
     "plot_comparison",
     "plot_sweep",
     "plot_test_accuracy",
     "plot_val_accuracy",
     "read_results",
     "render",
+    "render_paper_study",
     "results_markdown",
     "results_table",
     "save_figure",
@@ -78,6 +89,7 @@ __all__ = [
     "sweep_table",
     "verdict",
     "write_comparison",
+    "write_paper_study",
     "write_report",
     "write_results",
     "write_skipped_csv",
