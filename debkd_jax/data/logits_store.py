@@ -364,27 +364,26 @@ class ViewLogits:
 
 
 def pack_topk(logits: np.ndarray, k: int) -> np.ndarray:
-    """(n, K) logits -> (n, 2k + 1) float32 rows: the k largest logits rounded to float16, their class
-    indices, and the log-sum-exp of the whole row (docs/method.md, "Stored views": what `unpack_topk` rebuilds
-    from)."""
-    z = np.asarray(logits, np.float32)
-    idx = np.argsort(-z, axis=-1, kind="stable")[:, :k]
+    """(n, K) logits, k < K -> (n, 2k + 1) float32 rows: the k largest logits rounded to float16, their class
+    indices, and the log-sum-exp of the other K - k logits, `log sum_{c not in top} e^{z_c}` (docs/method.md,
+    "Top-k rows": what `unpack_topk` rebuilds from)."""
+    z = np.asarray(logits, np.float64)
+    order = np.argsort(-z, axis=-1, kind="stable")
+    idx, rest = order[:, :k], np.take_along_axis(z, order[:, k:], axis=-1)
     values = np.take_along_axis(z, idx, axis=-1).astype(np.float16).astype(np.float32)
-    m = z.max(axis=-1, keepdims=True)
-    lse = (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))).astype(np.float32)
-    return np.concatenate([values, idx.astype(np.float32), lse], axis=-1)
+    m = rest.max(axis=-1, keepdims=True)
+    rest_lse = (m + np.log(np.sum(np.exp(rest - m), axis=-1, keepdims=True))).astype(np.float32)
+    return np.concatenate([values, idx.astype(np.float32), rest_lse], axis=-1)
 
 
 def unpack_topk(packed: np.ndarray, num_classes: int, k: int) -> np.ndarray:
-    """(n, 2k + 1) -> (n, K) float32 logits: the stored k logits in their classes, and every other class the
-    logit that gives it an equal share of the probability the k leave, `lse + log((1 - sum_top p) / (K - k))`
-    (at least `e^-30` of it), so that softmax(logits) keeps the top-k probabilities exactly and spreads the
-    rest evenly."""
+    """(n, 2k + 1) -> (n, K) float32 logits: the stored k logits in their classes, and every other class an
+    equal share of the others' mass, `rest_lse - log(K - k)`. So softmax(logits) keeps the top-k
+    probabilities (to float16 rounding) and the others' total, spread evenly."""
     packed = np.asarray(packed, np.float32)
-    values, idx, lse = packed[:, :k], packed[:, k : 2 * k].astype(np.int64), packed[:, 2 * k :]
-    top = np.sum(np.exp(values.astype(np.float64) - lse), axis=-1, keepdims=True)
-    rest = np.maximum(1.0 - top, np.exp(-30.0)) / max(num_classes - k, 1)
-    out = np.broadcast_to((lse + np.log(rest)).astype(np.float32), (len(packed), num_classes)).copy()
+    values, idx, rest_lse = packed[:, :k], packed[:, k : 2 * k].astype(np.int64), packed[:, 2 * k :]
+    others = rest_lse - np.float32(np.log(num_classes - k))
+    out = np.broadcast_to(others, (len(packed), num_classes)).copy()
     np.put_along_axis(out, idx, values, axis=-1)
     return out
 
@@ -417,3 +416,23 @@ class TopKLogits(ImageRows):
     @property
     def valid(self) -> np.ndarray:
         return self.store.valid
+
+
+def row_labels(store, labels: np.ndarray) -> np.ndarray:
+    """The label of each row of `store`: the images' labels, repeated for every view of a `ViewLogits`."""
+    if isinstance(store, ViewLogits):
+        return np.tile(labels, store.num_views)
+    return labels
+
+
+def accuracy(store, labels: np.ndarray) -> float:
+    """The share of the readable rows of `store` whose largest logit is their image's label (`labels`, one per
+    image), read chunk by chunk."""
+    labels = row_labels(store, labels)
+    correct = total = 0
+    valid = store.valid
+    for rows, z in store.chunks():
+        ok = valid[rows]
+        correct += int(np.sum((np.argmax(z, -1) == labels[rows]) & ok))
+        total += int(np.sum(ok))
+    return float(correct / max(total, 1))

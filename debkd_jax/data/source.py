@@ -283,16 +283,18 @@ class ArrayEvalBatches:
         rows = self.rows[self.start : self.start + self.local_batch]
         self.start += self.local_batch
         valid = rows >= 0
-        images = self.split.images[np.maximum(rows, 0)]
-        if not valid.all():
-            images = np.where(valid[:, None, None, None], images, 0).astype(np.uint8)
+        images, labels = self.images_and_labels(np.maximum(rows, 0))
+        images[~valid] = 0
         return {
             "image": images,
-            "label": self.split.labels[np.maximum(rows, 0)],
+            "label": labels,
             "row": rows,
             "valid": valid,
             "reason": np.full(len(rows), ""),
         }
+
+    def images_and_labels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.split.images[rows], self.split.labels[rows]
 
 
 def eval_batches(
@@ -306,43 +308,26 @@ def eval_batches(
     return iter(stream.loader(order, read, local_batch, workers=workers))
 
 
-class ArrayViewBatches:
-    """Memory kind: the local batches of a pass over every view (`order`'s rows r: view r // N of image r mod
-    N;
-    -1 pads), each view made exactly as the train step makes it (`views.apply_views`, jitted)."""
+class ArrayViewBatches(ArrayEvalBatches):
+    """Memory kind: the local batches of a pass over every view (`order`'s rows r: view r // N of image
+    r mod N; -1 pads), each view made exactly as the train step makes it (`views.apply_views`, jitted)."""
 
     def __init__(self, source: DataSource, order: stream.EvalOrder, local_batch: int):
-        self.source, self.rows, self.local_batch, self.start = source, order.rows, local_batch, 0
-        self.split = source.splits["train"]
+        super().__init__(source.splits["train"], order, local_batch)
+        self.source = source
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self.start >= len(self.rows):
-            raise StopIteration
-        rows = self.rows[self.start : self.start + self.local_batch]
-        self.start += self.local_batch
-        valid, n = rows >= 0, len(self.split)
-        images_rows, views = np.maximum(rows, 0) % n, np.maximum(rows, 0) // n
+    def images_and_labels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.split)
         batch = views_lib.view_batch(
             lambda r: self.split.images[r],
-            images_rows,
-            views,
+            rows % n,
+            rows // n,
             seed=self.source.view_seed,
             pad=PAD,
             mixup=self.source.mixup,
             num_rows=n,
         )
-        images = np.array(_apply_views(batch))
-        images[~valid] = 0
-        return {
-            "image": images,
-            "label": self.split.labels[images_rows],
-            "row": rows,
-            "valid": valid,
-            "reason": np.full(len(rows), ""),
-        }
+        return np.array(_apply_views(batch)), self.split.labels[rows % n]
 
 
 _apply_views = jax.jit(functools.partial(views_lib.apply_views, pad=PAD))

@@ -8,7 +8,8 @@ import numpy as np
 
 from debkd_jax import methods
 from debkd_jax import targets as targets_lib
-from debkd_jax.pipeline.teacher import infusion_table, row_labels, split_accuracy
+from debkd_jax.data import logits_store
+from debkd_jax.pipeline.teacher import infusion_table
 
 
 def target_diagnostics(method_cfg, store, labels: np.ndarray) -> dict:
@@ -19,7 +20,7 @@ def target_diagnostics(method_cfg, store, labels: np.ndarray) -> dict:
     infusion = None
     if "knowledge_infusion" in tuple(method_cfg.transforms):
         infusion = infusion_table(store, labels, method_cfg.ki_mode)
-    labels = row_labels(store, labels)
+    labels = logits_store.row_labels(store, labels)
     valid = store.valid
     wrong = changed = width = 0.0
     count = 0
@@ -50,7 +51,7 @@ def run_diagnostics(config, source, teacher, targets=None) -> dict:
     images', or every view's)."""
     labels = {split: source.splits[split].labels for split in ("train", "val", "test")}
     accuracy = {
-        split: split_accuracy(teacher.logits[split], labels[split])
+        split: logits_store.accuracy(teacher.logits[split], labels[split])
         if teacher.logits[split] is not None
         else None
         for split in ("train", "val", "test")

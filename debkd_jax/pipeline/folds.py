@@ -92,7 +92,7 @@ def out_of_fold_logits(config, source: source_lib.DataSource, teacher_dir: str, 
         store = stores["heldout"]
         parts.append(store)
         keys.append(key)
-        accuracy = _accuracy(store, train.labels[held])
+        accuracy = logits_store.accuracy(store, train.labels[held])
         done.append(
             {
                 "fold": k,
@@ -119,12 +119,3 @@ def out_of_fold_logits(config, source: source_lib.DataSource, teacher_dir: str, 
     }
     return composed, "-".join(keys), info
 
-
-def _accuracy(store, labels: np.ndarray) -> float:
-    correct = total = 0
-    valid = store.valid
-    for rows, z in store.chunks():
-        ok = valid[rows]
-        correct += int(np.sum((np.argmax(z, -1) == labels[rows]) & ok))
-        total += int(np.sum(ok))
-    return float(correct / max(total, 1))

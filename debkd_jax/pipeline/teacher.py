@@ -99,7 +99,7 @@ def get_teacher(
     record_unreadable(stores, source)
     if config.teacher.get("folds", 1) > 1:
         train, oof_key, info = out_of_fold_logits(config, source, teacher_dir, mesh)
-        info["train_accuracy_own"] = split_accuracy(stores["train"], source.splits["train"].labels)
+        info["train_accuracy_own"] = logits_store.accuracy(stores["train"], source.splits["train"].labels)
         stores, key, meta = {**stores, "train": train}, f"{key}-{oof_key}", {**meta, "out_of_fold": info}
     return Teacher(variables, meta, stores, _key(stores, key))
 
@@ -145,13 +145,6 @@ def student_targets(
     return StudentTargets(mode, teacher.logits["train"], teacher.key)
 
 
-def row_labels(store, labels: np.ndarray) -> np.ndarray:
-    """The label of each row of `store`: the images' labels, repeated for every view of a `ViewLogits`."""
-    if isinstance(store, logits_store.ViewLogits):
-        return np.tile(labels, store.num_views)
-    return labels
-
-
 def _key(stores: dict, key: str) -> str:
     """The fingerprint of the logits themselves where they are in memory (small data), else the pass's key."""
     present = [stores[s] for s in SPLITS if stores.get(s) is not None]
@@ -180,24 +173,12 @@ def unreadable_files(teacher: Teacher) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def split_accuracy(store, labels: np.ndarray) -> float:
-    """The share of readable rows whose largest logit is the label's, read chunk by chunk."""
-    labels = row_labels(store, labels)
-    correct = total = 0
-    valid = store.valid
-    for rows, z in store.chunks():
-        ok = valid[rows]
-        correct += int(np.sum((np.argmax(z, -1) == labels[rows]) & ok))
-        total += int(np.sum(ok))
-    return float(correct / max(total, 1))
-
-
 def infusion_table(store, labels: np.ndarray, mode: str) -> np.ndarray:
     """`targets.infusion_table` of a whole split, read chunk by chunk: each chunk's table weighted by its
     teacher-correct rows (per row c by its correct rows of label c), which is the whole split's table since
     each entry is a mean over the correct rows. One chunk (logits in memory): its table as it is. Over views
     (`ViewLogits`) a view the teacher gets wrong receives its label's mean over the correct views."""
-    labels = row_labels(store, labels)
+    labels = logits_store.row_labels(store, labels)
     valid = store.valid
     in_memory = isinstance(store, logits_store.ArrayLogits) or (
         isinstance(store, logits_store.ViewLogits) and isinstance(store.store, logits_store.ArrayLogits)
