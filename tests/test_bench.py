@@ -293,3 +293,19 @@ def test_fresh_pairs_rotate_the_order_and_divide_the_peer_time_by_each_arm():
     assert "median **3.00x**" in md and "2 threads over 1 thread: 2.00x" in md
     # A side that gains 1.5x in every other round: ratios r*1.5, r/1.5, ... -> geometric mean r.
     assert fresh_pairs.geometric_mean([2 * 1.5, 2 / 1.5, 2 * 1.5, 2 / 1.5]) == pytest.approx(2.0)
+
+
+def test_the_targets_benchmark_counts_store_bytes_and_its_top_k_error_shrinks_with_k():
+    from benchmarks import targets
+
+    im = targets.imagenet_store(top_k=100, views=100)
+    assert im["bytes_per_view"] == {"top_k": 4 * (2 * 100 + 1), "whole": 4 * 1000}
+    assert im["bytes"]["top_k"] == 804 * 100 * targets.IMAGENET_TRAIN_IMAGES
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200).astype(np.int32)
+    logits = (rng.normal(size=(200, 10)) * 3).astype(np.float32)
+    logits[np.arange(200), labels] += 4
+    rows = targets.topk_error(logits, labels, [1, 5, 9])
+    errors = [r["KD"]["max_abs_soft_label_error"] for r in rows]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3  # k = K - 1: the float16 rounding alone
+    assert rows[0]["DeBKD"]["rows_whose_region_moves"] > rows[2]["DeBKD"]["rows_whose_region_moves"]
