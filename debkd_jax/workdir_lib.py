@@ -17,6 +17,7 @@ import re
 import socket
 import tempfile
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -252,15 +253,23 @@ def check_teacher_matches(saved: dict, wanted: dict, where: str) -> None:
 
 
 def claim_run_dir(
-    run_dir: str, identity: dict, what: str, writer: bool = True, replace: bool = False
+    run_dir: str,
+    identity: dict,
+    what: str,
+    writer: bool = True,
+    replace: bool = False,
+    upgrade: Callable[[dict], dict] | None = None,
 ) -> None:
     """Records what decides a run's result in `run_dir/run.json` and refuses to resume or reuse a run folder
     whose checkpoints or results come from different settings. With `replace`, such a folder is set aside
     (renamed `<run_dir>.<time>`, never deleted) and the run starts afresh. A folder with nothing saved yet
-    (say a run that diverged in its first epoch) simply takes the new settings."""
+    (say a run that diverged in its first epoch) simply takes the new settings. `upgrade` reads an identity
+    recorded by an older version in today's terms (the file itself is left as it is)."""
     path = os.path.join(run_dir, "run.json")
     identity = json.loads(json.dumps(identity, default=_json_default))
     saved = read_json(path)
+    if saved is not None and upgrade is not None:
+        saved = upgrade(saved)
     if saved is not None and saved != identity and _holds_work(run_dir):
         if not replace:
             old, new = _flatten(saved), _flatten(identity)

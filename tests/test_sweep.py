@@ -211,6 +211,27 @@ def test_a_point_folder_is_found_by_its_identity_whatever_its_name(tmp_path):
     )
 
 
+def test_runs_recorded_before_config_targets_are_reused_as_fixed_or_online(tmp_path):
+    """A run recorded with the method field `online_targets` (before `config.targets`) is the same run as
+    today's identity without it (False: "fixed") or with `targets="online"` (True), and no other."""
+    from debkd_jax import workdir_lib
+
+    identity = {"method": {"beta": 0.2}, "seed": 0}
+    old = tmp_path / "beta_0.2-seed0-0ldkey00"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"method": {"beta": 0.2, "online_targets": False}, "seed": 0}))
+    (old / "result.json").write_text("{}")
+    assert pipeline.run_folder(str(tmp_path), "beta_0.2-seed0", identity) == str(old)
+    workdir_lib.claim_run_dir(str(old), identity, "a student", upgrade=pipeline.recorded_student)
+    assert "online_targets" in (old / "run.json").read_text()  # the record is left as it was
+    with pytest.raises(UserError, match="targets: '\\(none\\)' -> 'online'"):
+        workdir_lib.claim_run_dir(
+            str(old), {**identity, "targets": "online"}, "a student", upgrade=pipeline.recorded_student
+        )
+    online = {"method": {"beta": 0.2, "online_targets": True}, "seed": 0}
+    assert pipeline.recorded_student(online) == {**identity, "targets": "online"}
+
+
 @pytest.mark.timeout(300)
 def test_sweep_with_out_of_fold_targets(tmp_path):
     """teacher.folds=2 in a sweep: the fold teachers train once, and every point learns from their logits."""

@@ -20,6 +20,7 @@ from debkd_jax.pipeline.folds import check_folds, out_of_fold_logits
 from debkd_jax.pipeline.identity import (
     fingerprint,
     identity_key,
+    recorded_student,
     run_folder,
     student_identity,
     teacher_identity,
@@ -79,6 +80,7 @@ __all__ = [
     "run_folder",
     "run_meta",
     "save_student",
+    "recorded_student",
     "student_identity",
     "student_step_spec",
     "student_targets",

@@ -75,6 +75,18 @@ def student_identity(*, config, method_cfg, seed: int, source, teacher, targets=
     return identity
 
 
+def recorded_student(saved: dict) -> dict:
+    """A student identity recorded before `config.targets`, in today's terms: the method field
+    `online_targets` (False: the precomputed rows, today's "fixed"; True: "online") becomes `targets`."""
+    method = saved.get("method")
+    if not isinstance(method, dict) or "online_targets" not in method:
+        return saved
+    upgraded = {**saved, "method": {k: v for k, v in method.items() if k != "online_targets"}}
+    if method["online_targets"]:
+        upgraded["targets"] = "online"
+    return upgraded
+
+
 def view_fields(config) -> dict:
     """With augmentation, the views every model trains on (`data.views`, `data.mixup`): what decides them
     beyond the data and the seed. Nothing without augmentation, so that runs recorded before views are still
@@ -103,6 +115,7 @@ def run_folder(parent: str, stem: str, identity: dict) -> str:
     for name in names:
         key = name[len(prefix) :]
         if name.startswith(prefix) and "-" not in key and "." not in key:
-            if workdir_lib.read_json(os.path.join(parent, name, "run.json")) == wanted:
+            recorded = workdir_lib.read_json(os.path.join(parent, name, "run.json"))
+            if recorded is not None and recorded_student(recorded) == wanted:
                 return os.path.join(parent, name)
     return os.path.join(parent, f"{prefix}{identity_key(identity)}")

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from debkd_jax import losses, methods, metrics, models, training, workdir_lib
 from debkd_jax.data import source as source_lib
-from debkd_jax.pipeline.identity import student_identity
+from debkd_jax.pipeline.identity import recorded_student, student_identity
 from debkd_jax.pipeline.teacher import StudentTargets, Teacher, infusion_table
 
 log = logging.getLogger("debkd_jax")
@@ -107,7 +107,9 @@ def claim_run(*, run_dir: str, identity: dict, method_name: str, seed: int, over
         if writer:
             moved = workdir_lib.keep_aside(run_dir)
             log.info("%s (seed %d): overwrite=True, the previous run is kept in %s", method_name, seed, moved)
-    workdir_lib.claim_run_dir(run_dir, identity, f"a {method_name} student (seed {seed})", writer)
+    workdir_lib.claim_run_dir(
+        run_dir, identity, f"a {method_name} student (seed {seed})", writer, upgrade=recorded_student
+    )
     training.sync_processes("claim " + run_dir)
     done = workdir_lib.read_json(os.path.join(run_dir, "result.json"))
     if done is not None:
