@@ -103,8 +103,8 @@ _SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkser
 @pytest.fixture(scope="module", autouse=True)
 def no_child_process_outlives_its_module():
     """Every child process a test module started has ended when the module ends: a leftover one is killed
-    (its whole group) and the module errors, naming it. (A child started through `debkd_jax.processes` also dies
-    with the test process itself, e.g. when pytest-timeout ends a worker.)"""
+    (its whole group) and the module errors, naming it. (A child started through `debkd_jax.processes` also
+    dies with the test process itself, e.g. when pytest-timeout ends a worker.)"""
     before = set(processes.descendants())
     yield
     deadline = time.monotonic() + 5

@@ -1,5 +1,5 @@
-"""Checkpoints: orbax keeps the newest (to resume) and the best on validation accuracy (earliest of equal ones),
-and `fit` returns the best epoch's variables from them, also after an interrupted and resumed run."""
+"""Checkpoints: orbax keeps the newest (to resume) and the best on validation accuracy (earliest of equal
+ones), and `fit` returns the best epoch's variables from them, also after an interrupted and resumed run."""
 
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ SHAPES_FLAGS = (
     "--config.student.learning_rate=0.2",
 )
 
-# A slice of the real photos that the tiny models learn from in a few epochs, in 30-50 s on 2 shared CPU cores.
+# A slice of the real photos that the tiny models learn from in a few epochs, in 30-50 s on 2 shared CPU
+# cores.
 # Measured test accuracy on its 400 test photos (chance 50%, one standard error 2.5 points), teacher / CE / KD
 # / DeBKD: seed 0 (the test's) 59.0 / 59.0 / 58.0 / 59.75%, seed 1 61.25 / 61.25 / 61.5 / 61.5%, seed 2
 # 63.5 / 63.5 / 61.5 / 64.75%; best val accuracy (200 photos) 63.5-65% at seed 0.

@@ -431,7 +431,7 @@ def test_dynamic_weight():
 
 
 def test_dynamic_weight_is_optax_cosine_decay():
-    """`cos^2(pi/2 * e / E) = (1 + cos(pi * e / E)) / 2`: the spec's form equals optax's cosine decay over E."""
+    """`cos^2(pi/2 * e / E) = (1 + cos(pi * e / E)) / 2`: the spec's form is optax's cosine decay over E."""
     for E in (1, 3, 15, 50, 240):
         e = np.arange(E + 1, dtype=np.float32)
         spec_form = np.cos(np.pi / 2 * e.astype(np.float64) / E) ** 2

@@ -41,8 +41,8 @@ from test_cli import (
 )
 
 from debkd_jax import cli, config_lib, training
-from debkd_jax.processes import popen
 from debkd_jax.errors import UserError
+from debkd_jax.processes import popen
 
 # The embedded digits (1,797 images, "0-4" vs "5-9") at their native 8x8, tiny ResNets, a global batch of 64,
 # 4 epochs: measured test accuracy of the teacher / DeBKD student (359 test images, chance 50%) 91.6 / 90.8%
@@ -347,12 +347,12 @@ def wait_for_checkpoint_after(folder: pathlib.Path, epoch: int, job: Job, timeou
 def test_killed_processes_end_the_other_in_one_line_and_relaunches_resume_to_the_uninterrupted_run(
     uninterrupted, cache_dir, config_file, tmp_path
 ):
-    """Process 0 (the coordinator) and process 1 SIGKILLed in turn, at a moment drawn just after a checkpoint
-    commit, during the teacher and then during the student, all in one workdir. Each time the survivor ends
-    in one line (what happened, the fix), status 2, well within the heartbeat timeout, whether a failed
-    collective told it first or JAX's coordination client aborted it (the launcher turns that into the line:
-    debkd_jax/supervisor.py). Every later launch resumes from the last committed checkpoint, and a last
-    launch finishes with the uninterrupted run's histories and results."""
+    """Process 0 (the coordinator) SIGKILLed during the teacher and process 1 during the student (with
+    DEBKD_FAULT_REPEATS, each during each), at a moment drawn just after a checkpoint commit, all in one
+    workdir. Each time the survivor ends in one line (what happened, the fix), status 2, well within the
+    heartbeat timeout, whether a failed collective told it first or JAX's coordination client aborted it (the
+    launcher turns that into the line: debkd_jax/supervisor.py). Every later launch resumes from the last
+    committed checkpoint, and a last launch finishes with the uninterrupted run's histories and results."""
     workdir = tmp_path / "run"
     flags = [f"--config.cluster.heartbeat_timeout={KILL_HEARTBEAT_TIMEOUT}"]
     reference = uninterrupted["two processes"].workdir
@@ -366,8 +366,11 @@ def test_killed_processes_end_the_other_in_one_line_and_relaunches_resume_to_the
         workdir / "teacher" / "checkpoints",
         workdir / "students" / "DeBKD-seed0" / "checkpoints",
     )
-    schedule = [(victim, "teacher") for _ in range(REPEATS) for victim in (0, 1)]
-    schedule += [(victim, "student") for _ in range(REPEATS) for victim in (0, 1)]
+    if REPEATS == 1:  # a suite run kills each process once: the coordinator in the teacher, the other after
+        schedule = [(0, "teacher"), (1, "student")]
+    else:  # each process in each phase, REPEATS times
+        schedule = [(victim, "teacher") for _ in range(REPEATS) for victim in (0, 1)]
+        schedule += [(victim, "student") for _ in range(REPEATS) for victim in (0, 1)]
     rng = random.Random(0)
     outcomes = []
     for launch_index, (victim, phase) in enumerate(schedule):

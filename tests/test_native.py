@@ -116,7 +116,7 @@ def test_stride_and_padding_cases_match_xla(x_shape, w_shape, strides, padding):
 
 
 def first_cpus(count: int) -> str | None:
-    """The first `count` CPUs this process may use, as taskset's list ('0,1'), or None where there are fewer."""
+    """The first `count` CPUs this process may use, as taskset's list ('0,1'), or None where fewer."""
     allowed = sorted(os.sched_getaffinity(0))
     return ",".join(map(str, allowed[:count])) if len(allowed) >= count else None
 
