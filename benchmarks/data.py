@@ -5,8 +5,8 @@
 Standalone it writes `BENCHMARKS_DATA.md` and `benchmarks_data.json` into `--out`; as the `data` section of
 `python -m benchmarks` it goes into BENCHMARKS.md. Batches are delivered on the path `fit` uses (the memory
 kind's iterator: the seeded order, one host gather of images, labels and teacher-logit rows, then
-`make_global_batch` onto the mesh) and the DeBKD train step of a student (ResNet-8 by default), its targets built
-in the step, runs on those batches.
+`make_global_batch` onto the mesh) and the DeBKD train step of a student (ResNet-8 by default), its targets
+built in the step, runs on those batches.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def train_batches(source, logits, batch_size: int, mesh, *, epochs: int = 1):
     sharding = NamedSharding(mesh, P("data"))
     order = stream.TrainOrder(len(source.splits["train"]), batch_size, 0, epochs)
     for local in data_lib.source.train_batches(source, order, seed=0, logits=logits):
-        yield data_lib.make_global_batch({k: local[k] for k in ("image", "label", "teacher_logits")}, sharding)
+        batch = {k: local[k] for k in ("image", "label", "teacher_logits")}
+        yield data_lib.make_global_batch(batch, sharding)
 
 
 def deliver_batches(source, logits, batch_size: int, mesh, *, limit: int | None = None) -> int:
@@ -82,8 +83,8 @@ def step_images_per_s(source, logits, method_cfg, model: str, batch_size: int, s
         (source.image_size, source.image_size, 3),
     )
     state, acc = jax.device_put(state, replicated), jax.device_put(training.zero_metrics(), replicated)
-    infusion = jax.device_put(pipeline.infusion_table(logits, source.splits["train"].labels, method_cfg.ki_mode),
-                              replicated)
+    ki_table = pipeline.infusion_table(logits, source.splits["train"].labels, method_cfg.ki_mode)
+    infusion = jax.device_put(ki_table, replicated)
     step = training.make_train_step(spec, mesh)
     batches = list(itertools.islice(train_batches(source, logits, batch_size, mesh), steps + 2))
     for b in batches[:2]:

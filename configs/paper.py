@@ -2,9 +2,10 @@
 32x32 images, 70/10/20 split, 3 seeds; the methods of its Table 1 (KD, FKD, DeBKD) and Table 3 (each with and
 without knowledge infusion: KD+KI, FKD+KI, DeBKD-noKI). The argument picks the dataset and the student:
 
-    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet18 --workdir=runs/paper/dogs-resnet18
-    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet8 --workdir=runs/paper/dogs-resnet8 \
-        --config.teacher.checkpoint=runs/paper/dogs-resnet18/teacher
+    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet18 \
+        --workdir=runs/paper/dogs-resnet18
+    python -m debkd_jax.main --config=configs/paper.py:dogs_vs_cats,resnet8 \
+        --workdir=runs/paper/dogs-resnet8 --config.teacher.checkpoint=runs/paper/dogs-resnet18/teacher
     python -m debkd_jax.main --config=configs/paper.py:digits,resnet8,smoke --workdir=/tmp/paper  # minutes
 
 One workdir per student, one teacher per dataset: the first command trains the ResNet-50 teacher, the second

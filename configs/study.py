@@ -19,16 +19,18 @@ students' targets on the training images then come from K fold teachers (out-of-
     python -m debkd_jax.main --config=configs/study.py:digits10 --workdir=runs/study/digits10
     python -m debkd_jax.main --config=configs/study.py:dogs_vs_cats,paper,resnet18 --workdir=runs/paper-study
     python -m debkd_jax.main --config=configs/study.py:digits,smoke --workdir=/tmp/study   # a minute
-    python -m debkd_jax.main --config=configs/study.py:dogs_vs_cats,folds3 --workdir=runs/study/dogs_vs_cats_folds3 \
-        --config.teacher.checkpoint=runs/study/dogs_vs_cats/teacher   # optional: reuses the folds=1 study's teacher
+    # the last flag is optional: it reuses the folds=1 study's teacher
+    python -m debkd_jax.main --config=configs/study.py:dogs_vs_cats,folds3 \
+        --workdir=runs/study/dogs_vs_cats_folds3 --config.teacher.checkpoint=runs/study/dogs_vs_cats/teacher
 
 Any `--config.data.source=folder:PATH` (or `tfds:NAME`) replaces the dataset's source.
 
 CPU scale (the default; about an hour on 2 CPU cores for Dogs vs Cats): a seeded, class-balanced subset of
 2,860 images per class for image folders (4,004 train / 572 val / 1,144 test), all 1,797 digits; a ResNet8x4
-teacher and ResNet8 students, 8 and 10 epochs on image folders, 12 and 15 on the binary digits, 12 and 8 on the
-10-class digits; 3 seeds; DKD's warm-up shortened to 2 epochs (mdistiller ramps over 20 of 240 epochs). Paper scale (an accelerator): all images, ResNet-50 teacher and ResNet-18 or ResNet-8
-students, 100 epochs each, DKD's warm-up 20 epochs; add `--config.dtype=bfloat16` on GPU/TPU.
+teacher and ResNet8 students, 8 and 10 epochs on image folders, 12 and 15 on the binary digits, 12 and 8 on
+the 10-class digits; 3 seeds; DKD's warm-up shortened to 2 epochs (mdistiller ramps over 20 of 240 epochs).
+Paper scale (an accelerator): all images, ResNet-50 teacher and ResNet-18 or ResNet-8 students, 100 epochs
+each, DKD's warm-up 20 epochs; add `--config.dtype=bfloat16` on GPU/TPU.
 
 The report (workdir/results.md, .json, .png) is described in docs/study.md.
 """
@@ -41,8 +43,9 @@ DATASETS = {
     "digits": dict(source="digits", digits_classes=2),
     "digits10": dict(source="digits", digits_classes=10),
 }
-# CPU scale, per dataset: (teacher epochs, student epochs). Image folders cost 3.2x the digits per epoch (4,004
-# vs 1,257 training images), so they get fewer epochs to fit the hour; the 10-class digits' students get 8.
+# CPU scale, per dataset: (teacher epochs, student epochs). Image folders cost 3.2x the digits per epoch
+# (4,004 vs 1,257 training images), so they get fewer epochs to fit the hour; the 10-class digits' students
+# get 8.
 CPU_EPOCHS = {"dogs_vs_cats": (8, 10), "digits": (12, 15), "digits10": (12, 8)}
 SCALES = ("cpu", "paper")
 STUDENTS = ("resnet8", "resnet18")
@@ -65,8 +68,9 @@ def get_config(arg: str | None = None):
             smoke = True
         else:
             raise ValueError(
-                f"unknown config argument {token!r}: give DATASET[,SCALE][,STUDENT][,foldsK][,smoke] with DATASET "
-                f"one of {sorted(DATASETS)}, SCALE one of {SCALES}, STUDENT one of {STUDENTS}, K >= 2."
+                f"unknown config argument {token!r}: give DATASET[,SCALE][,STUDENT][,foldsK][,smoke] "
+                f"with DATASET one of {sorted(DATASETS)}, SCALE one of {SCALES}, STUDENT one of {STUDENTS}, "
+                "K >= 2."
             )
     config = config_lib.base_config(METHODS)
     config.seeds = 3

@@ -2,4 +2,5 @@
 
 
 class UserError(ValueError):
-    """Bad input or a state of the workdir that the user must fix; the message names the problem and the fix."""
+    """Bad input or a state of the workdir that the user must fix; the message names the problem and the
+    fix."""

@@ -1,7 +1,7 @@
 """Distillation losses: pure, jittable, vmappable and differentiable functions of arrays.
 
-Shapes: student logits `s` (B, k), teacher logits `z` (B, k), integer labels `y` (B,), region bounds `lo`, `hi`
-(B, k). Scalar losses are batch means; `KL(t || p) = sum_j t_j (log t_j - log p_j)` with `0 log 0 = 0`;
+Shapes: student logits `s` (B, k), teacher logits `z` (B, k), integer labels `y` (B,), region bounds `lo`,
+`hi` (B, k). Scalar losses are batch means; `KL(t || p) = sum_j t_j (log t_j - log p_j)` with `0 log 0 = 0`;
 `CE(s, y) = -log softmax(s)[y]`. Hyperparameters are keyword-only; the string options are static under jit,
 the numeric ones may be traced (a per-epoch schedule does not recompile). See docs/method.md §5-9.
 """
@@ -29,7 +29,9 @@ def _check_batch(student_logits, labels=None, **others) -> None:
         if jnp.shape(labels) != shape[:1]:
             raise ValueError(f"labels must have shape (B,) = ({shape[0]},), got {jnp.shape(labels)}.")
         if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-            raise ValueError(f"labels must be integers in [0, {shape[1]}), got dtype {jnp.result_type(labels)}.")
+            raise ValueError(
+                f"labels must be integers in [0, {shape[1]}), got dtype {jnp.result_type(labels)}."
+            )
     for name, other in others.items():
         if jnp.shape(other) != shape:
             raise ValueError(f"{name} must have the shape of student_logits {shape}, got {jnp.shape(other)}.")
@@ -42,8 +44,10 @@ def cross_entropy(logits, labels) -> jax.Array:
     so no (B, k) log-softmax is materialized. The checks here name the argument.
     """
     if jnp.shape(labels) != jnp.shape(logits)[:-1]:
-        raise ValueError(f"labels must have shape {jnp.shape(logits)[:-1]} to match logits {jnp.shape(logits)}, "
-                         f"got {jnp.shape(labels)}.")
+        raise ValueError(
+            f"labels must have shape {jnp.shape(logits)[:-1]} to match logits {jnp.shape(logits)}, "
+            f"got {jnp.shape(labels)}."
+        )
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
     s = jnp.asarray(logits, jnp.float32)
@@ -146,7 +150,8 @@ def debiased_kl(student_logits, lo, hi, *, temperature=4.0) -> jax.Array:
     t = jnp.where(inside[..., None], p, box_projection(p, lo, hi))
     # `sum_j t_j (log t_j - log p_j)` with `0 log 0 = 0`; t has no gradient, so log 0 is never differentiated.
     kl = optax.losses.kl_divergence(log_p, t)
-    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient (p - t) / T.
+    # Rounding can leave a hair below 0 just outside the region: clamp the value, keep the gradient
+    # (p - t) / T.
     kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
     return jnp.where(inside, 0.0, kl)
 
@@ -201,7 +206,7 @@ def hint_loss(student_features: Sequence[jax.Array], teacher_features: Sequence[
             f"{len(student_features)} and {len(teacher_features)}."
         )
     total = jnp.float32(0.0)
-    for layer, (s, t) in enumerate(zip(student_features, teacher_features)):
+    for layer, (s, t) in enumerate(zip(student_features, teacher_features, strict=True)):
         if s.shape != t.shape:
             raise ValueError(
                 f"hint_loss layer {layer}: student feature {s.shape} != teacher feature {t.shape}; "
@@ -256,9 +261,10 @@ def btkd_loss(
 ) -> jax.Array:
     """BTKD (docs/method.md §9): `lam * CE + (1 - lam) * (b * L_easy + (1 - b) * L_hard)`, `b = easy_weight`.
 
-    `L_easy`: mean over teacher-correct samples of `T^2 KL(softmax(z/T) || p)`; `L_hard`: mean over the wrong ones
-    against rectified logits (`rectify_logits(z, y, rectify)`, or `z` as given when `rectify is None`, i.e. the
-    caller rectified already and passes the raw-logit `teacher_correct` mask). An empty subset contributes 0.
+    `L_easy`: mean over teacher-correct samples of `T^2 KL(softmax(z/T) || p)`; `L_hard`: mean over the wrong
+    ones against rectified logits (`rectify_logits(z, y, rectify)`, or `z` as given when `rectify is None`,
+    i.e. the caller rectified already and passes the raw-logit `teacher_correct` mask). An empty subset
+    contributes 0.
     (B, k), (B, k), (B,) -> scalar.
     """
     _check_batch(student_logits, labels, teacher_logits=teacher_logits)

@@ -3,8 +3,8 @@
 Every function takes NumPy or jnp arrays, is jittable (string options static) and vmappable, and has no Python
 loop over samples. Shapes: teacher logits `Z` (N, k), integer labels `y` (N,).
 
-The composition a method uses is `build_targets`, which returns a `Targets` pytree of per-sample arrays that the
-student's train step gathers rows from. See docs/method.md §2-4 and §9.2.
+The composition a method uses is `build_targets`, which returns a `Targets` pytree of per-sample arrays that
+the student's train step gathers rows from. See docs/method.md §2-4 and §9.2.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def infusion_table(teacher_logits, labels, mode: str = "pooled") -> jax.Array:
 
     `pooled`: row c is `zF` everywhere and `zC` at c, with `zC = mean_i Z[i, y_i]` and
     `zF = mean_i mean_{j != y_i} Z[i, j]` over the teacher-correct samples (DeBKD's `[z_C, z_F]` for k = 2).
-    `per_class`: row c is the mean logit vector of the correct samples of label c; `pooled` where there is none.
+    `per_class`: row c is the mean logit vector of the correct samples of label c; `pooled` where there is
+    none.
     (N, k), (N,) -> (k, k).
     """
     _check_option(mode, INFUSION_MODES, "mode")

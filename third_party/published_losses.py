@@ -1,14 +1,15 @@
 """Writes tests/fixtures/published_losses.npz: losses and their gradients computed once by published code.
 
     pip install --no-deps torchdistill==1.1.5   # its losses need only torch (>= 2.12); --no-deps keeps the
-                                                # installed torch instead of pulling a newer one with torchvision
+                                                # installed torch instead of pulling a newer one
+                                                # with torchvision
     python -m third_party.published_losses      # from the repository root
 
 Published implementations installable from the registry, run on fixed inputs (seeded NumPy draws, float64):
 - KD (Hinton et al. 2015): torchdistill's `KDLoss` (`torchdistill.losses.mid_level`), which computes
   `a * CE + (1 - a) * T^2 * KL` with `reduction='batchmean'`; debkd_jax's `kd_loss(alpha=...)` weights the KL
-  term by `alpha`, so `a = 1 - alpha`. (With `a = 0` torchdistill returns the bare KL, without `T^2`; the cases
-  keep `a > 0`.)
+  term by `alpha`, so `a = 1 - alpha`. (With `a = 0` torchdistill returns the bare KL, without `T^2`; the
+  cases keep `a > 0`.)
 - FitNets hints: torchdistill's `WeightedSumLoss` over one `SimpleLossWrapper(MSELoss)` term per tapped block
   (student output vs teacher output, weight 1), as torchdistill's FitNets configs build it.
 
@@ -89,7 +90,9 @@ def hint_case(rng: np.random.Generator, shapes):
     s = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in student]
     io_dict = {
         "student": {f"block{i}": {"output": x} for i, x in enumerate(s)},
-        "teacher": {f"block{i}": {"output": torch.tensor(x, dtype=torch.float64)} for i, x in enumerate(teacher)},
+        "teacher": {
+            f"block{i}": {"output": torch.tensor(x, dtype=torch.float64)} for i, x in enumerate(teacher)
+        },
     }
     loss = loss_fn(io_dict, {}, None)
     grads = torch.autograd.grad(loss, s)
@@ -121,7 +124,9 @@ def main() -> None:
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT, **arrays)
-    print(f"wrote {OUT.relative_to(OUT.parents[2])}: {len(cases['kd'])} KD and {len(cases['hint'])} hint cases")
+    print(
+        f"wrote {OUT.relative_to(OUT.parents[2])}: {len(cases['kd'])} KD and {len(cases['hint'])} hint cases"
+    )
 
 
 if __name__ == "__main__":

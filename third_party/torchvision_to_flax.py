@@ -19,9 +19,9 @@ params scale/bias + batch_stats mean/var):
 
 Inputs: pretrained torchvision weights expect `(x / 255 - mean) / std` with ImageNet's mean and std, while
 debkd_jax feeds every model `(x / 255 - 0.5) / 0.5`. The `torchvision_resnet*` presets (what the command line
-prints by default) map the one to the other inside the model, so a converted pretrained teacher sees the inputs
-it was trained on; `--inputs=project` names the `imagenet_resnet*` preset instead, for weights trained on the
-project's inputs.
+prints by default) map the one to the other inside the model, so a converted pretrained teacher sees the
+inputs it was trained on; `--inputs=project` names the `imagenet_resnet*` preset instead, for weights trained
+on the project's inputs.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarra
     counts = np.unique(labels, return_counts=True)[1]
     if not 2 <= num_folds <= counts.min():
         raise ValueError(
-            f"num_folds={num_folds} must be in [2, {counts.min()}] (the smallest class's count) for these labels"
+            f"num_folds={num_folds} must be in [2, {counts.min()}] (the smallest class's count) "
+            "for these labels"
         )
     from sklearn.model_selection import StratifiedKFold  # scikit-learn loads on first use
 

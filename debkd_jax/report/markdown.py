@@ -183,9 +183,10 @@ def out_of_fold_paragraph(info: dict) -> str:
     return (
         f"Out-of-fold targets (teacher.folds={k}): the training images were split into {k} stratified folds "
         f"(seed {info['seed']}); each image's teacher logits come from the teacher trained on the other "
-        f"{k - 1} folds, which never saw it. The train accuracy above is of these logits; the teacher trained "
-        f"on all training images (the validation and test logits, and the teacher row) is right on "
-        f"{100 * info['train_accuracy_own']:.2f}% of them. Fold teachers on their held-out images: {per_fold}. "
+        f"{k - 1} folds, which never saw it. The train accuracy above is of these logits; the teacher "
+        f"trained on all training images (the validation and test logits, and the teacher row) is right on "
+        f"{100 * info['train_accuracy_own']:.2f}% of them. "
+        f"Fold teachers on their held-out images: {per_fold}. "
         f"Cost: {info['teacher_trainings']} teacher trainings instead of 1 (the fold teachers' training "
         f"time {minutes:.1f} min)."
     )
@@ -309,7 +310,8 @@ def comparison_markdown(comparison: dict) -> str:
     teacher_lines = []
     for label, t in zip(comparison["labels"], comparison["teacher"], strict=True):
         acc = t.get("accuracy") or {}
-        line = f"- {label}: teacher {t['model']}, test {stat_cell(t['test']['accuracy']) if t.get('test') else '?'}"
+        test_cell = stat_cell(t["test"]["accuracy"]) if t.get("test") else "?"
+        line = f"- {label}: teacher {t['model']}, test {test_cell}"
         if acc.get("train") is not None:
             line += (
                 f"; the students' training logits are right on {100 * acc['train']:.2f}% of training images"
@@ -325,7 +327,8 @@ def comparison_markdown(comparison: dict) -> str:
     lines = [
         f"# {b} against {a}",
         "",
-        f"Data: `{d['source']}`, train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}. "
+        f"Data: `{d['source']}`, "
+        f"train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}. "
         "Test accuracy in % (mean ± std over seeds; checkpoints chosen on validation). The paired difference "
         f"is per seed ({b} minus {a}, same seed: same initialization and data order), with Student's t "
         "interval. Targets wrong: the share of training images whose targets (the teacher's logits after the "

@@ -57,7 +57,8 @@ def finish_method_axes(ax, names: Sequence[str], title: str) -> None:
 
 
 def plot_val_accuracy(results: dict, path: str) -> None:
-    """The paper's Figure 4: validation accuracy per epoch for each method (mean over seeds) and the teacher."""
+    """The paper's Figure 4: validation accuracy per epoch for each method (mean over seeds) and the
+    teacher."""
     import matplotlib
 
     matplotlib.use("Agg")

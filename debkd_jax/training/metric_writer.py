@@ -11,7 +11,8 @@ from debkd_jax import workdir_lib
 
 
 class MetricWriter:
-    """Appends one JSON line per record to `metrics.jsonl` and writes the same scalars as TensorBoard events."""
+    """Appends one JSON line per record to `metrics.jsonl` and writes the same scalars as TensorBoard
+    events."""
 
     def __init__(self, run_dir: str):
         os.makedirs(run_dir, exist_ok=True)

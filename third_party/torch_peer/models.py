@@ -2,8 +2,8 @@
 
 Submodule names equal the Flax variable names (`stem_conv`, `stem_bn`, `block_{i}.conv1`, ...,
 `block_{i}.proj_conv`, `block_{i}.proj_bn`, `head`), so `load_flax_params` maps parameters one to one.
-Strided 1x1 convolutions with fewer than 16 input channels (`resnet_tiny`'s shortcut) are computed at stride 1 on
-the subsampled input, around a fault of oneDNN's kernel (`pointwise.py` says which and why).
+Strided 1x1 convolutions with fewer than 16 input channels (`resnet_tiny`'s shortcut) are computed at stride 1
+on the subsampled input, around a fault of oneDNN's kernel (`pointwise.py` says which and why).
 Initialisation mirrors the Flax side: Kaiming-normal (fan_out) convs, BatchNorm weight 1 / bias 0 and the
 last BatchNorm weight of every residual block zero; the head keeps PyTorch's default `nn.Linear` init.
 """

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 SAFE_INPUT_CHANNELS = 16
-"""oneDNN's widest float32 channel block (AVX-512): strided 1x1 convs with at least this many inputs are safe."""
+"""oneDNN's widest float32 channel block (AVX-512): strided 1x1 convs with at least this many inputs are
+safe."""
 
 
 class SubsampledConv1x1(nn.Conv2d):
@@ -34,7 +35,8 @@ class SubsampledConv1x1(nn.Conv2d):
 
 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    """`nn.Conv2d(in, out, 1, stride, bias=False)`, or its `SubsampledConv1x1` where oneDNN's kernel is faulty."""
+    """`nn.Conv2d(in, out, 1, stride, bias=False)`, or its `SubsampledConv1x1` where oneDNN's kernel is
+    faulty."""
     if stride != 1 and in_channels < SAFE_INPUT_CHANNELS:
         return SubsampledConv1x1(in_channels, out_channels, stride)
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)

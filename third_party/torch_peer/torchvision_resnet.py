@@ -9,8 +9,8 @@ architecture module for module. Its `state_dict` has torchvision's keys and shap
     layer{s}.0.downsample.0 (1x1 conv), layer{s}.0.downsample.1 (BatchNorm)   where the shape changes
     fc.weight (num_classes, 512 * expansion), fc.bias
 
-A strided 1x1 downsample with fewer than 16 input channels (`resnet_tiny` only) runs at stride 1 on the subsampled
-input, around a fault of oneDNN's kernel (`pointwise.py`); its weights and keys are torchvision's.
+A strided 1x1 downsample with fewer than 16 input channels (`resnet_tiny` only) runs at stride 1 on the
+subsampled input, around a fault of oneDNN's kernel (`pointwise.py`); its weights and keys are torchvision's.
 Stride on the 3x3 conv of a Bottleneck (ResNet v1.5), as torchvision. forward returns the logits only, as
 torchvision's does. `third_party/torchvision_to_flax.py` converts any such `state_dict` (this module's, or
 a real
