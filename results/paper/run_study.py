@@ -6,13 +6,13 @@
     python -m results.paper.run_study --render OUT/paper_study.json   # the Markdown, from the JSON alone
 
 From the repository root. It runs `python -m debkd_jax.main --config=configs/paper.py:VARIANT
---workdir=WORKDIR --config.seeds=k` for k = 1, 2, 3 in turn, each a child process whose deadline is what is
-left of `--seconds` less `--margin`: the first trains the teacher and seed 0, each later one only seed k - 1
-(the job reuses the teacher and finished students, identity-checked), and each rewrites WORKDIR/results.json
-with every finished seed; a student's result.json exists as soon as it finishes. A seed is not started when
-`--safety` times the last seed's wall time does not fit in what is left, so a cut-off leaves whole seeds; at
-the deadline the child's whole process group is killed. Re-running the command with the same WORKDIR resumes
-(a seed finished before by the same command is not run again).
+--workdir=WORKDIR --config.seeds=k` for k = 1, 2, 3 in turn (`--seeds=N` plans N), each a child process whose
+deadline is what is left of `--seconds` less `--margin`: the first trains the teacher and seed 0, each later
+one only seed k - 1 (the job reuses the teacher and finished students, identity-checked), and each rewrites
+WORKDIR/results.json with every finished seed; a student's result.json exists as soon as it finishes. A seed
+is not started when `--safety` times the last seed's wall time does not fit in what is left, so a cut-off
+leaves whole seeds; at the deadline the child's whole process group is killed. Re-running the command with the
+same WORKDIR resumes (a seed finished before by the same command is not run again).
 
 OUT receives 6 files at most (a device's $OUT returns 8): paper_study.json (the report: the paper's numbers
 beside ours, the run, the job's whole results; `--render` rebuilds paper_study.md from it alone),
@@ -69,6 +69,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--extra", action="append", default=[], help="--config.FIELD=V for every child; repeatable"
     )
+    p.add_argument(
+        "--seeds", type=int, help="plan this many seeds (default the variant's 3); a short loan plans fewer"
+    )
     p.add_argument("--margin", type=float, default=30.0, help="seconds kept for the report (default 30)")
     p.add_argument(
         "--safety",
@@ -90,7 +93,7 @@ class Study:
         self.bundle = not _inside(self.workdir, self.out)
         self.dataset, self.student, _smoke, _gpu = config_lib.load_config_file(CONFIG).parse_arg(args.variant)
         self.config = config_lib.load_config(f"{CONFIG}:{args.variant}")
-        self.seeds = list(range(self.config.seed, self.config.seed + self.config.seeds))
+        self.seeds = list(range(self.config.seed, self.config.seed + (args.seeds or self.config.seeds)))
         self.command = " ".join(["python -m results.paper.run_study", *argv])
         self.steps = workdir_lib.read_json(os.path.join(self.workdir, STEPS_FILE)) or []
         self.stopped, self.failed, self.environment = "not started", False, {}
@@ -364,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.out or args.seconds is None or args.seconds <= 0:
             raise UserError("give --out=FOLDER and --seconds=N (N > 0), or --render=JSON.")
+        if args.seeds is not None and args.seeds < 1:
+            raise UserError(f"--seeds={args.seeds}: give at least 1 seed.")
         for extra in args.extra:
             if not extra.startswith("--config.") or extra.split("=")[0] in (
                 "--config.seeds",
