@@ -5,6 +5,7 @@ the teacher, then seed after seed inside a time budget, stopping after whole see
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -254,6 +255,12 @@ def test_the_study_runs_seed_by_seed_inside_its_budget(tmp_path, dogs_vs_cats_di
     commands = (out / "commands.txt").read_text()
     assert "python -m results.paper.run_study --out=" in commands and "--config.seeds=1" in commands
     assert "step 1: exit 0" in (out / "log.txt").read_text()
+    # Paths are recorded as they were given: the only absolute ones are the test's own --out and --data.
+    given = (str(tmp_path), str(dogs_vs_cats_dir))
+    machine_path = re.compile(r"(?<![\w.~])/(?:work|tmp|home|root|Users|mnt|data|scratch)/[^\s\"'`,)|]*")
+    for name in ("paper_study.json", "paper_study.md", "commands.txt"):
+        other = [p for p in machine_path.findall((out / name).read_text()) if not p.startswith(given)]
+        assert not other, (name, other[:3])
 
     # The same command again, with time for the rest: seed 0 is not run again, seed 1 runs.
     done = study_command(*args, "--seconds=400", timeout=420)

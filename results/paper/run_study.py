@@ -307,7 +307,7 @@ def environment(timeout: float, log_file) -> dict:
         found.update(
             json.loads(done.stdout.strip().splitlines()[-1])
             if done.returncode == 0
-            else {"error": done.stderr[-2000:]}
+            else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}  # no traceback paths
         )
     except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as e:
         found["error"] = repr(e)
