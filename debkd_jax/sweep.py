@@ -176,6 +176,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             given=setup.given,
         )
 
+        targets = pipeline.student_targets(
+            config=config,
+            source=source,
+            teacher=teacher,
+            teacher_dir=os.path.join(workdir, "teacher"),
+            mesh=mesh,
+        )
         jobs = [(p, config.seed + s) for p in points for s in range(config.seeds)]
         runs: dict[str, list[dict]] = {p.label: [] for p in points}
         bar = console.progress(
@@ -183,7 +190,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         for point, seed in bar:
             identity = pipeline.student_identity(
-                config=config, method_cfg=point.method_cfg, seed=seed, source=source, teacher=teacher
+                config=config,
+                method_cfg=point.method_cfg,
+                seed=seed,
+                source=source,
+                teacher=teacher,
+                targets=targets,
             )
             run_dir = pipeline.run_folder(sweep_dir, f"{point.slug}-seed{seed}", identity)
             if hasattr(bar, "set_postfix_str"):
@@ -195,6 +207,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 seed=seed,
                 source=source,
                 teacher=teacher,
+                targets=targets,
                 mesh=mesh,
                 run_dir=run_dir,
             )

@@ -258,6 +258,24 @@ def test_sweep_with_out_of_fold_targets(tmp_path):
         assert r.name.rsplit("-", 1)[1] == pipeline.identity_key(identity)
 
 
+@pytest.mark.timeout(300)
+def test_a_sweep_distils_from_the_stored_views(tmp_path):
+    """targets="stored" with augmentation: the sweep stores the teacher's logits on every view once, and every
+    point learns from them (its identity holds their key, not the image logits')."""
+    config = _tiny_sweep_config()
+    config.data.augment, config.data.views, config.targets = True, 2, "stored"
+    workdir = tmp_path / "run"
+    sweep.run_sweep(config, str(workdir))
+    assert (workdir / "teacher" / "views.npz").exists()
+    own = np.load(workdir / "teacher" / "logits.npz")
+    image_key = pipeline.fingerprint(own["train"], own["val"], own["test"])
+    folders = [r for r in (workdir / "sweeps" / "regions-resnet_tiny").iterdir() if r.is_dir()]
+    assert len(folders) == len(sweep.sweep_points(config))
+    for r in folders:
+        identity = json.loads((r / "run.json").read_text())
+        assert identity["targets"] == "stored" and identity["teacher_logits"] != image_key
+
+
 def _tiny_sweep_config():
     config = config_lib.load_config_file(str(REPO / "configs" / "sweep_regions.py")).get_config(
         "digits,smoke"

@@ -58,7 +58,13 @@ def train_student(
     if "knowledge_infusion" in objective.transforms:
         infusion = infusion_table(targets.train, source.splits["train"].labels, method_cfg.ki_mode)
     spec = student_step_spec(
-        config=config, method_cfg=method_cfg, objective=objective, source=source, teacher=teacher, mesh=mesh
+        config=config,
+        method_cfg=method_cfg,
+        objective=objective,
+        source=source,
+        teacher=teacher,
+        mesh=mesh,
+        online=online,
     )
     started = time.perf_counter()
     result = training.fit(
@@ -118,13 +124,20 @@ def claim_run(*, run_dir: str, identity: dict, method_name: str, seed: int, over
 
 
 def student_step_spec(
-    *, config, method_cfg, objective, source: source_lib.DataSource, teacher: Teacher, mesh: Mesh
+    *,
+    config,
+    method_cfg,
+    objective,
+    source: source_lib.DataSource,
+    teacher: Teacher,
+    mesh: Mesh,
+    online: bool = False,
 ) -> training.StepSpec:
-    """The student's train step spec: the method's objective, the teacher network when it runs online, and
-    FitNets hint taps (the first, middle and last blocks both networks share) when the method uses hints."""
+    """The student's train step spec: the method's objective, the teacher network when it runs online (with
+    `online`, the targets from it on each batch's views), and FitNets hint taps (the first, middle and last
+    blocks both networks share) when the method uses hints."""
     scfg = config.student
     steps = len(source.splits["train"]) // scfg.batch_size
-    online = config.get("targets", "fixed") == "online" and method_cfg.loss != "ce"
     kw: dict[str, Any] = {"method_cfg": method_cfg, "online_targets": online}
     conv_backward = training.resolve_conv_backward(config.get("conv_backward", "auto"), mesh, config.dtype)
     if objective.needs_teacher_online:
