@@ -166,8 +166,12 @@ def unit_stride_input(x: jax.Array, strides, pads, out_hw) -> jax.Array:
     padded = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
     oh, ow = out_hw
     n, c = x.shape[0], x.shape[3]
-    return jax.lax.slice(padded, (0, 0, 0, 0), (n, (oh - 1) * strides[0] + 1, (ow - 1) * strides[1] + 1, c),
-                         (1, strides[0], strides[1], 1))
+    return jax.lax.slice(
+        padded,
+        (0, 0, 0, 0),
+        (n, (oh - 1) * strides[0] + 1, (ow - 1) * strides[1] + 1, c),
+        (1, strides[0], strides[1], 1),
+    )
 
 
 UNIT = ((1, 1), ((0, 0), (0, 0)))

@@ -41,8 +41,12 @@ def check_here() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m debkd_jax.native", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="check in this process, print one JSON line")
-    parser.add_argument("--deadline", type=float, default=check.deadline_seconds(),
-                        help="seconds the self-check's child may take before it is killed")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=check.deadline_seconds(),
+        help="seconds the self-check's child may take before it is killed",
+    )
     args = parser.parse_args(argv)
     if args.json:
         return check_here()
@@ -55,14 +59,15 @@ def main(argv=None) -> int:
     threads = f"{built.threads} OpenMP thread(s) (${native.THREADS_ENV})"
     print(f"oneDNN {built.onednn_version}, {threads}, ISA: {isa}")
     started = time.monotonic()
-    ok, reason = check.run_child(built.threads, args.deadline)
-    check.store_verdict(check.cache_path(built.path, built.threads), ok, reason, built.threads)
+    ok, reason = check.verdict(built.path, built.threads, deadline=args.deadline, fresh=True)
     took = time.monotonic() - started
     if not ok:
         print(f"error: the native conv is unsafe here: {reason}", file=sys.stderr)
         return 1
-    print(f"self-check: y, dx and dw of {len(check.GEOMETRIES)} geometries x {check.REPEATS} calls within "
-          f"{check.TOLERANCE:g} of lax.conv_general_dilated ({took:.0f} s)")
+    print(
+        f"self-check: y, dx and dw of {len(check.GEOMETRIES)} geometries x {check.REPEATS} calls within "
+        f"{check.TOLERANCE:g} of lax.conv_general_dilated ({took:.0f} s)"
+    )
     print("ok: conv_backward='onednn' runs natively")
     return 0
 

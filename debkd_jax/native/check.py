@@ -65,8 +65,10 @@ GEOMETRIES = (
 
 def describe(geometry) -> str:
     x_shape, w_shape, strides, padding = geometry
-    return (f"{w_shape[2]}->{w_shape[3]} {w_shape[0]}x{w_shape[1]} stride {strides[0]} {padding} "
-            f"on {'x'.join(map(str, x_shape))}")
+    return (
+        f"{w_shape[2]}->{w_shape[3]} {w_shape[0]}x{w_shape[1]} stride {strides[0]} {padding} "
+        f"on {'x'.join(map(str, x_shape))}"
+    )
 
 
 def largest_differences(geometries=GEOMETRIES, repeats: int = REPEATS, seed: int = 0) -> list[dict]:
@@ -94,8 +96,9 @@ def largest_differences(geometries=GEOMETRIES, repeats: int = REPEATS, seed: int
     def reference(inputs):
         out = []
         for (x, w, g), (strides, pads) in zip(inputs, statics, strict=True):
-            conv = functools.partial(jax.lax.conv_general_dilated, window_strides=strides, padding=pads,
-                                     dimension_numbers=nhwc)
+            conv = functools.partial(
+                jax.lax.conv_general_dilated, window_strides=strides, padding=pads, dimension_numbers=nhwc
+            )
             y, vjp = jax.vjp(conv, x, w)
             out.append((y, *vjp(g)))
         return out
@@ -103,9 +106,11 @@ def largest_differences(geometries=GEOMETRIES, repeats: int = REPEATS, seed: int
     @jax.jit
     def natively(inputs):
         return [
-            (native.conv_forward(x, w, strides, pads),
-             native.conv_backward_data(g, w, x.shape, strides, pads),
-             native.conv_backward_weights(x, g, w.shape, strides, pads))
+            (
+                native.conv_forward(x, w, strides, pads),
+                native.conv_backward_data(g, w, x.shape, strides, pads),
+                native.conv_backward_weights(x, g, w.shape, strides, pads),
+            )
             for (x, w, g), (strides, pads) in zip(inputs, statics, strict=True)
         ]
 
@@ -123,8 +128,12 @@ def largest_differences(geometries=GEOMETRIES, repeats: int = REPEATS, seed: int
 
 def failures(rows: list[dict], tolerance: float = TOLERANCE) -> list[str]:
     """'dw of 4->8 1x1 stride 2 SAME on 32x32x32x4: 0.43' for each result over the tolerance."""
-    return [f"{k} of {row['geometry']}: {row[k]:.2g}" for row in rows for k in ("y", "dx", "dw")
-            if not row[k] <= tolerance]
+    return [
+        f"{k} of {row['geometry']}: {row[k]:.2g}"
+        for row in rows
+        for k in ("y", "dx", "dw")
+        if not row[k] <= tolerance
+    ]
 
 
 def cpu_signature() -> str:
@@ -153,11 +162,11 @@ def deadline_seconds() -> float:
     return float(os.environ.get(DEADLINE_ENV) or DEADLINE_SECONDS)
 
 
-def cache_path(library: str, threads: int) -> str:
+def cache_path(library: str, threads: int, deadline: float) -> str:
     h = hashlib.sha256()
     with open(__file__, "rb") as f:
         h.update(f.read())
-    for part in (library, threads, os.environ.get(ISA_ENV, ""), cpu_signature(), deadline_seconds()):
+    for part in (library, threads, os.environ.get(ISA_ENV, ""), cpu_signature(), deadline):
         h.update(repr(part).encode())
     return os.path.join(os.path.dirname(library), f"check-{h.hexdigest()[:20]}.json")
 
@@ -189,17 +198,22 @@ def run_child(threads: int, deadline: float, env: dict | None = None) -> tuple[b
     return True, ""
 
 
-def verdict(library: str, threads: int) -> tuple[bool, str]:
-    """(ok, reason) of the self-check for this library, CPU, `$ONEDNN_MAX_CPU_ISA` and thread count: read from
-    the cache beside the library, else run in a child process (killed after `$DEBKD_NATIVE_CHECK_DEADLINE`
-    seconds, default `DEADLINE_SECONDS`) and written there (by `os.replace`)."""
-    path, deadline = cache_path(library, threads), deadline_seconds()
-    try:
-        with open(path, encoding="utf-8") as f:
-            cached = json.load(f)
-        return bool(cached["ok"]), str(cached["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+def verdict(
+    library: str, threads: int, *, deadline: float | None = None, fresh: bool = False
+) -> tuple[bool, str]:
+    """(ok, reason) of the self-check for this library, CPU, `$ONEDNN_MAX_CPU_ISA`, thread count and deadline:
+    read from the cache beside the library (unless `fresh`), else run in a child process (killed after
+    `deadline` seconds, default `$DEBKD_NATIVE_CHECK_DEADLINE` or `DEADLINE_SECONDS`) and written there (by
+    `os.replace`)."""
+    deadline = deadline_seconds() if deadline is None else deadline
+    path = cache_path(library, threads, deadline)
+    if not fresh:
+        try:
+            with open(path, encoding="utf-8") as f:
+                cached = json.load(f)
+            return bool(cached["ok"]), str(cached["reason"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     ok, reason = run_child(threads, deadline)
     store_verdict(path, ok, reason, threads)
     return ok, reason
