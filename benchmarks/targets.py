@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from benchmarks.render import fmt, ratio, table
+from benchmarks.timing import rotation
 from debkd_jax import methods, processes, workdir_lib
 from debkd_jax.data import logits_store
 
@@ -88,7 +89,7 @@ def measure_cost(args, work: str) -> dict:
     checkpoint = f"--config.teacher.checkpoint={os.path.join(teacher_run, 'teacher')}"
     rounds = []
     for r in range(args.rounds + 1):
-        order = MODES[r % 3 :] + MODES[: r % 3]  # each mode first in turn
+        order = rotation(MODES, r)
         got = {m: job(m, os.path.join(work, f"r{r}-{m}"), args, checkpoint) for m in order}
         print(f"round {r}: " + ", ".join(f"{m} {got[m]['wall_seconds']:.0f} s" for m in MODES), flush=True)
         if r:
@@ -128,15 +129,21 @@ def topk_error(logits: np.ndarray, labels: np.ndarray, ks) -> list[dict]:
     """For each k, each method's targets from the rebuilt top-k rows against those from the whole rows."""
     import jax
 
+    def soft_labels(cfg, targets):
+        return np.asarray(jax.nn.softmax(targets.logits / cfg.temperature, -1))
+
+    whole = {}  # per method: its config, targets and soft labels from the whole rows
+    for name in ("KD", "DKD", "DeBKD", "BTKD-swap"):
+        cfg = methods.preset(name)
+        a = methods.method_targets(cfg, logits, labels)
+        whole[name] = (cfg, a, soft_labels(cfg, a))
     out = []
     for k in ks:
         rebuilt = logits_store.unpack_topk(logits_store.pack_topk(logits, k), logits.shape[1], k)
         row = {"k": k, "max_abs_logit_error_top": float(_top_error(logits, rebuilt, k))}
-        for name in ("KD", "DKD", "DeBKD", "BTKD-swap"):
-            cfg = methods.preset(name)
-            a = methods.method_targets(cfg, logits, labels)
+        for name, (cfg, a, p) in whole.items():
             b = methods.method_targets(cfg, rebuilt, labels)
-            p, q = (np.asarray(jax.nn.softmax(t.logits / cfg.temperature, -1)) for t in (a, b))
+            q = soft_labels(cfg, b)
             moved = np.any(
                 (np.asarray(a.lo) != np.asarray(b.lo)) | (np.asarray(a.hi) != np.asarray(b.hi)), -1
             )

@@ -110,9 +110,7 @@ def load(model_path: str) -> Deployed:
             f"(model input {in_aval.dtype} {in_aval.shape}, sidecar: "
             f"{len(class_names)} classes, image size {image_size}); export the model again."
         )
-    preprocessing = meta.get("preprocessing")
-    if not isinstance(preprocessing, dict):  # an export written before the field held the run's own
-        preprocessing = {"resize": "squash", "image_size": image_size}
+    preprocessing = export.preprocessing_of(meta)
     return Deployed(
         exported=exported,
         class_names=class_names,

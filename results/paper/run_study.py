@@ -91,8 +91,9 @@ class Study:
         self.args, self.out = args, args.out
         self.workdir = args.workdir or os.path.join(args.out, "run")
         self.bundle = not _inside(self.workdir, self.out)
-        self.dataset, self.student, _smoke, _gpu = config_lib.load_config_file(CONFIG).parse_arg(args.variant)
-        self.config = config_lib.load_config(f"{CONFIG}:{args.variant}")
+        module = config_lib.load_config_file(CONFIG)
+        self.dataset, self.student, _smoke, _gpu = module.parse_arg(args.variant)
+        self.config = module.get_config(args.variant)
         self.seeds = list(range(self.config.seed, self.config.seed + (args.seeds or self.config.seeds)))
         self.command = " ".join(["python -m results.paper.run_study", *argv])
         self.steps = workdir_lib.read_json(os.path.join(self.workdir, STEPS_FILE)) or []
@@ -309,7 +310,9 @@ def environment(timeout: float, log_file) -> dict:
             if done.returncode == 0
             else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}  # no traceback paths
         )
-    except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as e:
+    except subprocess.TimeoutExpired:  # its repr names the interpreter's path
+        found["error"] = f"no answer within {timeout:.0f} s"
+    except (IndexError, json.JSONDecodeError) as e:
         found["error"] = repr(e)
     if shutil.which("nvidia-smi"):
         for args in ([], ["--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv"]):
