@@ -78,15 +78,9 @@ class LogitsStore(ImageRows):
             return store
         wanted = json.loads(json.dumps(store.manifest(), default=str))
         if manifest != wanted:
-            old, new = _flat(manifest), _flat(wanted)
-            changes = [
-                f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
-                for k in sorted(set(old) | set(new))
-                if old.get(k, "(none)") != new.get(k, "(none)")
-            ]
             raise ValueError(
                 f"the teacher logits in {path} were computed for other data or settings "
-                f"({'; '.join(changes)[:500]}); "
+                f"({workdir_lib.describe_changes(manifest, wanted)[:500]}); "
                 "set them aside with --config.overwrite=True or use a new workdir"
             )
         return store
@@ -204,24 +198,20 @@ class LogitsStore(ImageRows):
             object.__setattr__(self, k, v)
 
     def meta(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-        """(valid (N,) bool, labels (N,) int32, [(id, reason) of the unreadable rows])."""
+        """(valid (N,) bool, labels (N,) int32, [(id, reason) of the unreadable rows]), each a fresh copy of
+        what one read of the chunks' metadata gave (a finished store's chunks do not change)."""
+        valid, labels, skipped = self._meta()
+        return valid.copy(), labels.copy(), list(skipped)
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - per process; one read of every chunk's .npz per store
+    def _meta(self) -> tuple[np.ndarray, np.ndarray, tuple[tuple[str, str], ...]]:
         valid, labels, skipped = [], [], []
         for c in range(self.num_chunks):
             with np.load(self._file(c, "npz")) as z:
                 valid.append(z["valid"])
                 labels.append(z["labels"])
                 skipped.extend((str(a), str(b)) for a, b in z["skipped"])
-        return np.concatenate(valid), np.concatenate(labels).astype(np.int32), skipped
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+        return np.concatenate(valid), np.concatenate(labels).astype(np.int32), tuple(skipped)
 
 
 def encode_logits(logits: np.ndarray, dtype: str) -> np.ndarray:

@@ -172,9 +172,25 @@ def split_accuracy(
     eval_batch_size: int,
     mesh: Mesh,
 ) -> float:
-    """Top-1 accuracy over the readable rows of `split` (all processes together)."""
-    logits, valid = split_logits(
-        predict, variables, source, split, eval_batch_size=eval_batch_size, mesh=mesh
+    """Top-1 accuracy over the readable rows of `split` (all processes together): each process counts its
+    chunks' right and readable rows, and only the two counts are gathered."""
+    chunk_rows = eval_chunk_rows(eval_batch_size, len(split), mesh)
+    counts = np.zeros(2, np.int64)  # right, readable
+
+    def count(_, chunk):
+        right = (np.argmax(chunk["logits"], -1) == split.labels[chunk["row"]]) & chunk["valid"]
+        counts[:] += (int(np.sum(right)), int(np.sum(chunk["valid"])))
+
+    predict_pass(
+        predict,
+        variables,
+        source,
+        split,
+        mesh=mesh,
+        chunks=stream.chunks_of(len(split), chunk_rows),
+        chunk_rows=chunk_rows,
+        on_chunk=count,
     )
-    correct = (np.argmax(logits, -1) == split.labels) & valid
-    return float(np.sum(correct) / max(int(np.sum(valid)), 1))
+    if jax.process_count() > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    return float(counts[0] / max(int(counts[1]), 1))
