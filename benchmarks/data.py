@@ -42,7 +42,7 @@ def train_batches(source, logits, batch_size: int, mesh, *, epochs: int = 1):
     images, labels and teacher-logit rows per step) and one `make_global_batch` onto the mesh."""
     sharding = NamedSharding(mesh, P("data"))
     order = stream.TrainOrder(len(source.splits["train"]), batch_size, 0, epochs)
-    for local in data_lib.source.train_batches(source, order, seed=0, logits=logits):
+    for local in data_lib.source.train_batches(source, order, logits=logits):
         batch = {k: local[k] for k in ("image", "label", "teacher_logits")}
         yield data_lib.make_global_batch(batch, sharding)
 

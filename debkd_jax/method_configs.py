@@ -30,14 +30,19 @@ DEFAULTS = dict(
 RENAMED = {"online_targets": "config.targets = 'online' (one setting for every method: docs/method.md)"}
 
 
-def method(**overrides) -> ml_collections.ConfigDict:
-    """A method config: `DEFAULTS` with `overrides`; unknown fields are an error."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
+def check_fields(fields, prefix: str) -> None:
+    """ValueError `{prefix}(s) [...]` for fields not in `DEFAULTS`, naming a renamed one's new place."""
+    unknown = sorted(set(fields) - set(DEFAULTS))
     renamed = [f"{f} is now {RENAMED[f]}" for f in unknown if f in RENAMED]
     if renamed:
-        raise ValueError(f"unknown method field(s) {unknown}: {'; '.join(renamed)}.")
+        raise ValueError(f"{prefix}(s) {unknown}: {'; '.join(renamed)}.")
     if unknown:
-        raise ValueError(f"unknown method field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
+        raise ValueError(f"{prefix}(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
+
+
+def method(**overrides) -> ml_collections.ConfigDict:
+    """A method config: `DEFAULTS` with `overrides`; unknown fields are an error."""
+    check_fields(overrides, "unknown method field")
     return ml_collections.ConfigDict({**DEFAULTS, **overrides})
 
 

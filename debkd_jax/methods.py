@@ -34,6 +34,7 @@ from debkd_jax.method_configs import (  # noqa: F401 - part of this module's int
     PRESETS,
     RENAMED,
     SCHEDULES,
+    check_fields,
     method,
     ordered,
     preset,
@@ -44,12 +45,7 @@ log = logging.getLogger("debkd_jax")
 
 def validate(name: str, cfg) -> None:
     """Checks one method config; raises ValueError naming the method, the field and the valid values."""
-    unknown = sorted(set(cfg.keys()) - set(DEFAULTS))
-    renamed = [f"{f} is now {RENAMED[f]}" for f in unknown if f in RENAMED]
-    if renamed:
-        raise ValueError(f"method {name!r}: unknown field(s) {unknown}: {'; '.join(renamed)}.")
-    if unknown:
-        raise ValueError(f"method {name!r}: unknown field(s) {unknown}; valid fields: {sorted(DEFAULTS)}.")
+    check_fields(cfg.keys(), f"method {name!r}: unknown field")
 
     def bad(field, why):
         return ValueError(f"method {name!r}: {field}={cfg[field]!r} {why}.")

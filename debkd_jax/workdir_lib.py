@@ -272,14 +272,9 @@ def claim_run_dir(
         saved = upgrade(saved)
     if saved is not None and saved != identity and _holds_work(run_dir):
         if not replace:
-            old, new = _flatten(saved), _flatten(identity)
-            changes = [
-                f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
-                for k in sorted(set(old) | set(new))
-                if old.get(k, "(none)") != new.get(k, "(none)")
-            ]
+            changes = describe_changes(saved, identity)[:600]
             raise UserError(
-                f"{run_dir} holds {what} started with other settings ({'; '.join(changes)[:600]}). Its "
+                f"{run_dir} holds {what} started with other settings ({changes}). Its "
                 "checkpoints and results are kept: use a new --workdir for the new settings, or pass "
                 "--config.overwrite=True to set the old folder aside (renamed with a timestamp) and start "
                 "again."
@@ -296,6 +291,16 @@ def _holds_work(run_dir: str) -> bool:
         return True
     ckpts = os.path.join(run_dir, "checkpoints")
     return os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts))
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """'a.b: 1 -> 2; c: (none) -> 3' over the leaves of two nested dicts that differ."""
+    old, new = _flatten(old), _flatten(new)
+    return "; ".join(
+        f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k, "(none)") != new.get(k, "(none)")
+    )
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -29,7 +29,6 @@ from debkd_jax.data.dataset import Dataset
 from debkd_jax.data.transforms import EVAL_CROP
 
 SPLITS = ("train", "val", "test")
-KINDS = ("memory", "files")
 NORMALIZATION = {"offset": 127.5, "scale": 127.5}
 """Every model's input: `(x - offset) / scale` of the uint8 pixels, i.e. `(x / 255 - 0.5) / 0.5`."""
 
@@ -83,9 +82,6 @@ class DataSource:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def split(self, name: str) -> Split:
-        return self.splits[name]
 
     @property
     def augments_on_device(self) -> bool:
@@ -229,11 +225,11 @@ class ArrayBatches:
         self.step = int(state["step"])
 
 
-def train_batches(source: DataSource, order: stream.TrainOrder, *, seed: int, logits=None, state=None):
+def train_batches(source: DataSource, order: stream.TrainOrder, *, logits=None, state=None):
     """The run's local training batches, `{'image' (b, S, S, 3) uint8, 'label' (b,)[, 'teacher_logits' (b,
     k)]}` (with the memory kind's view parameters, or more keys from files), at `state` (a checkpoint's
-    `get_state()`) when given; `close()` where it exists ends grain's worker processes. `seed` (the student's)
-    decides the order; the views are the data's (`DataSource.view_seed`)."""
+    `get_state()`) when given; `close()` where it exists ends grain's worker processes. `order` (seeded by the
+    student's seed) decides the rows; the views are the data's (`DataSource.view_seed`)."""
     split = source.splits["train"]
     if source.kind == "memory":
         it = ArrayBatches(source, order, logits)

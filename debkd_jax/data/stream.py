@@ -26,12 +26,9 @@ import numpy as np
 from debkd_jax.data import views as view_lib
 from debkd_jax.data.batching import batch_indices
 from debkd_jax.data.listing import (  # noqa: F401 - the files kind's listing, part of this module's interface
-    AUTO_MEMORY_SHARE,
-    PIPELINES,
     SplitRecords,
     StreamSource,
     choose_pipeline,
-    num_examples,
     plan_stream,
 )
 from debkd_jax.data.logits_store import STORE_DTYPES, LogitsStore, decode_logits, encode_logits  # noqa: F401

@@ -21,6 +21,7 @@ from debkd_jax.data.batching import PAD
 from debkd_jax.pipeline.identity import student_identity, teacher_identity
 from debkd_jax.pipeline.job import check
 from debkd_jax.pipeline.teacher import Teacher
+from debkd_jax.pipeline.teacher_pass import stored_top_k
 from debkd_jax.pipeline.teacher_training import teacher_meta
 
 PROBE_ROWS = 8
@@ -94,7 +95,7 @@ def targets_plan(config, source: source_lib.DataSource) -> dict:
             partners, lam = views_lib.mixup_params(keys, len(source.splits["train"]), source.mixup)
             out["views"].update(partners=partners.tolist(), mix=np.round(lam, 6).tolist())
     if mode == "stored" and source.augment:
-        top_k = config.targets_top_k if source.num_classes > config.targets_top_k else None
+        top_k = stored_top_k(config, source) or None
         out["stored"] = {"rows": source.views * len(source.splits["train"]), "top_k": top_k}
     return out
 

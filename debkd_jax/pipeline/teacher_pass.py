@@ -154,6 +154,12 @@ def chunk_pass(
     return logits_store.LogitsStore.open(path, n, width)
 
 
+def stored_top_k(config, source: source_lib.DataSource) -> int:
+    """The k of the stored view rows' top k: `config.targets_top_k` when the data has more classes, else 0
+    (whole rows)."""
+    return config.targets_top_k if source.num_classes > config.targets_top_k else 0
+
+
 def view_logits(
     *, config, source: source_lib.DataSource, variables, model_name: str, stem: str, mesh: Mesh, label: str
 ):
@@ -164,7 +170,7 @@ def view_logits(
     names the settings it was computed for, so that a store of other data, another teacher, another V, another
     augmentation or another top-k is refused in one line, never reused."""
     train = source.splits["train"]
-    top_k = config.targets_top_k if source.num_classes > config.targets_top_k else 0
+    top_k = stored_top_k(config, source)
     settings = {
         "data": source.fingerprint,
         "teacher": logits_key(variables, model_name, source, {"train": train}, config),

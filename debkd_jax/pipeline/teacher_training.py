@@ -39,11 +39,15 @@ def check_checkpoint(config, source: source_lib.DataSource, run_dir: str) -> Non
         return
     saved = workdir_lib.read_json(os.path.join(origin, "teacher.json"))
     if saved is None:
-        raise UserError(
-            f"teacher.checkpoint={config.teacher.checkpoint!r} holds no finished teacher (no teacher.json); "
-            "point it at the 'teacher' folder of a finished run, or leave it empty to train one."
-        )
+        raise no_finished_teacher(config)
     workdir_lib.check_teacher_matches(saved, teacher_meta(config, source), origin)
+
+
+def no_finished_teacher(config) -> UserError:
+    return UserError(
+        f"teacher.checkpoint={config.teacher.checkpoint!r} holds no finished teacher (no teacher.json); "
+        "point it at the 'teacher' folder of a finished run, or leave it empty to train one."
+    )
 
 
 def train_teacher(
@@ -58,7 +62,7 @@ def train_teacher(
     final = os.path.join(run_dir, "final")
     origin = workdir_lib.expand(config.teacher.checkpoint) if config.teacher.checkpoint else run_dir
     # teacher.checkpoint naming this run's own teacher folder means "train it here, or reuse it".
-    trains_here = origin == workdir_lib.expand(run_dir)
+    trains_here = workdir_lib.expand(origin) == workdir_lib.expand(run_dir)
     if trains_here:
         # The teacher trained here: refuse to resume or reuse one trained with other settings.
         workdir_lib.claim_run_dir(
@@ -74,14 +78,11 @@ def train_teacher(
         workdir_lib.check_teacher_matches(saved, meta, origin)
         variables = workdir_lib.restore_variables(os.path.join(origin, "final"))
         log.info("teacher: reusing %s (%s)", origin, saved["model"])
-        if origin != run_dir and jax.process_index() == 0:
+        if not trains_here and jax.process_index() == 0:
             os.makedirs(run_dir, exist_ok=True)
         return variables, saved
     if not trains_here:
-        raise UserError(
-            f"teacher.checkpoint={config.teacher.checkpoint!r} holds no finished teacher (no teacher.json); "
-            "point it at the 'teacher' folder of a finished run, or leave it empty to train one."
-        )
+        raise no_finished_teacher(config)
     objective = methods.objective(methods.preset("CE"), config.teacher.num_epochs)
     steps = len(source.splits["train"]) // config.teacher.batch_size
     spec = training.build_step_spec(

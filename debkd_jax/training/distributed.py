@@ -133,16 +133,6 @@ def wait_for_coordinator(address: str | None, timeout: float) -> None:
             time.sleep(0.5)
 
 
-def process_local(order: np.ndarray) -> np.ndarray:
-    """This process's share of each global batch: (steps, B) -> (steps, B / process_count)."""
-    n = jax.process_count()
-    if n == 1:
-        return order
-    per = order.shape[1] // n
-    i = jax.process_index()
-    return order[:, i * per : (i + 1) * per]
-
-
 def sync_processes(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)

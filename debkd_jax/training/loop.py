@@ -139,7 +139,7 @@ def fit(
                 jax.process_index(),
                 jax.process_count(),
             )
-            batches = train_batches(source, order, seed=seed, logits=logits, state=data_state)
+            batches = train_batches(source, order, logits=logits, state=data_state)
 
         epochs = console.progress(
             range(start_epoch, train_cfg.num_epochs),
